@@ -1,0 +1,3 @@
+from nanogptq.cli import main
+
+main()

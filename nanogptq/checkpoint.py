@@ -1,0 +1,167 @@
+"""Checkpoint folders: `model.safetensors` + `config.json` (+ `resume.pt` for training state).
+
+`config.json` says everything needed to rebuild the model: format version, model config, tokenizer,
+training config, metrics and `quantization` (null for float weights, else the quantizer's settings).
+Nothing is unpickled: weights come from safetensors, and resume state is read with weights_only=True.
+
+A folder is written whole into `NAME.tmp`, then swapped in with renames, so a process killed at any
+moment leaves either the old checkpoint or the new one (`NAME.old` is picked up if the kill fell
+between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from nanogptq.data import Tokenizer, tokenizer_from_dict
+from nanogptq.model import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+RESUME = "resume.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or of another format version."""
+
+
+@dataclass
+class Checkpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def size_bytes(self) -> int:
+        return (self.path / WEIGHTS).stat().st_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None) -> Path:
+    """Write model weights, `meta` (merged into config.json) and optional resume state atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    raw = model.module if hasattr(model, "module") else model  # DDP
+    raw = getattr(raw, "_orig_mod", raw)  # torch.compile
+    save_model(raw, str(tmp / WEIGHTS))
+    with open(tmp / WEIGHTS, "rb+") as f:
+        os.fsync(f.fileno())
+    if resume_state is not None:
+        with open(tmp / RESUME, "wb") as f:
+            torch.save(resume_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    _write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **meta})
+    _fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _existing(path: Path) -> Path:
+    """The checkpoint folder, or the previous one if a kill fell between the swap's two renames."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        return old
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    path = _existing(Path(path))
+    cfg = path / CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not cfg.exists():
+        raise CheckpointError(f"{cfg}: missing (not a nanogptq checkpoint?)")
+    try:
+        meta = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: corrupt or truncated JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg}: format version {version!r}, this nanogptq reads version {FORMAT_VERSION}")
+    for key in ("model", "tokenizer"):
+        if key not in meta:
+            raise CheckpointError(f"{cfg}: missing the {key!r} entry")
+    return meta
+
+
+def build_model(meta: dict, kernel: str = "auto") -> GPT:
+    """An empty model shaped like the checkpoint, with quantized modules where it has them."""
+    model = GPT(GPTConfig.from_dict(meta["model"]))
+    if meta.get("quantization"):
+        from nanogptq.quant import prepare_quantized_model
+
+        prepare_quantized_model(model, meta["quantization"], kernel=kernel)
+    elif meta.get("qat"):
+        from nanogptq.quant.qat import QATConfig, apply_qat
+
+        apply_qat(model, QATConfig.from_dict(meta["qat"]))
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel: str = "auto") -> Checkpoint:
+    path = _existing(Path(path))
+    meta = read_meta(path)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: missing")
+    model = build_model(meta, kernel=kernel)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{weights}: unreadable or truncated ({first})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    if meta.get("quantization"):
+        from nanogptq.quant import finalize_quantized_model
+
+        finalize_quantized_model(model)  # builds each kernel's weight layout from the packed weights
+    return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
+
+
+def load_resume_state(path: str | Path) -> dict:
+    file = _existing(Path(path)) / RESUME
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing (the checkpoint has no training state to resume)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file; all mean the same to a user
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__})") from None

@@ -1,0 +1,171 @@
+"""`nanogptq` command line: argument parsing only; every command calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from nanogptq.checkpoint import CheckpointError
+from nanogptq.data import DataError
+from nanogptq.generate import SampleSettings
+from nanogptq.train import TrainConfig
+
+TRAIN_HELP = {
+    "out_dir": "run folder (holds last/, best/, metrics.jsonl)",
+    "dataset": "shakespeare, tinystories, or file:PATH for any UTF-8 text",
+    "tokenizer": "char, byte or bpe",
+    "vocab_size": "BPE vocabulary size",
+    "data_dir": "local data folder (default: $NANOGPTQ_DATA_DIR, then the cache, then download)",
+    "preset": "model size: tiny (0.8 M), small (2.7 M) or shakespeare (10.7 M)",
+    "max_steps": "optimizer steps in the whole run (the schedule's length)",
+    "max_time": "stop after this many seconds of training (saving first)",
+    "resume": "continue the run in --out-dir from its last checkpoint",
+    "init_from": "start from this fp32 checkpoint's weights (fine-tuning, e.g. QAT)",
+    "qat_config": "quantization-aware training config (JSON), e.g. configs/qat/weights_only.json",
+    "lr_schedule": "cosine, or bitnet (cosine with weight decay dropped halfway)",
+    "grad_accum": "micro-batches per optimizer step",
+    "compile": "torch.compile the model (CUDA only)",
+}
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict) -> None:
+    for f in fields(cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        typ = eval_type(f.type)
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text.get(f.name))
+        else:
+            parser.add_argument(flag, type=typ, default=default, help=help_text.get(f.name),
+                                metavar=f.name.upper())
+
+
+def eval_type(annotation: str | type) -> type:
+    """The base type of a dataclass field annotation written as a string ('int | None' -> int)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if text.split("|")[0].strip() == name:
+            return typ
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanogptq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (or resume a run)")
+    _add_dataclass_args(p, TrainConfig, TRAIN_HELP)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--num-samples", type=int, default=1)
+    _add_dataclass_args(p, SampleSettings, {})
+    p.add_argument("--device", default="auto")
+    p.add_argument("--kernel", default="auto", help="quantized kernel: auto, dequant, ...")
+
+    p = sub.add_parser("eval", help="perplexity over the whole validation split")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-save", action="store_true", help="do not record the result in config.json")
+
+    p = sub.add_parser("quantize", help="post-training quantization of a checkpoint (RTN or GPTQ)")
+    p.add_argument("ckpt", help="fp32 checkpoint folder")
+    p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
+    p.add_argument("--data-dir", default=None, help="where the calibration data lives (GPTQ)")
+    p.add_argument("--device", default="auto")
+    from nanogptq.quant import QuantConfig
+
+    _add_dataclass_args(p, QuantConfig, {"group_size": "0: per tensor, -1: per channel, G: groups of G"})
+
+    p = sub.add_parser("compare", help="evaluate variants side by side: table, JSON and plot")
+    p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
+    p.add_argument("--out", default="results", help="folder for compare.md/.json/.png")
+    p.add_argument("--name", default="compare", help="file name stem of the report")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("demo", help="web demo: variants side by side")
+    p.add_argument("ckpts", nargs="*", help="checkpoint folders (default: the main job's)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--report", default="results", help="folder with the compare report to show")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _device(name: str) -> str:
+    from nanogptq.train import pick_device
+
+    return pick_device(name)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from nanogptq.train import train
+
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+        out = train(TrainConfig(**values))
+        print(f"run saved in {out}")
+    elif args.command == "sample":
+        from nanogptq.checkpoint import load_checkpoint
+        from nanogptq.generate import generate_text
+
+        ckpt = load_checkpoint(args.ckpt, device=_device(args.device), kernel=args.kernel)
+        settings = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})
+        for i in range(args.num_samples):
+            if settings.seed is not None and i:
+                settings.seed += 1
+            gen = generate_text(ckpt, args.prompt, settings)
+            for note in gen.notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(args.prompt + gen.text)
+            print(f"--- {gen.new_tokens} tokens, first after {gen.ttft_s * 1000:.1f} ms, "
+                  f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
+    elif args.command == "eval":
+        from nanogptq.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save)
+        print(json.dumps(result, indent=2))
+    elif args.command == "quantize":
+        from nanogptq.quant import QuantConfig, quantize_checkpoint
+
+        values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
+        out = quantize_checkpoint(args.ckpt, args.out, QuantConfig(**values), data_dir=args.data_dir,
+                                  device=_device(args.device))
+        print(f"quantized checkpoint saved in {out}")
+    elif args.command == "compare":
+        from nanogptq.evaluate import compare, markdown_table
+
+        rows = compare(args.ckpts, args.out, args.data_dir, _device(args.device), name=args.name)
+        print(markdown_table(rows))
+        print(f"report written to {args.out}/{args.name}.md, .json and .png")
+    elif args.command == "demo":
+        from nanogptq.app import launch
+
+        launch(args.ckpts, host=args.host, port=args.port, report_dir=args.report, device=_device(args.device))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("NANOGPTQ_DEBUG"):
+            raise
+        parser.exit(2, f"nanogptq {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted (a training run can be continued with --resume)\n")
+
+
+if __name__ == "__main__":
+    main()
+

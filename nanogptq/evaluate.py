@@ -1,0 +1,139 @@
+"""Perplexity on the whole validation split, size on disk, and the side-by-side `compare` report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint
+from nanogptq.data import prepare_data, val_windows
+
+
+@torch.inference_mode()
+def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
+    """exp(mean NLL) over every token of `tokens` after the first, in non-overlapping context windows.
+
+    Each window starts fresh (no carried-over context), the standard nanoGPT-style evaluation.
+    """
+    block = model.config.block_size
+    windows = list(val_windows(tokens, block))
+    nll_sum, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = windows[i : i + batch_size]
+        # the last window may be shorter: evaluate it on its own so batches stay rectangular
+        groups = [chunk] if len({x.size(1) for x, _ in chunk}) == 1 else [[w] for w in chunk]
+        for group in groups:
+            x = torch.cat([w[0] for w in group]).to(device)
+            y = torch.cat([w[1] for w in group]).to(device)
+            logits, _ = model(x)
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+            )
+            nll_sum += nll.item()
+            count += y.numel()
+    mean_nll = nll_sum / count
+    return {"val_loss": mean_nll, "val_ppl": math.exp(mean_nll), "val_tokens": count}
+
+
+def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = None, device: str = "cpu",
+                        save: bool = True, progress: bool = True) -> dict:
+    """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt, device=device)
+    data = prepare_data(**ckpt.meta["data"], data_dir=data_dir)
+    t0 = time.time()
+    result = perplexity(ckpt.model, data.val, device=device, progress=progress)
+    result["eval_s"] = round(time.time() - t0, 2)
+    result["size_bytes"] = ckpt.size_bytes()
+    if save:
+        meta = dict(ckpt.meta)
+        meta["metrics"] = {**meta.get("metrics", {}), **result}
+        tmp = ckpt.path / (CONFIG + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, ckpt.path / CONFIG)
+        ckpt.meta = meta
+    return result
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    """What a variant is: method, bits, group size, bits per weight, as read from its config.json."""
+    q = ckpt.meta.get("quantization") or {}
+    qat = ckpt.meta.get("qat") or {}
+    from nanogptq.quant import bits_per_weight
+
+    if q:
+        method, bits, group = q.get("method", "?"), q.get("bits"), q.get("group_size")
+    elif qat:
+        method, bits, group = "qat", 1.58, None
+    else:
+        method, bits, group = "fp32", 32, None
+    return {"variant": ckpt.name, "method": method, "bits": bits, "group": group,
+            "bits_per_weight": round(bits_per_weight(ckpt.model), 3),
+            "quant_time_s": ckpt.meta.get("quant_time_s")}
+
+
+def compare(paths: list[str | Path], out_dir: str | Path = "results", data_dir: str | None = None,
+            device: str = "cpu", name: str = "compare") -> list[dict]:
+    """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png."""
+    rows = []
+    for path in paths:
+        ckpt = load_checkpoint(path, device=device)
+        row = {**describe(ckpt), "path": str(path)}
+        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device))
+        rows.append(row)
+    base = rows[0]["val_ppl"]
+    for row in rows:
+        row["ppl_change_pct"] = 100.0 * (row["val_ppl"] / base - 1.0)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (out / f"{name}.md").write_text(markdown_table(rows))
+    plot(rows, out / f"{name}.png")
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| variant | method | bits | group | perplexity | vs baseline | bytes on disk | bits/weight | quant time |\n"
+    head += "|---|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        qt = "" if r.get("quant_time_s") is None else f"{r['quant_time_s']:.1f} s"
+        group = {None: "", 0: "tensor", -1: "channel"}.get(r["group"], r["group"])
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {r['bits']} | {group} | {r['val_ppl']:.4f} | "
+            f"{r['ppl_change_pct']:+.2f}% | {r['size_bytes']:,} | {r['bits_per_weight']:.2f} | {qt} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in by_method.items():
+        rs = sorted(rs, key=lambda r: r["bits_per_weight"])
+        ax.plot([r["bits_per_weight"] for r in rs], [r["val_ppl"] for r in rs], "o-", label=method)
+        for r in rs:
+            ax.annotate(r["variant"], (r["bits_per_weight"], r["val_ppl"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight (quantized layers, scales included)")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Text in, text out: prompt checks, streaming generation and its timings (time to first token, tokens/s)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanogptq.checkpoint import Checkpoint
+from nanogptq.data import CharTokenizer
+
+
+@dataclass
+class SampleSettings:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = None
+    seed: int | None = 1337
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 10_000:
+            raise ValueError(f"max new tokens must be between 1 and 10000, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature must be between 0 and 5, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top-k must be 0 (off) or positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    text: str = ""  # the generated continuation only
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # prompt prefill + first token
+    total_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what was changed in the prompt, and why
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token (the prefill is in ttft)."""
+        decode = self.total_s - self.ttft_s
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+
+def encode_prompt(ckpt: Checkpoint, prompt: str) -> tuple[list[int], list[str]]:
+    """Prompt tokens plus notes: unknown characters dropped, long prompts cropped to the context."""
+    notes = []
+    tok = ckpt.tokenizer
+    if isinstance(tok, CharTokenizer):
+        unknown = tok.unknown_chars(prompt)
+        if unknown:
+            notes.append(f"dropped characters the model never saw: {' '.join(repr(c) for c in unknown)}")
+            prompt = "".join(c for c in prompt if c not in set(unknown))
+    ids = tok.encode(prompt)
+    if not ids:
+        # an empty prompt starts from a newline where the vocabulary has one, else from token 0
+        try:
+            ids = tok.encode("\n")
+        except ValueError:  # a vocabulary without newline
+            ids = [0]
+        notes.append("empty prompt: starting from a newline")
+    block = ckpt.model.config.block_size
+    if len(ids) > block:
+        notes.append(f"prompt cropped to its last {block} tokens (the model's context)")
+        ids = ids[-block:]
+    return ids, notes
+
+
+def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iterator[Generation]:
+    """Yield the growing Generation after each new token (text decoded from all tokens so far)."""
+    settings.validate()
+    ids, notes = encode_prompt(ckpt, prompt)
+    device = ckpt.model.transformer.wte.weight.device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = Generation(notes=notes)
+    new: list[int] = []
+    start = time.perf_counter()
+    for tok in ckpt.model.generate_stream(idx, settings.max_new_tokens, settings.temperature,
+                                         settings.top_k or None, settings.top_p, settings.seed):
+        new.append(int(tok[0, 0]))  # .item() synchronises with the device: the timing is real
+        now = time.perf_counter() - start
+        if len(new) == 1:
+            gen.ttft_s = now
+        gen.total_s = now
+        gen.new_tokens = len(new)
+        gen.text = ckpt.tokenizer.decode(new)
+        yield gen
+
+
+def generate_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Generation:
+    gen = Generation()
+    for gen in stream_text(ckpt, prompt, settings):
+        pass
+    return gen

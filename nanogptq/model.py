@@ -1,0 +1,269 @@
+"""A GPT-2 style decoder (nanoGPT's shape) with a KV-cache `generate()`.
+
+The linear layers keep nanoGPT's names (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) so
+that quantizers can find and replace them; the model itself knows nothing of how weights are stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 128  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # the CPU demo model, about 0.8 M parameters with a char vocabulary
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
+    # the seed study's size, about 2.7 M
+    "small": dict(n_layer=6, n_head=6, n_embd=192, block_size=256, dropout=0.1),
+    # nanoGPT's shakespeare-char config, about 10.7 M
+    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+}
+
+
+def preset_config(name: str, vocab_size: int, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return GPTConfig(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one attention layer; `pos` is the first free slot."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        self.k[:, :, pos : pos + t] = k
+        self.v[:, :, pos : pos + t] = v
+        return self.k[:, :, : pos + t], self.v[:, :, : pos + t]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if pos is None or self.kv_cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            k, v = self.kv_cache.update(pos, k, v)
+            # new queries sit at positions pos..pos+T-1 and may see every key up to their own position
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down by depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def embed(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        t = idx.size(1)
+        positions = torch.arange(pos, pos + t, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position (training/eval) or, with `pos`, a cached decoding step."""
+        t = idx.size(1)
+        start = 0 if pos is None else pos
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the context of {self.config.block_size}")
+        x = self.embed(idx, start)
+        for block in self.transformer.h:
+            x = block(x, pos)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
+        max_len = max_len or self.config.block_size
+        head_dim = self.config.n_embd // self.config.n_head
+        ref = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, head_dim, ref.dtype, ref.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """The prompt `idx` (B, T), cropped to the context, followed by `max_new_tokens` sampled tokens."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, seed))
+        return torch.cat([idx[:, -self.config.block_size :], *new], dim=1)
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new (B, 1) token as soon as it is sampled, decoding with a KV cache.
+
+        Prompts longer than the context are cropped to their last tokens. When the context is full
+        the window slides: the cache is refilled from the last half-context of tokens, so long
+        generations cost one prefill per half-context instead of one per token.
+        """
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        block = self.config.block_size
+        recent = idx[:, -block:]
+        self.setup_kv_cache(idx.size(0))
+        try:
+            logits, _ = self(recent, pos=0)
+            pos = recent.size(1)
+            for _ in range(max_new_tokens):
+                next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                yield next_tok
+                recent = torch.cat([recent, next_tok], dim=1)[:, -block:]
+                if pos >= block:  # context full: refill the cache from the recent half-window
+                    window = recent[:, -(block // 2) :]
+                    logits, _ = self(window, pos=0)
+                    pos = window.size(1)
+                else:
+                    logits, _ = self(next_tok, pos=pos)
+                    pos += 1
+        finally:
+            self.clear_kv_cache()
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from `logits` (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

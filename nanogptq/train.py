@@ -1,0 +1,310 @@
+"""The training loop: AdamW, warm-up + cosine schedule, clipping, accumulation, DDP, resume.
+
+Run on one process (`nanogptq train ...`) or several (`torchrun --nproc_per_node N -m nanogptq.cli train ...`).
+A run folder holds `last/` and `best/` checkpoints and `metrics.jsonl`; `--resume` continues from `last/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nanogptq.checkpoint import load_checkpoint, load_resume_state, read_meta, save_checkpoint
+from nanogptq.data import TokenData, get_batch, prepare_data
+from nanogptq.model import GPT, PRESETS, preset_config
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny-shakespeare"
+    dataset: str = "shakespeare"
+    tokenizer: str = "char"
+    vocab_size: int = 512  # bpe only
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 1337
+    preset: str = "tiny"
+    dropout: float | None = None  # None: the preset's
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # "cosine", or "bitnet": cosine with weight decay dropped halfway
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    resume: bool = False
+    init_from: str | None = None
+    qat_config: str | None = None
+    max_time: float | None = None  # seconds; stop (and save) when the wall-clock budget is spent
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("--warmup-steps, --lr and --min-lr must be non-negative (lr positive)")
+        if self.lr_schedule not in ("cosine", "bitnet"):
+            raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or bitnet")
+        if self.resume and self.init_from:
+            raise ValueError("--resume and --init-from exclude each other")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def weight_decay_at(step: int, cfg: TrainConfig) -> float:
+    # BitNet b1.58 training advice: no weight decay in the second half of training
+    if cfg.lr_schedule == "bitnet" and step >= cfg.max_steps // 2:
+        return 0.0
+    return cfg.weight_decay
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms or biases
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available here")
+    return name
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, str]:
+    """Join the torchrun process group if launched by torchrun; NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return DistInfo(), device
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    if device.startswith("cuda"):
+        device = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(device)
+    return info, device
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, data: np.ndarray, cfg: TrainConfig, block_size: int, device: str, autocast) -> float:
+    """Mean loss on a fixed set of batches (the same windows at every evaluation)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = get_batch(data, cfg.batch_size, block_size, gen, device)
+        with autocast:
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batch": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["batch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_model(cfg: TrainConfig, data: TokenData) -> GPT:
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if cfg.init_from:
+        ckpt = load_checkpoint(cfg.init_from)
+        if ckpt.meta.get("quantization"):
+            raise ValueError(f"--init-from {cfg.init_from}: a quantized checkpoint cannot be trained further")
+        if ckpt.tokenizer.to_dict() != data.tokenizer.to_dict():
+            raise ValueError(f"--init-from {cfg.init_from}: its tokenizer differs from this run's data")
+        model = ckpt.model
+        if cfg.dropout is not None:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = cfg.dropout
+    else:
+        model = GPT(preset_config(cfg.preset, data.tokenizer.vocab_size, **overrides))
+    if cfg.qat_config:
+        from nanogptq.quant.qat import apply_qat, load_qat_config
+
+        apply_qat(model, load_qat_config(cfg.qat_config))
+    return model
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) a run; returns the run folder. Only rank 0 writes files."""
+    cfg.validate()
+    device = pick_device(cfg.device)
+    dist_info, device = init_distributed(device)
+    out = Path(cfg.out_dir)
+    if cfg.resume:
+        saved = read_meta(out / "last")["train"]
+        saved.update(resume=True, max_steps=cfg.max_steps, max_time=cfg.max_time, progress=cfg.progress,
+                     device=cfg.device, data_dir=cfg.data_dir)
+        cfg = TrainConfig.from_dict(saved)
+
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
+                        val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    model = build_model(cfg, data).to(device)
+    is_cuda = device.startswith("cuda")
+    optimizer = make_optimizer(model, cfg, fused=is_cuda)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
+    step, best_val = 0, float("inf")
+    if cfg.resume:
+        state = load_resume_state(out / "last")
+        model.load_state_dict(load_checkpoint(out / "last").model.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_val = int(state["step"]), float(state["best_val"])
+        _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
+
+    raw_model = model
+    if cfg.compile and is_cuda:
+        model = torch.compile(model)
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if is_cuda else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+    block_size = raw_model.config.block_size
+    meta = {
+        "model": raw_model.config.to_dict(),
+        "tokenizer": data.tokenizer.to_dict(),
+        "data": {"dataset": cfg.dataset, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+                 "val_fraction": cfg.val_fraction, "seed": cfg.split_seed},
+        "train": asdict(cfg),
+        "quantization": None,
+        "qat": getattr(raw_model, "qat_config", None),
+        "num_params": raw_model.num_params(non_embedding=False),
+    }
+
+    def save(name: str, metrics: dict) -> None:
+        rng = [_rng_state(gen)]
+        if dist_info.world_size > 1:
+            rng = [None] * dist_info.world_size
+            dist.all_gather_object(rng, _rng_state(gen))
+        if not dist_info.is_main:
+            return
+        resume = {"optimizer": optimizer.state_dict(), "step": step, "best_val": best_val, "rng": rng}
+        save_checkpoint(out / name, raw_model, {**meta, "metrics": metrics}, resume_state=resume)
+
+    log_file = None
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "metrics.jsonl", "a")
+    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist_info.world_size
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist_info.is_main),
+               desc="train", dynamic_ncols=True)
+    start = time.time()
+    elapsed_before = float(cfg.extra.get("elapsed", 0.0))
+    last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
+    model.train()
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:
+                group["weight_decay"] = weight_decay_at(step, cfg)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(data.train, cfg.batch_size, block_size, gen, device)
+            sync = dist_info.world_size == 1 or micro == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx, autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.grad_accum
+            with ctx:
+                loss.backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if dist_info.world_size > 1:
+            t = torch.tensor([loss_sum], device=device)
+            dist.all_reduce(t)  # a sum: gloo has no average
+            loss_sum = t.item() / dist_info.world_size
+        train_loss = loss_sum
+        now = time.time()
+        tok_s = tokens_per_step / max(now - t_last, 1e-9)
+        t_last = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", val=f"{last_val:.3f}", tok_s=f"{tok_s:,.0f}")
+
+        elapsed = elapsed_before + time.time() - start
+        out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+            last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
+            record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
+                      "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
+            cfg.extra["elapsed"] = elapsed
+            meta["train"] = asdict(cfg)
+            if last_val < best_val:
+                best_val = last_val
+                save("best", {**record, "best_val_loss": best_val})
+            save("last", {**record, "best_val_loss": best_val})
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            t_last = time.time()  # keep evaluation time out of tokens/s
+        if out_of_time:
+            break
+    bar.close()
+    if log_file:
+        log_file.close()
+    if dist_info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from nanogptq.model import GPT, GPTConfig, preset_config, sample_next
+
+
+def small_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+@pytest.mark.parametrize("name,millions", [("tiny", 0.8), ("small", 2.7), ("shakespeare", 10.7)])
+def test_preset_sizes(name, millions):
+    n = GPT(preset_config(name, 65)).num_params(non_embedding=False)
+    assert abs(n / 1e6 - millions) / millions < 0.05
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_config("huge", 65)
+
+
+def test_tied_embeddings():
+    m = small_model()
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_kv_cache_matches_full_forward():
+    m = small_model()
+    idx = torch.randint(0, 50, (2, 20))
+    full, _ = m(idx)
+    m.setup_kv_cache(2)
+    parts = [m(idx[:, :7], pos=0)[0]] + [m(idx[:, t : t + 1], pos=t)[0] for t in range(7, 20)]
+    m.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_equals_recomputing_the_prefix():
+    m = small_model()
+    idx = torch.randint(0, 50, (1, 5))
+    out = m.generate(idx, 60, temperature=0)  # 65 tokens: the window slides past the 32 context
+    ref = idx
+    for _ in range(60):
+        logits, _ = m(ref[:, -32:])
+        ref = torch.cat([ref, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    # up to the first slide the cached decoding is exact; after it both see a cropped context, the
+    # cache a half-window refill, so compare the exact part
+    assert torch.equal(out[:, : 32 + 1], ref[:, : 32 + 1])
+    assert out.shape == (1, 65)
+
+
+def test_generate_crops_long_prompts_and_is_seeded():
+    m = small_model()
+    idx = torch.randint(0, 50, (1, 100))
+    a = m.generate(idx, 10, top_k=5, top_p=0.9, seed=3)
+    b = m.generate(idx, 10, top_k=5, top_p=0.9, seed=3)
+    assert a.shape == (1, 32 + 10)
+    assert torch.equal(a, b)
+
+
+def test_sample_next_top_k_and_top_p():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
+    assert picks == {0, 1}
+    # top token alone holds ~73% of the mass: top_p=0.5 keeps only it
+    assert {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)} == {0}
+    assert int(sample_next(logits, 0.0)) == 0
+
+
+def test_context_overflow_is_an_error():
+    m = small_model()
+    with pytest.raises(ValueError, match="exceeds the context"):
+        m(torch.zeros(1, 33, dtype=torch.long))
