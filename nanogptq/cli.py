@@ -17,6 +17,7 @@ TRAIN_HELP = {
     "out_dir": "run folder (holds last/, best/, metrics.jsonl)",
     "dataset": "shakespeare, tinystories, or file:PATH for any UTF-8 text",
     "tokenizer": "char, byte or bpe",
+    "split": "chunks (seeded 64 KiB chunks to validation) or tail (nanoGPT's: the last val-fraction)",
     "vocab_size": "BPE vocabulary size",
     "data_dir": "local data folder (default: $NANOGPTQ_DATA_DIR, then the cache, then download)",
     "preset": "model size: tiny (0.8 M), small (2.7 M) or shakespeare (10.7 M)",

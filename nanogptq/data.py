@@ -328,8 +328,14 @@ def build_tokenizer(kind: str, train_text: str, vocab_size: int = 512) -> Tokeni
 # ----------------------------------------------------------------------------- split and cache
 
 
-def split_text(text: str, val_fraction: float = 0.1, seed: int = 1337) -> tuple[str, str]:
+SPLITS = ("chunks", "tail")
+
+
+def split_text(text: str, val_fraction: float = 0.1, seed: int = 1337, split: str = "chunks") -> tuple[str, str]:
     """Split `text` into (train, val), fixed by `seed`.
+
+    `split="tail"` is nanoGPT's split instead: the last val_fraction of the characters is validation
+    (use it to compare losses with nanoGPT's published ones; the seed is then unused).
 
     The text is cut into contiguous chunks of CHUNK_CHARS (64 KiB) characters, the last one shorter.
     `random.Random(seed)` shuffles the chunk numbers; chunks are moved to validation in that order
@@ -343,8 +349,10 @@ def split_text(text: str, val_fraction: float = 0.1, seed: int = 1337) -> tuple[
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if len(text) < 2:
         raise DataError(f"text of {len(text)} characters is too short to split")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     chunks = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
-    if len(chunks) < 2:
+    if len(chunks) < 2 or split == "tail":
         cut = len(text) - min(len(text) - 1, max(1, round(len(text) * val_fraction)))
         return text[:cut], text[cut:]
     target, size, val_ids = val_fraction * len(text), 0, set()
@@ -400,6 +408,7 @@ def prepare_data(
     cache_dir: str | Path | None = None,
     val_fraction: float = 0.1,
     seed: int = 1337,
+    split: str = "chunks",
 ) -> TokenData:
     """Load, split, tokenize (tokenizer trained on the train split only) and cache a dataset."""
     text = load_text(dataset, data_dir, cache_dir)
@@ -409,6 +418,7 @@ def prepare_data(
         "vocab_size": vocab_size if tokenizer == "bpe" else None,  # char and byte ignore it
         "val_fraction": val_fraction,
         "seed": seed,
+        "split": split,
         "format": FORMAT_VERSION,
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
@@ -416,7 +426,7 @@ def prepare_data(
     if cached := _load_cached(folder):
         return cached
 
-    train_text, val_text = split_text(text, val_fraction, seed)
+    train_text, val_text = split_text(text, val_fraction, seed, split)
     tok = build_tokenizer(tokenizer, train_text, vocab_size)
     if isinstance(tok, CharTokenizer) and (unknown := tok.unknown_chars(val_text)):
         shown = ", ".join(repr(c) for c in unknown[:10])

@@ -33,6 +33,7 @@ class TrainConfig:
     data_dir: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 1337
+    split: str = "chunks"  # or "tail": nanoGPT's split, the last val_fraction of the text
     preset: str = "tiny"
     dropout: float | None = None  # None: the preset's
     batch_size: int = 32
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed + dist_info.rank)
     data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
-                        val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+                        val_fraction=cfg.val_fraction, seed=cfg.split_seed, split=cfg.split)
     model = build_model(cfg, data).to(device)
     is_cuda = device.startswith("cuda")
     optimizer = make_optimizer(model, cfg, fused=is_cuda)
@@ -222,7 +223,7 @@ def train(cfg: TrainConfig) -> Path:
         "model": raw_model.config.to_dict(),
         "tokenizer": data.tokenizer.to_dict(),
         "data": {"dataset": cfg.dataset, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
-                 "val_fraction": cfg.val_fraction, "seed": cfg.split_seed},
+                 "val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "split": cfg.split},
         "train": asdict(cfg),
         "quantization": None,
         "qat": getattr(raw_model, "qat_config", None),

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU reference runs behind the README's figures (run on one H100 through the device tool).
+#   bash benchmarks/reference_runs.sh shakespeare   # `shakespeare` preset, 2-minute budget (issue: foundation)
+#   bash benchmarks/reference_runs.sh small         # `small` fp32 baselines, Tiny Shakespeare + TinyStories
+# Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
+set -euo pipefail
+RUNS=${RUNS:-runs}
+PY=${PY:-python3}
+case "${1:-}" in
+  shakespeare)
+    # nanoGPT's shakespeare-char recipe (batch 64, context 256, lr 1e-3, dropout 0.2), stopped at 120 s
+    $PY -m nanogptq.cli train --preset shakespeare --dataset shakespeare --out-dir "$RUNS/shakespeare-h100" \
+      --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps "${STEPS:-5000}" --eval-interval 250 \
+      --eval-batches 20 --compile --max-time 120 --no-progress
+    $PY -m nanogptq.cli eval "$RUNS/shakespeare-h100/best"
+    ;;
+  small)
+    # the `small` preset (6 x 192) for 5,000 steps on each corpus, both at once on the one GPU
+    for ds in shakespeare tinystories; do
+      $PY -m nanogptq.cli train --preset small --dataset $ds --out-dir "$RUNS/small-$ds" --batch-size 64 \
+        --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps 5000 --eval-interval 250 --eval-batches 20 \
+        --compile --no-progress > "$RUNS/small-$ds.log" 2>&1 &
+    done
+    wait
+    for ds in shakespeare tinystories; do $PY -m nanogptq.cli eval "$RUNS/small-$ds/best"; done
+    ;;
+  *) echo "usage: $0 shakespeare|small" >&2; exit 2 ;;
+esac

@@ -1,0 +1,126 @@
+"""End-to-end: training, resuming after SIGKILL, DDP on CPU with gloo, and the CLI's errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanogptq.checkpoint import load_checkpoint, read_meta
+from nanogptq.cli import build_parser
+from nanogptq.train import TrainConfig, lr_at, train
+
+TINY = ["--preset", "tiny", "--batch-size", "8", "--eval-batches", "2", "--no-progress"]
+
+
+def cli(*args, check=True, timeout=240, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nanogptq.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-2000:])
+    return proc
+
+
+def val_losses(run: Path) -> list[float]:
+    return [json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert lr_at(0, cfg) < lr_at(9, cfg) < lr_at(10, cfg) + 1e-12
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert lr_at(55, cfg) == pytest.approx(5.5e-4)
+
+
+def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
+    cfg = TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), max_steps=60, batch_size=8,
+                      eval_interval=20, eval_batches=2, lr=3e-3, warmup_steps=5, progress=False)
+    run = train(cfg)
+    losses = val_losses(run)
+    assert len(losses) == 3 and losses[-1] < losses[0] and losses[-1] < 1.0  # untrained: ln(30) = 3.4
+    ck = load_checkpoint(run / "best")
+    assert ck.meta["metrics"]["best_val_loss"] == pytest.approx(min(losses))
+    assert ck.meta["data"]["dataset"] == f"file:{text_file}"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path, text_file):
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--dataset", f"file:{text_file}", "--out-dir", run, "--max-steps", 150,
+            "--eval-interval", 5]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanogptq.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # kill once a few checkpoints have been written: the kill may land in the middle of a save
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    time.sleep(0.13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_killed = read_meta(run / "last")["metrics"]["step"]
+    assert 0 < step_killed < 150
+    cli("train", "--resume", "--out-dir", run, "--max-steps", 150, "--no-progress")
+    last = load_checkpoint(run / "last")
+    assert last.meta["metrics"]["step"] == 150
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 150 and steps == sorted(steps)
+    assert not any(p.name.endswith((".tmp", ".old")) for p in run.iterdir())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path, text_file):
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "nanogptq.cli", "train", *TINY,
+         "--dataset", f"file:{text_file}", "--out-dir", str(run), "--max-steps", "60", "--eval-interval", "20",
+         "--lr", "3e-3", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = val_losses(run)
+    assert len(losses) == 3  # one writer: rank 1 would have doubled every line
+    assert losses[-1] < losses[0] and losses[-1] < 1.0  # untrained: ln(30) = 3.4
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "metrics.jsonl"]
+    assert load_checkpoint(run / "last").meta["metrics"]["step"] == 60
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--max-steps", "-5"], "--max-steps must be positive"),
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+    (["sample", "no/such/ckpt"], "no such checkpoint folder"),
+])
+def test_cli_errors_are_one_line(args, message):
+    proc = cli(*args, check=False, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_text_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
+    for path, message in ((empty, "empty"), (binary, "UTF-8")):
+        proc = cli("train", "--dataset", f"file:{path}", "--out-dir", tmp_path / "r", check=False, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "quantize", "compare", "demo"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: nanogptq {command}" in capsys.readouterr().out
