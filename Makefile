@@ -7,6 +7,7 @@ NANOGPTQ_DATA_DIR ?= $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),$
 export NANOGPTQ_DATA_DIR
 export GRADIO_ANALYTICS_ENABLED := False
 RUN ?= runs/tiny-shakespeare
+STEPS ?= 1000
 
 .PHONY: install run test lint clean
 
@@ -20,10 +21,16 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m nanogptq.cli train --preset tiny --dataset shakespeare --out-dir $(RUN) --max-steps 2500 \
-		$(if $(wildcard $(RUN)/last/config.json),--resume,)
-	$(PY) -m nanogptq.cli eval $(RUN)/best
-	$(PY) -m nanogptq.cli sample $(RUN)/best --prompt "ROMEO:" --max-new-tokens 300
+	$(PY) -m nanogptq.cli train --preset tiny --dataset shakespeare --split tail --out-dir $(RUN) \
+		--max-steps $(STEPS) --batch-size 16 --lr 3e-3 --min-lr 3e-4 --warmup-steps 50 --eval-interval 100 \
+		--eval-batches 10 $(if $(wildcard $(RUN)/last/config.json),--resume,)
+	$(PY) -m nanogptq.cli quantize $(RUN)/best --method rtn --bits 8 --group-size -1 --out $(RUN)/rtn-int8
+	$(PY) -m nanogptq.cli quantize $(RUN)/best --method gptq --bits 8 --group-size -1 --out $(RUN)/gptq-int8
+	$(PY) -m nanogptq.cli quantize $(RUN)/best --method gptq --bits 4 --group-size 64 --act-order \
+		--out $(RUN)/gptq-int4
+	$(PY) -m nanogptq.cli compare $(RUN)/best $(RUN)/rtn-int8 $(RUN)/gptq-int8 $(RUN)/gptq-int4 --out $(RUN)/report
+	$(PY) -m nanogptq.cli sample $(RUN)/gptq-int4 --prompt "ROMEO:" --max-new-tokens 200
+	$(PY) -m nanogptq.cli demo $(RUN)/best $(RUN)/rtn-int8 $(RUN)/gptq-int8 $(RUN)/gptq-int4 --report $(RUN)/report
 
 test: install
 	$(PY) -m pytest -q

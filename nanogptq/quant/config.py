@@ -1,0 +1,83 @@
+"""QuantConfig: every knob of post-training quantization, round-tripped through config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+METHODS = ("rtn", "gptq")
+BITS = (8, 4, 3, 2)
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"  # "rtn" | "gptq"
+    bits: int = 4  # 8, 4, 3 or 2
+    # 0: one scale per matrix; -1: one per output row; G > 0: one per row and run of G input columns
+    # (G need not divide in_features: the last group is simply shorter)
+    group_size: int = 128
+    symmetric: bool = False  # symmetric grids have a fixed zero point, asymmetric ones store it
+    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # GPTQ + act_order: fix group grids before permuting (no g_idx needed)
+    damp: float = 0.01  # GPTQ: dampening, as a fraction of mean(diag H)
+    block_size: int = 128  # GPTQ: columns per lazy batch update
+    calib_samples: int = 128  # calibration windows of model.config.block_size tokens
+    calib_seed: int = 0
+    clip_search: bool = False  # search each grid's clipping ratio instead of taking max|w|
+    rotate: bool = False  # QuIP-style random orthogonal rotation of each layer's input side
+    rotate_seed: int = 0
+    quantize_embeddings: bool = False  # tied embedding/head table to 8 bits per row
+    layers: tuple[str, ...] = BLOCK_LINEARS  # linears inside each Block to quantize
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):  # from a command line: "attn.c_attn,mlp.c_fc"
+            self.layers = [n.strip() for n in self.layers.split(",")]
+        self.layers = tuple(self.layers)
+        for name in (
+            "symmetric",
+            "act_order",
+            "static_groups",
+            "clip_search",
+            "rotate",
+            "quantize_embeddings",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantization {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bits", "group_size", "block_size", "calib_samples", "calib_seed", "rotate_seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"quantization {name} must be an integer, got {v!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bits not in BITS:
+            raise ValueError(f"quantization bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.group_size < -1:
+            raise ValueError(
+                f"group_size must be 0 (per tensor), -1 (per channel) or > 0, got {self.group_size}"
+            )
+        if not isinstance(self.damp, (int, float)) or not self.damp > 0:
+            raise ValueError(f"damp must be a positive number, got {self.damp!r}")
+        if self.block_size < 1 or self.calib_samples < 1:
+            raise ValueError("block_size and calib_samples must be at least 1")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order only applies to method 'gptq'")
+        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"layers must be a non-empty list of linear names, got {list(self.layers)!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown quantization config key {key!r}")
+        return cls(**d)
+
+    @property
+    def uses_g_idx(self) -> bool:
+        """Act-order groups formed on the fly are not contiguous in the original column order."""
+        return self.method == "gptq" and self.act_order and self.group_size > 0 and not self.static_groups

@@ -1,0 +1,169 @@
+"""GPTQ for one linear layer (Frantar et al., ICLR 2023, Algorithm 1) and its Hessian.
+
+Notation follows the paper: W is (d_row, d_col) = (out, in), X is (d_col, rows) and the layer-wise objective
+||WX - QX||^2 has Hessian H = 2 X X^T. Columns are quantized one at a time; each column's error, scaled by
+the Cholesky factor of H^-1, is spread over the not-yet-quantized columns:
+
+    Hinv = Cholesky(H^-1)^T  (upper)          # Algorithm 1, line 2
+    q_i  = quant(w_i)
+    e_i  = (w_i - q_i) / Hinv[i, i]
+    W[:, i:] -= e_i Hinv[i, i:]              # lines 5-8, applied lazily: inside a block of B columns
+    W[:, next blocks] -= E Hinv[block, next]  # line 10, once per block
+
+Grids come from rtn.find_grid, so with H = I (nothing to spread) GPTQ returns exactly the RTN codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from nanogptq.quant.config import QuantConfig
+from nanogptq.quant.rtn import (
+    QuantizedWeight,
+    find_grid,
+    group_cols,
+    max_code,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running H = 2/N sum_n x_n x_n^T over the N input rows seen so far (as the reference's add_batch)."""
+
+    def __init__(self, n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.H = torch.zeros(n, n, device=device, dtype=dtype)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.H.shape[0]).to(self.H.dtype)
+        m = x.shape[0]
+        self.H *= self.rows / (self.rows + m)
+        self.rows += m
+        x = x * (2 / self.rows) ** 0.5
+        self.H.addmm_(x.T, x)
+
+    def hook(self, module, inputs, output) -> None:
+        """Forward hook: accumulates the module's input."""
+        self.add(inputs[0].detach())
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, retrying with damp x10 when it fails."""
+    mean_diag = H.diagonal().mean()
+    for _ in range(max_tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0:
+                return U, damp
+        log.warning("Cholesky failed at damp=%g; retrying with damp=%g", damp, damp * 10)
+        damp *= 10
+    raise RuntimeError(f"Hessian is not positive definite even with damp={damp / 10:g}")
+
+
+@torch.no_grad()
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """Quantize W (out, in) against the Hessian H (in, in) of its inputs; device-agnostic, float32."""
+    t0 = time.perf_counter()
+    W = W.detach().clone().float()
+    H = H.detach().to(W.device, torch.float32, copy=True)
+    n = W.shape[1]
+    bits, sym, maxq = cfg.bits, cfg.symmetric, max_code(cfg.bits)
+    grouped = cfg.group_size > 0
+    G = group_cols(cfg.group_size, n)
+
+    dead = H.diagonal() == 0  # inputs that are always zero: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    col_weight = H.diagonal().clone() if cfg.clip_search else None
+
+    def grid(cols: torch.Tensor, weight: torch.Tensor | None):
+        return find_grid(cols, bits, sym, cfg.group_size == 0, cfg.clip_search, weight)
+
+    static = None
+    if not grouped:  # one grid per row (or per tensor) from the whole matrix, as the reference does
+        scale, zero = grid(W, col_weight)
+    elif cfg.static_groups:  # group grids from the original column order, before any permutation
+        static = [
+            grid(W[:, g : g + G], None if col_weight is None else col_weight[g : g + G])
+            for g in range(0, n, G)
+        ]
+
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        col_weight = None if col_weight is None else col_weight[perm]
+    col_group = ((perm.cpu() if perm is not None else torch.arange(n)) // G).tolist()  # original group
+
+    Hinv, damp = inverse_cholesky(H, cfg.damp)
+    # The loop works on Wt = W^T, so the paper's column i is the contiguous row Wt[i] and each step is a few
+    # in-place kernels on it: at these sizes GPTQ's time is kernel launches, not arithmetic.
+    Wt = W.T.contiguous()
+    Qt = torch.zeros_like(Wt)
+    losses = torch.zeros(W.shape[0], device=W.device)
+    dyn_scales, dyn_zeros = [], []
+    # a group's grid is computed when its first column is reached, from the up-to-date block copy W1t; so
+    # blocks hold whole groups
+    B = max(G, cfg.block_size // G * G) if grouped else cfg.block_size
+    s = z = None  # the current grid as (out,) vectors (or (1,) per tensor)
+    if not grouped:
+        s, z = scale.reshape(-1), zero.reshape(-1)
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1t, Q1t, Err1t = Wt[i1:i2].clone(), Qt[i1:i2], torch.zeros(i2 - i1, Wt.shape[1], device=W.device)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                scale, zero = static[col_group[col]]
+                s, z = scale.reshape(-1), zero.reshape(-1)
+            elif grouped and col % G == 0:
+                scale, zero = grid(
+                    W1t[i : i + G].T, None if col_weight is None else col_weight[col : col + G]
+                )
+                dyn_scales.append(scale)
+                dyn_zeros.append(zero)
+                s, z = scale.reshape(-1), zero.reshape(-1)
+            w, q, err = W1t[i], Q1t[i], Err1t[i]
+            torch.div(w, s, out=q)  # q = clamp(round(w / s) + z, 0, maxq), as rtn.quantize_codes
+            q.round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=err)  # err = (w - s (q - z)) / Hinv[i, i]
+            torch.addcmul(w, err, s, value=-1, out=err)
+            err.div_(Hinv1[i, i])
+            # W[:, i:] -= err Hinv[i, i:]; addr_ is one kernel on CUDA (measured), while on CPU its OpenMP
+            # threading stalls badly when the cores are shared, and BLAS addmm_ does not
+            if Wt.is_cuda:
+                W1t[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            else:
+                W1t[i:].addmm_(Hinv1[i, i:, None], err[None], alpha=-1)
+        losses += Err1t.square().sum(dim=0) / 2
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1t, alpha=-1)  # W[:, i2:] -= Err Hinv[block, i2:]
+    Q = Qt.T
+
+    g_idx = None
+    if static is not None:
+        scale, zero = torch.cat([s for s, _ in static], 1), torch.cat([z for _, z in static], 1)
+    elif grouped:
+        scale, zero = torch.cat(dyn_scales, 1), torch.cat(dyn_zeros, 1)
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        if cfg.uses_g_idx:  # groups were formed in permuted order: column c is in group invperm[c] // G
+            g_idx = (invperm // G).to(torch.int32)
+    return QuantizedWeight(
+        codes=Q.to(torch.uint8),
+        scales=scale.half(),
+        zeros=None if sym else zero.to(torch.uint8),
+        bits=bits,
+        group_size=cfg.group_size,
+        g_idx=g_idx,
+        stats={"gptq_loss": losses.sum().item(), "damp": damp, "time_s": time.perf_counter() - t0},
+    )

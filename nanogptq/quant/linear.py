@@ -1,0 +1,176 @@
+"""QuantLinear / QuantEmbedding: modules that hold packed integer weights.
+
+Persistent buffers (what the checkpoint stores):
+    qweight  (out, packed_len(in, bits)) uint8   codes in the original column order (act-order is undone)
+    scales   (rows, n_groups) fp16               rows = 1 per tensor, else out (see rtn.py)
+    qzeros   (rows, packed_len(n_groups, bits)) uint8   asymmetric grids only, packed like qweight
+    bias     (out,) fp32                         if the layer has one
+    g_idx    (in,) int32                         only for GPTQ act-order groups formed on the fly
+    rot_seed (1,) int64                          only with rotate: W' = W U is stored, U is regenerated
+
+Inference goes through a kernel picked at load time (`kernel`, "auto" resolves in `prepare_kernel`). A kernel
+is a forward function plus an optional `prepare` that builds its own weight layout from the packed buffers
+as non-persistent buffers (so .to(device) moves them and checkpoints never see them). Only "dequant" exists
+so far: dequantize, then F.linear, caching nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanogptq.quant.pack import pack, packed_len, unpack
+from nanogptq.quant.rtn import QuantizedWeight, dequantize_weight, n_groups
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal (n, n) matrix, float64 on CPU, identical on every machine for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return Q * torch.sign(torch.diagonal(R))  # the sign fix makes the distribution uniform (Haar)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]  # x already rotated; bias added after
+    prepare: Callable[[QuantLinear], None] = lambda m: None
+    supports: Callable[[QuantLinear, torch.device], bool] = lambda m, device: True
+
+
+def _dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, m.dequantize_stored().to(x.dtype))
+
+
+KERNELS: dict[str, Kernel] = {"dequant": Kernel(forward=_dequant_forward)}
+AUTO_ORDER = ("dequant",)  # "auto" takes the first kernel that supports the layer; put fast ones first
+
+
+def check_kernel(name: str) -> str:
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose from auto, {', '.join(KERNELS)}")
+    return name
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool = False,
+        rotate: bool = False,
+        g_idx: bool = False,
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.kernel = check_kernel(kernel)
+        rows, ng = (1 if group_size == 0 else out_features), n_groups(group_size, in_features)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, packed_len(in_features, bits), dtype=torch.uint8)
+        )
+        self.register_buffer("scales", torch.ones(rows, ng, dtype=torch.float16))
+        # absent parts are None buffers: not in the state dict, but assignable later
+        self.register_buffer(
+            "qzeros", None if symmetric else torch.zeros(rows, packed_len(ng, bits), dtype=torch.uint8)
+        )
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if g_idx else None)
+        self.register_buffer("rot_seed", torch.zeros(1, dtype=torch.int64) if rotate else None)
+        self.register_buffer("rot", None, persistent=False)  # U, built by prepare_kernel
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        rot_seed: int | None = None,
+        kernel: str = "auto",
+    ) -> QuantLinear:
+        out_f, in_f = qw.codes.shape
+        m = cls(
+            in_f,
+            out_f,
+            qw.bits,
+            qw.group_size,
+            qw.zeros is None,
+            bias is not None,
+            rot_seed is not None,
+            qw.g_idx is not None,
+            kernel,
+        )
+        m.qweight = pack(qw.codes, qw.bits)
+        m.scales = qw.scales.clone()
+        if qw.zeros is not None:
+            m.qzeros = pack(qw.zeros, qw.bits)
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
+        if qw.g_idx is not None:
+            m.g_idx = qw.g_idx.clone()
+        if rot_seed is not None:
+            m.rot_seed = torch.tensor([rot_seed], dtype=torch.int64, device=m.qweight.device)
+        return m
+
+    def dequantize_stored(self) -> torch.Tensor:
+        """Float32 weight as stored (in the rotated basis when rotate is on)."""
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        zeros = None if self.qzeros is None else unpack(self.qzeros, self.bits, self.scales.shape[1])
+        return dequantize_weight(codes, self.scales, zeros, self.bits, self.group_size, self.g_idx)
+
+    def rotation(self) -> torch.Tensor | None:
+        if self.rot_seed is None:
+            return None
+        return random_orthogonal(self.in_features, int(self.rot_seed.item()))
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective float32 weight: y = x W^T for the original, unrotated input x (reference path)."""
+        W = self.dequantize_stored()
+        U = self.rotation()
+        return W if U is None else (W.double() @ U.to(W.device).T).float()  # W' U^T = W U U^T
+
+    def prepare_kernel(self) -> None:
+        """Resolve "auto" for the current device and build the kernel's layout (call after .to(device))."""
+        if self.kernel == "auto":
+            device = self.qweight.device
+            self.kernel = next(k for k in AUTO_ORDER if KERNELS[k].supports(self, device))
+        U = self.rotation()
+        self.rot = None if U is None else U.float().to(self.qweight.device)
+        KERNELS[self.kernel].prepare(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rot_seed is not None:
+            if self.rot is None:
+                raise RuntimeError("QuantLinear with rotation used before prepare_kernel()")
+            x = x @ self.rot.to(x.dtype)  # x' = U^T x for column vectors
+        y = KERNELS[self.kernel].forward(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+            f"symmetric={self.symmetric}, rotate={self.rot_seed is not None}, kernel={self.kernel}"
+        )
+
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding table, read from the output head's 8-bit per-row QuantLinear (rows = tokens)."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        if head.bits != 8 or head.group_size != -1 or head.rot_seed is not None or head.g_idx is not None:
+            raise ValueError("QuantEmbedding needs an 8-bit per-row head without rotation")
+        self.head = head  # registered here too, so the state dict shares (and safetensors dedups) its tensors
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.head
+        zero = 2 ** (h.bits - 1) if h.qzeros is None else h.qzeros[idx].float()  # 8 bits: one code per byte
+        return (h.qweight[idx].float() - zero) * h.scales[idx].float()

@@ -1,0 +1,196 @@
+"""Whole-model quantization: logits, checkpoints, file sizes and loss on a small trained model."""
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+from nanogptq.data import CharTokenizer, prepare_data
+from nanogptq.model import GPT, GPTConfig
+from nanogptq.quant import (
+    QuantConfig,
+    QuantEmbedding,
+    QuantLinear,
+    bits_per_weight,
+    quantize,
+    quantize_checkpoint,
+    theoretical_size_bytes,
+)
+
+
+def corpus_text() -> str:
+    lines = [
+        f"the cat {i % 7} sat on the mat {i % 5}. a dog ran to the {['park', 'sea', 'hill'][i % 3]}."
+        for i in range(600)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-layer model trained for 150 steps: on Tiny Shakespeare if NANOGPTQ_DATA_DIR is set."""
+    if os.environ.get("NANOGPTQ_DATA_DIR"):
+        dataset = "shakespeare"
+    else:
+        path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+        path.write_text(corpus_text())
+        dataset = f"file:{path}"
+    data = prepare_data(dataset, cache_dir=tmp_path_factory.mktemp("cache"))
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = torch.from_numpy(data.train.astype(np.int64))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(len(train) - 65, (16,), generator=g)
+        win = train[starts[:, None] + torch.arange(65)]
+        _, loss = model(win[:, :-1], win[:, 1:].contiguous())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, data, dataset
+
+
+def held_out_loss(model, tokens, max_windows=48):
+    n_windows = min(max_windows, (len(tokens) - 1) // 64)
+    val = torch.from_numpy(np.asarray(tokens[: n_windows * 64 + 1]).astype(np.int64))
+    x, y = val[:-1].view(n_windows, 64), val[1:].view(n_windows, 64)
+    with torch.no_grad():
+        return model(x, y)[1].item()
+
+
+def dequantized_copy(model):
+    """The same network with plain nn.Linear / nn.Embedding holding the dequantized weights."""
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, QuantLinear) and name.startswith("transformer.h."):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantize()
+            ref.set_submodule(name, lin)
+    if isinstance(ref.transformer.wte, QuantEmbedding):
+        W = ref.lm_head.dequantize()
+        ref.transformer.wte = nn.Embedding.from_pretrained(W)
+        ref.lm_head = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        ref.lm_head.weight.data = W
+    return ref
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        QuantConfig(
+            method="gptq", bits=4, group_size=32, rotate=True, quantize_embeddings=True, calib_samples=16
+        ),
+        QuantConfig(method="gptq", bits=3, group_size=24, act_order=True, calib_samples=16),
+        QuantConfig(method="rtn", bits=2, group_size=0, symmetric=True),
+    ],
+    ids=["gptq4-rotate-emb", "gptq3-actorder", "rtn2-tensor"],
+)
+def test_quantized_logits_match_dequantized_float_copy(trained, cfg):
+    model, data, _ = trained
+    q = quantize(copy.deepcopy(model), cfg, data.train if cfg.method == "gptq" else None, progress=False)
+    assert len(q.quant_log) == 8 + cfg.quantize_embeddings
+    assert all(math.isfinite(r["rel_error"]) and r["time_s"] >= 0 for r in q.quant_log)
+    ref = dequantized_copy(q)
+    idx = torch.from_numpy(data.val[:128].astype(np.int64)).view(2, 64)
+    with torch.no_grad():
+        a, b = q(idx)[0], ref(idx)[0]
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_checkpoint_round_trip_and_size(tmp_path, bits):
+    torch.manual_seed(bits)
+    model = GPT(GPTConfig(vocab_size=16, block_size=32, n_layer=4, n_head=4, n_embd=128))
+    method = "gptq" if bits == 3 else "rtn"
+    cfg = QuantConfig(
+        method=method,
+        bits=bits,
+        group_size=64,
+        act_order=bits == 3,
+        quantize_embeddings=bits == 4,
+        calib_samples=8,
+    )
+    tokens = np.random.default_rng(0).integers(0, 16, 5000)
+    q = quantize(model, cfg, tokens if method == "gptq" else None, progress=False)
+    from nanogptq.quant import quant_meta
+
+    meta = {
+        "model": q.config.to_dict(),
+        "tokenizer": CharTokenizer("abcdefghijklmnop").to_dict(),
+        "quantization": quant_meta(q, cfg),
+    }
+    path = save_checkpoint(tmp_path / "q", q, meta)
+    ckpt = load_checkpoint(path)
+    idx = torch.randint(0, 16, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(q(idx)[0], ckpt.model(idx)[0])
+    assert theoretical_size_bytes(ckpt.model) == theoretical_size_bytes(q)
+    size, theory = ckpt.size_bytes(), theoretical_size_bytes(q)
+    assert abs(size - theory) / theory < 0.05, (size, theory)
+    assert bits < bits_per_weight(q) < bits + 1
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_8bit_per_channel_barely_changes_held_out_loss(trained, method):
+    model, data, _ = trained
+    base = held_out_loss(model, data.val)
+    assert base < 0.8 * math.log(data.tokenizer.vocab_size)  # the model did learn something
+    cfg = QuantConfig(method=method, bits=8, group_size=-1, calib_samples=32)
+    q = quantize(copy.deepcopy(model), cfg, data.train if method == "gptq" else None, progress=False)
+    assert abs(held_out_loss(q, data.val) - base) / base < 1e-3
+
+
+def test_quantize_checkpoint(trained, tmp_path):
+    model, data, dataset = trained
+    meta = {
+        "model": model.config.to_dict(),
+        "tokenizer": data.tokenizer.to_dict(),
+        "data": {
+            "dataset": dataset,
+            "tokenizer": "char",
+            "vocab_size": 512,
+            "val_fraction": 0.1,
+            "seed": 1337,
+        },
+        "quantization": None,
+        "metrics": {"val_loss": 1.0},
+    }
+    src = save_checkpoint(tmp_path / "fp", model, meta)
+    # RTN needs no data: a dataset that cannot be found must not matter
+    rtn_meta = {**meta, "data": {**meta["data"], "dataset": "file:/nonexistent"}}
+    save_checkpoint(tmp_path / "fp-nodata", model, rtn_meta)
+    out = quantize_checkpoint(
+        tmp_path / "fp-nodata", tmp_path / "rtn", QuantConfig(method="rtn", bits=4), progress=False
+    )
+    ck = load_checkpoint(out)
+    assert ck.meta["quantization"]["method"] == "rtn" and ck.meta["metrics"] == {}
+    assert ck.meta["source_metrics"] == {"val_loss": 1.0} and ck.meta["parent"] == str(tmp_path / "fp-nodata")
+    assert len(ck.meta["quant_log"]) == 8 and ck.meta["quant_time_s"] > 0
+    out = quantize_checkpoint(
+        src, tmp_path / "gptq", QuantConfig(method="gptq", bits=4, calib_samples=8), progress=False
+    )
+    ck = load_checkpoint(out)
+    x = torch.from_numpy(data.val[:64].astype(np.int64))[None]
+    with torch.no_grad():
+        assert F.cross_entropy(ck.model(x)[0][0], torch.roll(x, -1)[0]).isfinite()
+    assert ck.meta["quantization"]["quantized_layers"][0] == "transformer.h.0.attn.c_attn"
+
+
+def test_gptq_3bit_loses_less_than_rtn_3bit(trained):
+    model, data, _ = trained
+    loss = {}
+    for method in ("rtn", "gptq"):
+        cfg = QuantConfig(method=method, bits=3, group_size=32, calib_samples=32)
+        q = quantize(copy.deepcopy(model), cfg, data.train, progress=False)
+        loss[method] = held_out_loss(q, data.val)
+    assert loss["gptq"] < loss["rtn"]

@@ -1,0 +1,92 @@
+"""QuantConfig validation and round-to-nearest grids."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanogptq.quant import QuantConfig, rtn_quantize_weight
+from nanogptq.quant.rtn import expand_groups, n_groups
+
+
+def test_config_round_trip_through_json():
+    cfg = QuantConfig(method="rtn", bits=3, group_size=-1, symmetric=True, rotate=True, layers=("mlp.c_fc",))
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert QuantConfig(layers="attn.c_attn, mlp.c_fc").layers == ("attn.c_attn", "mlp.c_fc")  # CLI form
+
+
+@pytest.mark.parametrize(
+    "d,match",
+    [
+        ({"bitz": 4}, "'bitz'"),
+        ({"bits": 5}, "bits must be one of"),
+        ({"method": "awq"}, "method must be one of"),
+        ({"group_size": -2}, "group_size"),
+        ({"damp": 0}, "damp"),
+        ({"symmetric": "yes"}, "symmetric must be true or false"),
+        ({"method": "rtn", "act_order": True}, "act_order"),
+        ({"layers": []}, "layers"),
+    ],
+)
+def test_config_rejects_bad_values(d, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig.from_dict(d)
+
+
+def _scale_per_element(q, n):
+    return expand_groups(q.scales.float(), q.group_size, n)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([0, -1, 8, 16, 24, 7]),
+    symmetric=st.booleans(),
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 50),
+    spread=st.floats(1e-3, 1e2),
+    seed=st.integers(0, 2**31),
+)
+def test_rtn_round_trip_error_is_at_most_half_a_step(bits, group_size, symmetric, rows, cols, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * spread
+    W[0, 0] = 0.0 if cols > 1 else W[0, 0]  # exact zeros are common (dead inputs)
+    cfg = QuantConfig(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric)
+    q = rtn_quantize_weight(W, cfg)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == W.shape
+    assert int(q.codes.max()) <= 2**bits - 1
+    assert q.scales.dtype == torch.float16
+    assert q.scales.shape == (1 if group_size == 0 else rows, n_groups(group_size, cols))
+    assert (q.zeros is None) == symmetric
+    if q.zeros is not None:
+        assert int(q.zeros.max()) <= 2**bits - 1
+    err = (q.dequantize() - W).abs()
+    assert torch.all(err <= _scale_per_element(q, cols) * (0.5 + 1e-4) + 1e-12)
+
+
+def test_group_size_that_does_not_divide_makes_a_short_last_group():
+    W = torch.randn(4, 40)
+    W[:, 32:] *= 100  # the short last group (8 columns) gets its own, larger scale
+    q = rtn_quantize_weight(W, QuantConfig(method="rtn", bits=4, group_size=16))
+    assert q.scales.shape == (4, 3)
+    assert torch.all(q.scales[:, 2] > 10 * q.scales[:, :2].max(dim=1).values)
+
+
+def test_all_zero_rows_quantize_to_zero():
+    q = rtn_quantize_weight(torch.zeros(3, 16), QuantConfig(method="rtn", bits=2, group_size=-1))
+    assert torch.equal(q.dequantize(), torch.zeros(3, 16))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_increases_a_grids_error(symmetric):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    W[:, 5] *= 8  # outliers make clipping worthwhile
+    base = QuantConfig(method="rtn", bits=3, group_size=16, symmetric=symmetric)
+    clip = QuantConfig(**{**base.to_dict(), "clip_search": True})
+    e0 = (rtn_quantize_weight(W, base).dequantize() - W).square().reshape(32, 4, 16).sum(-1)
+    e1 = (rtn_quantize_weight(W, clip).dequantize() - W).square().reshape(32, 4, 16).sum(-1)
+    assert torch.all(e1 <= e0 * (1 + 1e-6))
+    assert e1.sum() < 0.95 * e0.sum()
