@@ -79,11 +79,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.kv_cache: KVCache | None = None
+        # hook points for activation quantization (QAT swaps in per-token quantizers); identity by default
+        self.q_quant: nn.Module = nn.Identity()
+        self.k_quant: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q_quant(q), self.k_quant(k)  # before caching: cached keys are the quantized ones
         if pos is None or self.kv_cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True

@@ -157,6 +157,10 @@ def block_quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "auto") -> nn.Module:
     """Swap in empty QuantLinear/QuantEmbedding modules shaped like the checkpoint's, for load_model."""
     check_kernel(kernel)
+    if quant_meta.get("method") == "ternary":  # exported QAT checkpoints
+        from nanogptq.quant.qat import prepare_ternary_model
+
+        return prepare_ternary_model(model, quant_meta)
     cfg = QuantConfig.from_dict({k: v for k, v in quant_meta.items() if k not in META_EXTRAS})
     for name in quant_meta.get("quantized_layers", []):
         layer = model.get_submodule(name)

@@ -1,0 +1,392 @@
+"""Quantization-aware training of ternary (1.58-bit) weights, after BitNet b1.58 (Ma et al. 2024).
+
+    model = apply_qat(GPT(config), load_qat_config("configs/qat/weights_only.json"))  # then train as usual
+    export_checkpoint("runs/qat/best", "runs/qat-ternary")  # packed 1.6-bit weights, same logits
+
+BitLinear keeps full-precision latent weights and, in every forward pass (the paper's recipe):
+    x   <- norm(x)                                   parameter-free RMSNorm (the "LN" before quantizing)
+    x_q <- round(clip(x * Qb / max|x|)) * max|x| / Qb  per token, Qb = 2^(b-1) - 1 (b=8: 127), if act_bits
+    s   <- mean|W| + eps;  W_q <- clip(round(W / s), -1, 1) * s   per tensor ("absmean")
+    y   <- x_q W_q^T
+Rounding has no useful gradient, so both quantizers use the straight-through estimator: the forward
+pass sees q(x), the backward pass treats q as the identity (x + (q(x) - x).detach(), as in the paper's
+code).
+
+Export packs each ternary matrix base-3, five trits per byte (3^5 = 243 <= 256: 1.6 bits per weight),
+with one fp32 scale; TernaryLinear unpacks and multiplies by the same scale, so logits are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+NORMS = ("rms", "layer", "none")
+ATTN_ACTS = (None, "int8", "int4", "ternary")
+TRITS_PER_BYTE = 5
+EXPORT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class QATConfig:
+    layers: tuple[str, ...] = BLOCK_LINEARS  # linears inside each Block that become ternary BitLinears
+    act_bits: int | None = None  # per-token absmax quantization of every BitLinear input; None: float
+    norm: str = "rms"  # parameter-free input norm of BitLinear: "rms" (BitNet), "layer" or "none"
+    attn_act: str | None = None  # q and k per token and head: None, "int8", "int4" or "ternary"
+    head_act_bits: int | None = None  # per-token quantization of the (float, tied) lm_head's input
+    eps: float = 1e-5  # floor of every quantization scale (BitNet's code clamps at 1e-5)
+
+    def __post_init__(self):
+        if isinstance(self.layers, str) or not all(isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"qat layers must be a list of linear names, got {self.layers!r}")
+        self.layers = tuple(self.layers)
+        if not self.layers:
+            raise ValueError("qat layers must name at least one linear")
+        for name in ("act_bits", "head_act_bits"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8):
+                raise ValueError(f"qat {name} must be null or an integer from 2 to 8, got {v!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"qat norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.attn_act not in ATTN_ACTS:
+            raise ValueError(f"qat attn_act must be null, int8, int4 or ternary, got {self.attn_act!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"qat eps must be a positive number, got {self.eps!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "qat config") -> QATConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+def load_qat_config(path: str | Path) -> QATConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: QAT config file not found (ready ones are in configs/qat/)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    return QATConfig.from_dict(d, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantizers (forward values) and the straight-through estimator
+
+
+def ternary_weight(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarization: trits clip(round(w / s), -1, 1) (float) and scale s = mean|w| + eps."""
+    # one reduction kernel for mean|w|, no |w| temporary; +eps (BitNet's clamp(min=eps) differs only
+    # for an all-zero matrix, where both give zero trits)
+    scale = torch.linalg.vector_norm(w, 1) / w.numel() + eps
+    return (w / scale).round().clamp(-1, 1), scale
+
+
+def absmax_quant(x: torch.Tensor, bits: int, eps: float) -> torch.Tensor:
+    """Symmetric per-row (last dim) absmax quantization to `bits`, returned dequantized."""
+    qmax = 2 ** (bits - 1) - 1  # 127 for 8 bits; the grid is symmetric, as BitNet's clip(-Qb, Qb)
+    scale = torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True).clamp(min=eps) / qmax
+    return (x / scale).round().clamp(-qmax, qmax) * scale
+
+
+def absmean_ternary_act(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Ternary activations per row (last dim), the weights' absmean rule applied to each row."""
+    scale = x.abs().mean(dim=-1, keepdim=True) + eps
+    return (x / scale).round().clamp(-1, 1) * scale
+
+
+def ste(x: torch.Tensor, quant: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Forward q(x), backward the identity: the paper's x + (q(x) - x).detach().
+
+    The difference is computed under no_grad, so autograd records one add instead of the quantizer's
+    ops (the eager training step is bound by per-op overhead at nanoGPT sizes); torch.compile fuses it.
+    """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return quant(x)  # no gradient wanted: the exact q(x) (x + (q(x) - x) can be an ulp off)
+    with torch.no_grad():
+        delta = quant(x).sub_(x)
+    return x + delta
+
+
+def ternary_dequant(w: torch.Tensor, eps: float) -> torch.Tensor:
+    trits, scale = ternary_weight(w, eps)
+    return trits * scale
+
+
+def prepare_input(x: torch.Tensor, norm: str, act_bits: int | None, eps: float) -> torch.Tensor:
+    """BitLinear's input path, shared by training (BitLinear) and inference (TernaryLinear)."""
+    if norm == "rms":
+        x = F.rms_norm(x, (x.size(-1),), eps=eps)
+    elif norm == "layer":
+        x = F.layer_norm(x, (x.size(-1),), eps=eps)
+    if act_bits is not None:
+        x = ste(x, lambda t: absmax_quant(t, act_bits, eps))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# training modules
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear with full-precision latent weights that computes with absmean-ternary weights."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
+                 norm: str = "rms", eps: float = 1e-5, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.act_bits, self.norm, self.eps = act_bits, norm, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = prepare_input(x, self.norm, self.act_bits, self.eps)
+        w = ste(self.weight, lambda t: ternary_dequant(t, self.eps))
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act_bits={self.act_bits}, norm={self.norm}"
+
+
+class ActQuant(nn.Module):
+    """Per-row (last dim) activation quantization with STE; the attention q/k hook points use it."""
+
+    def __init__(self, mode: str, eps: float = 1e-5):
+        super().__init__()
+        if mode not in ATTN_ACTS or mode is None:
+            raise ValueError(f"unknown activation quantization {mode!r}")
+        self.mode, self.eps = mode, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "ternary":
+            return ste(x, lambda t: absmean_ternary_act(t, self.eps))
+        bits = 8 if self.mode == "int8" else 4
+        return ste(x, lambda t: absmax_quant(t, bits, self.eps))
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+class ActQuantLinear(nn.Linear):
+    """A float linear whose input is quantized per token (the tied lm_head; same state-dict keys)."""
+
+    def __init__(self, in_features: int, out_features: int, act_bits: int, eps: float = 1e-5,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.act_bits, self.eps = act_bits, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(ste(x, lambda t: absmax_quant(t, self.act_bits, self.eps)), self.weight, self.bias)
+
+
+def _install_activation_quant(model: nn.Module, config: QATConfig) -> None:
+    """The attention q/k hooks and the head's input quantization (shared by training and export)."""
+    if config.attn_act is not None:
+        for block in model.transformer.h:
+            block.attn.q_quant = ActQuant(config.attn_act, config.eps)
+            block.attn.k_quant = ActQuant(config.attn_act, config.eps)
+    if config.head_act_bits is not None:
+        old = model.lm_head
+        head = ActQuantLinear(old.in_features, old.out_features, config.head_act_bits, config.eps,
+                              device="meta")
+        head.weight = old.weight  # keep the tie to wte (and the checkpoint's keys)
+        model.lm_head = head
+
+
+def _block_linears(model: nn.Module, config: QATConfig, kind: type = nn.Linear) -> dict[str, nn.Module]:
+    found = {}
+    for b, block in enumerate(model.transformer.h):
+        for name in config.layers:
+            try:
+                layer = block.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"qat layer {name!r}: block {b} has no such module") from None
+            if type(layer) is not kind:
+                raise ValueError(f"qat layer {name!r} in block {b} is a {type(layer).__name__}, "
+                                 f"not {kind.__name__} (QAT already applied?)")
+            found[f"transformer.h.{b}.{name}"] = layer
+    return found
+
+
+def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
+    """Swap the chosen block linears for BitLinear (sharing their weights) and install the activation
+    quantizers, in place; sets `model.qat_config` (the checkpoint's "qat" entry)."""
+    for name, layer in _block_linears(model, config).items():
+        bit = BitLinear(layer.in_features, layer.out_features, layer.bias is not None, config.act_bits,
+                        config.norm, config.eps, device="meta")  # no init: the old tensors move in
+        bit.weight = layer.weight  # the same Parameter: a float checkpoint's weights fine-tune as is
+        if layer.bias is not None:
+            bit.bias = layer.bias
+        model.set_submodule(name, bit)
+    _install_activation_quant(model, config)
+    model.qat_config = config.to_dict()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# base-3 packing
+
+
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def ternary_pack(trits: torch.Tensor) -> torch.Tensor:
+    """Trits in {-1, 0, 1} (any shape, flattened) -> uint8 of ceil(n / 5) bytes, sum (t_i + 1) 3^i."""
+    t = trits.reshape(-1)
+    if t.numel() and (t.min() < -1 or t.max() > 1 or (t.is_floating_point() and (t != t.round()).any())):
+        raise ValueError("ternary_pack: values must be -1, 0 or 1")
+    digits = (t.to(torch.int16) + 1).to(torch.uint8)
+    pad = -t.numel() % TRITS_PER_BYTE
+    digits = F.pad(digits, (0, pad), value=1).view(-1, TRITS_PER_BYTE)  # padding packs trit 0
+    pow3 = torch.tensor(_POW3, dtype=torch.int16, device=t.device)
+    return (digits.to(torch.int16) * pow3).sum(dim=1, dtype=torch.int16).to(torch.uint8)  # max 242
+
+
+def ternary_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ternary_pack: the first n trits, int8 in {-1, 0, 1}."""
+    if n > packed.numel() * TRITS_PER_BYTE:
+        raise ValueError(f"ternary_unpack: {packed.numel()} bytes hold {packed.numel() * 5} trits, not {n}")
+    pow3 = torch.tensor(_POW3, dtype=torch.int16, device=packed.device)
+    digits = packed.reshape(-1, 1).to(torch.int16) // pow3 % 3
+    return (digits.reshape(-1)[:n] - 1).to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference module and export
+
+
+class TernaryLinear(nn.Module):
+    """Packed ternary weights (`qweight`, 5 trits a byte) and a per-tensor fp32 `scale`.
+
+    The reference path unpacks on every call, then matmuls, caching nothing; input normalization and
+    activation quantization are BitLinear's, so outputs equal the trained BitLinear's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
+                 norm: str = "rms", eps: float = 1e-5):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_bits, self.norm, self.eps = act_bits, norm, eps
+        n = in_features * out_features
+        self.register_buffer("qweight", torch.zeros(math.ceil(n / TRITS_PER_BYTE), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> TernaryLinear:
+        m = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.act_bits, layer.norm,
+                layer.eps)
+        with torch.no_grad():
+            trits, scale = ternary_weight(layer.weight.detach().float(), layer.eps)
+            m.qweight = ternary_pack(trits).to(layer.weight.device)
+            m.scale = scale.reshape(1).to(layer.weight.device)
+            if layer.bias is not None:
+                m.bias = nn.Parameter(layer.bias.detach().clone())
+        return m
+
+    def trits(self) -> torch.Tensor:
+        return ternary_unpack(self.qweight, self.in_features * self.out_features).view(
+            self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = prepare_input(x, self.norm, self.act_bits, self.eps)
+        w = self.trits().float() * self.scale  # in fp32 as in BitLinear, so the values are identical
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, act_bits={self.act_bits}, norm={self.norm}")
+
+
+def export_ternary(model: nn.Module) -> nn.Module:
+    """Replace every BitLinear by a packed TernaryLinear, in place (the activation quantizers stay)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    if not names:
+        raise ValueError("export_ternary: the model has no BitLinear layers (was it trained with QAT?)")
+    for name in names:
+        model.set_submodule(name, TernaryLinear.from_bitlinear(model.get_submodule(name)))
+    return model
+
+
+def ternary_meta(model: nn.Module, qat: dict) -> dict:
+    """The exported checkpoint's "quantization" entry."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+    return {"method": "ternary", "bits": 1.58, "group_size": 0, "format": EXPORT_FORMAT,
+            "packing": "base3-5-per-byte", "bits_per_weight": 8 / TRITS_PER_BYTE,
+            "quantized_layers": layers, "qat": qat}
+
+
+def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
+    """Swap empty TernaryLinear modules (and the activation quantizers) into a fresh GPT, for load_model."""
+    config = QATConfig.from_dict(quant_meta["qat"], source="checkpoint quantization.qat")
+    for name in quant_meta["quantized_layers"]:
+        layer = model.get_submodule(name)
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"ternary layer {name!r} is a {type(layer).__name__} here, not nn.Linear")
+        model.set_submodule(name, TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None,
+                                                config.act_bits, config.norm, config.eps))
+    _install_activation_quant(model, config)
+    return model
+
+
+def load_ternary_checkpoint(path: str | Path, device: str = "cpu"):
+    """An exported checkpoint as a `Checkpoint` (until nanogptq.quant.prepare_quantized_model knows it)."""
+    from safetensors.torch import load_model
+
+    from nanogptq.checkpoint import WEIGHTS, Checkpoint, CheckpointError, _existing, read_meta
+    from nanogptq.data import tokenizer_from_dict
+    from nanogptq.model import GPT, GPTConfig
+
+    path = _existing(Path(path))
+    meta = read_meta(path)
+    q = meta.get("quantization") or {}
+    if q.get("method") != "ternary":
+        raise CheckpointError(f"{path}: not a ternary checkpoint")
+    model = prepare_ternary_model(GPT(GPTConfig.from_dict(meta["model"])), q)
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
+
+
+def export_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`."""
+    from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    qat = ckpt.meta.get("qat")
+    if not qat:
+        raise ValueError(f"{src}: not a QAT checkpoint (its config.json has no 'qat' entry)")
+    model = export_ternary(ckpt.model)
+    meta = dict(ckpt.meta)
+    meta.pop("format_version", None)  # save_checkpoint writes its own
+    meta["quantization"] = ternary_meta(model, qat)
+    meta["qat"] = None
+    meta["source_metrics"] = ckpt.meta.get("metrics")
+    meta["metrics"] = {}  # recomputed by evaluate; the QAT run's numbers are the same model's, though
+    meta["parent"] = str(src)
+    return save_checkpoint(out, model, meta)

@@ -1,0 +1,244 @@
+"""Ternary QAT (BitNet b1.58): quantizers, STE, configs, training, packing and export."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_model
+
+from nanogptq.checkpoint import load_checkpoint
+from nanogptq.model import GPT, GPTConfig
+from nanogptq.quant.qat import (
+    ActQuant,
+    BitLinear,
+    QATConfig,
+    TernaryLinear,
+    absmax_quant,
+    apply_qat,
+    export_checkpoint,
+    export_ternary,
+    load_qat_config,
+    prepare_input,
+    prepare_ternary_model,
+    ternary_dequant,
+    ternary_pack,
+    ternary_unpack,
+    ternary_weight,
+)
+from nanogptq.train import TrainConfig, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "qat"
+SHIPPED = ["weights_only", "weights_attn_act", "all_act8", "extreme"]
+
+
+def small_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=32, block_size=32, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def test_absmean_ternary_values_and_scale():
+    w = torch.randn(64, 48) * 0.05
+    trits, scale = ternary_weight(w, 1e-5)
+    assert set(trits.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert scale.item() == pytest.approx(w.abs().mean().item() + 1e-5, rel=1e-5)
+    # round-to-nearest: |w / s| < 0.5 -> 0, otherwise sign(w)
+    expected = torch.where((w / scale).abs() < 0.5, 0.0, torch.sign(w))
+    assert torch.equal(trits, expected)
+    dq = ternary_dequant(w, 1e-5)
+    assert set((dq / scale).round().unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.allclose(dq, trits * scale)
+
+
+def test_ste_gradient_equals_gradient_wrt_quantized_weight():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, act_bits=8)
+    x = torch.randn(4, 5, 16)
+    g = torch.randn(4, 5, 8)
+    (layer(x) * g).sum().backward()
+    wq = ternary_dequant(layer.weight.detach(), layer.eps).requires_grad_()
+    xq = prepare_input(x, "rms", 8, layer.eps)
+    (F.linear(xq, wq) * g).sum().backward()
+    assert layer.weight.grad.abs().sum() > 0
+    assert torch.allclose(layer.weight.grad, wq.grad, atol=1e-6)
+    # and the input gradient flows through the activation quantizer as if it were the identity
+    x.requires_grad_()
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_per_token_absmax_8bit_error_bound():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, 64) * torch.logspace(-3, 3, 10).view(1, 10, 1)  # rows of very different range
+    q = absmax_quant(x, 8, 1e-5)
+    amax = x.abs().amax(-1, keepdim=True)
+    assert ((q - x).abs() <= amax / 127 / 2 * (1 + 1e-4)).all()  # half a step of each row's own grid
+    # at most 255 levels per row, and the row maximum is represented exactly
+    assert max(len(row.unique()) for row in q.view(-1, 64)) <= 255
+    assert torch.allclose(q.abs().amax(-1), amax.squeeze(-1))
+    # per token: a huge outlier in one token leaves the other tokens' values untouched
+    x2 = x.clone()
+    x2[0, 0, 0] = 1e6
+    assert torch.equal(absmax_quant(x2, 8, 1e-5)[0, 1:], q[0, 1:])
+
+
+def test_ternary_activation_values_per_row():
+    x = torch.randn(3, 4, 16)
+    y = ActQuant("ternary")(x)
+    scale = x.abs().mean(-1, keepdim=True) + 1e-5
+    assert set((y / scale).round().unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.allclose(y, (y / scale).round() * scale, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ({"act_bits": 8, "foo": 1}, "unknown key 'foo'"),
+        ({"act_bits": 9}, "act_bits"),
+        ({"act_bits": 8.0}, "act_bits"),
+        ({"attn_act": "int2"}, "attn_act"),
+        ({"norm": "batch"}, "norm"),
+        ({"layers": []}, "layers"),
+        ({"eps": 0}, "eps"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, content, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=needle) as e:
+        load_qat_config(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_qat_config(tmp_path / "nope.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: invalid JSON"):
+        load_qat_config(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_apply_and_round_trip(name):
+    cfg = load_qat_config(CONFIGS / f"{name}.json")
+    assert QATConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = apply_qat(small_model(), cfg)
+    assert model.qat_config == cfg.to_dict()
+    assert sum(isinstance(m, BitLinear) for m in model.modules()) == 2 * 4
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    x = torch.randint(0, 32, (2, 16))
+    _, loss = model(x, x)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_qat(model, cfg)
+
+
+def test_apply_qat_keeps_float_weights_and_rejects_unknown_layers():
+    model = small_model()
+    w = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    apply_qat(model, QATConfig())
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, w)  # fine-tuning starts from the float weights
+    with pytest.raises(ValueError, match="'mlp.c_gate'"):
+        apply_qat(small_model(), QATConfig(layers=("mlp.c_gate",)))
+
+
+def test_kv_cache_path_matches_full_forward_with_qk_quantization():
+    model = apply_qat(small_model(), load_qat_config(CONFIGS / "extreme.json")).eval()
+    x = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        full, _ = model(x)
+        model.setup_kv_cache(2)
+        first, _ = model(x[:, :8], pos=0)
+        steps = [model(x[:, i : i + 1], pos=i)[0] for i in range(8, 12)]
+        model.clear_kv_cache()
+    cached = torch.cat([first, *steps], dim=1)
+    assert torch.allclose(cached, full, atol=1e-4)
+
+
+def test_qat_training_lowers_loss():
+    model = apply_qat(small_model(), load_qat_config(CONFIGS / "all_act8.json"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    pattern = torch.arange(32) % 7  # a periodic sequence a model learns quickly
+    x = torch.stack([pattern.roll(int(s)) for s in torch.randint(0, 7, (8,))])
+    losses = []
+    for _ in range(40):
+        _, loss = model(x[:, :-1], x[:, 1:].contiguous())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([-1, 0, 1]), min_size=0, max_size=200))
+def test_pack_unpack_round_trip(values):
+    trits = torch.tensor(values, dtype=torch.int8)
+    packed = ternary_pack(trits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(len(values) / 5)
+    assert torch.equal(ternary_unpack(packed, len(values)), trits)
+
+
+def test_pack_rejects_non_ternary():
+    with pytest.raises(ValueError):
+        ternary_pack(torch.tensor([0, 2, -1]))
+    with pytest.raises(ValueError):
+        ternary_pack(torch.tensor([0.5, 1.0]))
+
+
+def test_export_module_matches_bitlinear():
+    torch.manual_seed(0)
+    layer = BitLinear(40, 24, bias=True, act_bits=4)
+    nn.init.normal_(layer.bias)
+    t = TernaryLinear.from_bitlinear(layer)
+    x = torch.randn(3, 7, 40)
+    with torch.no_grad():
+        assert torch.equal(t(x), layer(x))
+    assert t.qweight.numel() == math.ceil(40 * 24 / 5)
+
+
+def test_export_checkpoint_round_trip(tmp_path, text_file):
+    cfg = TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), preset="tiny", max_steps=4,
+                      batch_size=4, eval_interval=4, eval_batches=1, warmup_steps=1, progress=False,
+                      qat_config=str(CONFIGS / "all_act8.json"))
+    run = train(cfg)
+    src = load_checkpoint(run / "last")
+    assert src.meta["qat"] == load_qat_config(CONFIGS / "all_act8.json").to_dict()
+    out = export_checkpoint(run / "last", tmp_path / "ternary")
+    meta = json.loads((out / "config.json").read_text())
+    q = meta["quantization"]
+    assert q["method"] == "ternary" and q["bits"] == 1.58 and q["group_size"] == 0 and meta["qat"] is None
+    assert q["qat"] == src.meta["qat"] and len(q["quantized_layers"]) == 4 * src.model.config.n_layer
+
+    model = prepare_ternary_model(GPT(GPTConfig.from_dict(meta["model"])), q)
+    missing, unexpected = load_model(model, str(out / "model.safetensors"), strict=False)
+    assert not missing and not unexpected
+    model.eval()
+    x = torch.randint(0, src.model.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        before, _ = src.model(x)
+        after, _ = model(x)
+    assert torch.allclose(before, after, atol=1e-5)
+
+    packed = n = 0
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            n_weights = m.in_features * m.out_features
+            assert m.qweight.dtype == torch.uint8 and m.qweight.numel() == math.ceil(n_weights / 5)
+            assert set(m.trits().unique().tolist()) <= {-1, 0, 1}
+            packed += m.qweight.numel()
+            n += m.in_features * m.out_features
+    assert 8 * packed / n == pytest.approx(1.6, abs=0.01)
+    size = (out / "model.safetensors").stat().st_size
+    assert size < (run / "last" / "model.safetensors").stat().st_size / 4
+
+
+def test_export_ternary_needs_bitlinears():
+    with pytest.raises(ValueError, match="no BitLinear"):
+        export_ternary(small_model())
