@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-save", action="store_true", help="do not record the result in config.json")
+    p.add_argument("--kernel", default="dequant", help="quantized kernel (default: the exact dequant path)")
 
     p = sub.add_parser("quantize", help="post-training quantization of a checkpoint (RTN or GPTQ)")
     p.add_argument("ckpt", help="fp32 checkpoint folder")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
     p.add_argument("--out", default="results", help="folder for compare.md/.json/.png")
     p.add_argument("--name", default="compare", help="file name stem of the report")
+    p.add_argument("--kernel", default="dequant", help="quantized kernel (default: the exact dequant path)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
 
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from nanogptq.evaluate import evaluate_checkpoint
 
-        result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save)
+        result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save,
+                                     kernel=args.kernel)
         print(json.dumps(result, indent=2))
     elif args.command == "quantize":
         from nanogptq.quant import QuantConfig, quantize_checkpoint
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "compare":
         from nanogptq.evaluate import compare, markdown_table
 
-        rows = compare(args.ckpts, args.out, args.data_dir, _device(args.device), name=args.name)
+        rows = compare(args.ckpts, args.out, args.data_dir, _device(args.device), name=args.name,
+                       kernel=args.kernel)
         print(markdown_table(rows))
         print(f"report written to {args.out}/{args.name}.md, .json and .png")
     elif args.command == "demo":

@@ -43,10 +43,14 @@ def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "c
 
 
 def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = None, device: str = "cpu",
-                        save: bool = True, progress: bool = True) -> dict:
-    """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json."""
+                        save: bool = True, progress: bool = True, kernel: str = "dequant") -> dict:
+    """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json.
+
+    Quantized weights are evaluated on the exact "dequant" path by default (fp32 arithmetic, as the
+    baseline), so the table measures the weights, not the bf16 rounding of a fast kernel.
+    """
     if not isinstance(ckpt, Checkpoint):
-        ckpt = load_checkpoint(ckpt, device=device)
+        ckpt = load_checkpoint(ckpt, device=device, kernel=kernel)
     data = prepare_data(**ckpt.meta["data"], data_dir=data_dir)
     t0 = time.time()
     result = perplexity(ckpt.model, data.val, device=device, progress=progress)
@@ -80,11 +84,11 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 def compare(paths: list[str | Path], out_dir: str | Path = "results", data_dir: str | None = None,
-            device: str = "cpu", name: str = "compare") -> list[dict]:
+            device: str = "cpu", name: str = "compare", kernel: str = "dequant") -> list[dict]:
     """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png."""
     rows = []
     for path in paths:
-        ckpt = load_checkpoint(path, device=device)
+        ckpt = load_checkpoint(path, device=device, kernel=kernel)
         row = {**describe(ckpt), "path": str(path)}
         row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device))
         rows.append(row)

@@ -242,3 +242,28 @@ def test_export_checkpoint_round_trip(tmp_path, text_file):
 def test_export_ternary_needs_bitlinears():
     with pytest.raises(ValueError, match="no BitLinear"):
         export_ternary(small_model())
+
+
+def test_exported_checkpoint_loads_like_any_other(tmp_path):
+    """load_checkpoint (as eval, sample and the demo use it) reads an exported ternary checkpoint."""
+    import json
+
+    from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+    from nanogptq.data import CharTokenizer
+    from nanogptq.model import GPT, GPTConfig
+    from nanogptq.quant import bits_per_weight
+    from nanogptq.quant.qat import QATConfig, apply_qat, export_checkpoint
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=12, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = apply_qat(GPT(cfg), QATConfig(act_bits=8))
+    meta = {"model": cfg.to_dict(), "tokenizer": CharTokenizer.from_text("abcdefghijkl").to_dict(),
+            "qat": model.qat_config, "quantization": None, "metrics": {}}
+    save_checkpoint(tmp_path / "qat", model, meta)
+    out = export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
+    assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "ternary"
+    x = torch.randint(0, 12, (2, 16))
+    ref = load_checkpoint(tmp_path / "qat").model(x)[0]
+    exported = load_checkpoint(out)
+    torch.testing.assert_close(exported.model(x)[0], ref, atol=1e-5, rtol=1e-5)
+    assert 1.6 <= bits_per_weight(exported.model) < 1.62

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from nanogptq.quant.linear import QuantEmbedding, QuantLinear, check_kernel, random_orthogonal
+from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
 from nanogptq.quant.rtn import QuantizedWeight, rtn_quantize_weight
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,12 @@ def _run(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def quantize(
-    model: nn.Module, config: QuantConfig, calib_tokens=None, progress: bool = True, batch_size: int = 16
+    model: nn.Module, config: QuantConfig, calib_tokens=None, progress: bool = True, batch_size: int = 16,
+    kernel: str = "auto",
 ) -> nn.Module:
     """Replace the model's block linears (and optionally the tied embedding) by QuantLinear, in place.
+
+    Calibration runs the already-quantized layers on the exact "dequant" path; `kernel` is set at the end.
 
     `model.quant_log` gets one dict per layer: name, relative error, time (and GPTQ's loss and damping).
     """
@@ -118,6 +122,7 @@ def quantize(
                 handle.remove()
                 H = acc.H
             qlayer, row = quantize_layer(layer, H, config, f"transformer.h.{b}.{name}")
+            qlayer.kernel = "dequant"
             qlayer.prepare_kernel()
             block.set_submodule(name, qlayer)
             log.info(
@@ -132,12 +137,15 @@ def quantize(
             xs = _run(block, xs)  # inputs of the next block, through this block's quantized layers
     if config.quantize_embeddings:
         head, row = quantize_layer(model.lm_head, None, EMBED_CONFIG, "lm_head")
-        head.prepare_kernel()
         model.lm_head = head
         model.transformer.wte = QuantEmbedding(head)
         quant_log.append(row)
     model.quant_log = quant_log
-    return model
+    check_kernel(kernel)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel
+    return finalize_quantized_model(model)
 
 
 def quant_meta(model: nn.Module, config: QuantConfig) -> dict:
@@ -158,8 +166,6 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "a
     """Swap in empty QuantLinear/QuantEmbedding modules shaped like the checkpoint's, for load_model."""
     check_kernel(kernel)
     if quant_meta.get("method") == "ternary":  # exported QAT checkpoints
-        from nanogptq.quant.qat import prepare_ternary_model
-
         return prepare_ternary_model(model, quant_meta)
     cfg = QuantConfig.from_dict({k: v for k, v in quant_meta.items() if k not in META_EXTRAS})
     for name in quant_meta.get("quantized_layers", []):
@@ -238,6 +244,10 @@ def theoretical_size_bytes(model: nn.Module) -> int:
 def bits_per_weight(model: nn.Module) -> float:
     """Average storage bits per weight of the quantized linears (the block linears), grids included."""
     bits = weights = 0
+    for name, m in model.named_modules():
+        if isinstance(m, TernaryLinear) and name.startswith("transformer.h."):
+            weights += m.in_features * m.out_features
+            bits += m.qweight.numel() * 8 + m.scale.numel() * 32
     for m in block_quant_layers(model).values():
         n = m.in_features * m.out_features
         weights += n

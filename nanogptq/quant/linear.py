@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanogptq.quant import kernels as K
 from nanogptq.quant.pack import pack, packed_len, unpack
 from nanogptq.quant.rtn import QuantizedWeight, dequantize_weight, n_groups
 
@@ -46,8 +47,14 @@ def _dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, m.dequantize_stored().to(x.dtype))
 
 
-KERNELS: dict[str, Kernel] = {"dequant": Kernel(forward=_dequant_forward)}
-AUTO_ORDER = ("dequant",)  # "auto" takes the first kernel that supports the layer; put fast ones first
+KERNELS: dict[str, Kernel] = {
+    "dequant": Kernel(forward=_dequant_forward),
+    "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports),
+    "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports),
+    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports),  # quantizes activations: opt-in only
+}
+# "auto" takes the first kernel that supports the layer; put fast ones first
+AUTO_ORDER = ("int8pack", "int4pack", "dequant")
 
 
 def check_kernel(name: str) -> str:

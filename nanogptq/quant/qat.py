@@ -351,28 +351,6 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
     return model
 
 
-def load_ternary_checkpoint(path: str | Path, device: str = "cpu"):
-    """An exported checkpoint as a `Checkpoint` (until nanogptq.quant.prepare_quantized_model knows it)."""
-    from safetensors.torch import load_model
-
-    from nanogptq.checkpoint import WEIGHTS, Checkpoint, CheckpointError, _existing, read_meta
-    from nanogptq.data import tokenizer_from_dict
-    from nanogptq.model import GPT, GPTConfig
-
-    path = _existing(Path(path))
-    meta = read_meta(path)
-    q = meta.get("quantization") or {}
-    if q.get("method") != "ternary":
-        raise CheckpointError(f"{path}: not a ternary checkpoint")
-    model = prepare_ternary_model(GPT(GPTConfig.from_dict(meta["model"])), q)
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
-
-
 def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`."""
     from nanogptq.checkpoint import load_checkpoint, save_checkpoint

@@ -1,0 +1,430 @@
+"""Batch-1 decode and prefill speed of float and quantized GPTs, per QuantLinear kernel.
+
+    python benchmarks/decode.py                                   # CPU: GPT-2-small shape
+    python benchmarks/decode.py --device cuda --sizes 7b gpt2-xl gpt2-small
+    python benchmarks/decode.py --ckpt runs/tiny-gptq4 --sizes    # trained checkpoints only
+
+Models have random weights (speed does not depend on values), quantized with RTN (or, by default for 7b,
+random codes: same shapes and kernels, no quantization time). Variants: fp32, bf16, int8 weight-only,
+int4 g128 (g64 where in_features is not a multiple of 128), W8A8; the quantized ones also quantize the
+tied head/embedding to 8 bits per row. The ratio column is against fp32 on CPU and bf16 on CUDA, measured
+in the same run. "err" is the relative L2 error of the last-token logits against the same weights through
+the fp32 dequant reference (fp32 model for float variants): it catches a wrong kernel layout. Memory:
+peak torch.cuda.max_memory_allocated over prefill + decode on CUDA; on CPU "resident" counts every model
+tensor (the packed checkpoint buffers stay next to the kernel layouts), and the JSON adds the RSS delta.
+
+Decoding uses a benchmark-local fixed-shape step (gpt-fast style: the KV cache is written with index_copy_
+at a position tensor and read whole under a mask) because GPT.forward's cache returns a `[: pos + t]`
+slice, a new shape every step, which CUDA graphs cannot capture. On CUDA the step is compiled with
+mode="reduce-overhead" (CUDA graphs) unless --no-compile; CPU runs eagerly unless --compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanogptq.model import GPT, GPTConfig
+from nanogptq.quant import QuantConfig, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
+from nanogptq.quant.linear import KERNELS
+
+SIZES = {
+    "gpt2-small": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
+    "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
+}
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM peak
+# buffers each kernel reads per token (the packed checkpoint buffers stay resident but unread)
+KERNEL_BUFFERS = {
+    "int8pack": ("w_int8", "w_scales", "w_corr"),
+    "w8a8": ("w_int8", "w_scales", "w_corr"),
+    "int4pack": ("w_int4", "w_sz"),
+}
+PACKED_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+
+
+@dataclass
+class Variant:
+    name: str
+    bits: int | None  # None: float weights
+    kernels: tuple[str, ...] = ()  # per layer, the first that supports it ("dequant" always does)
+    group_size: int = -1
+    symmetric: bool = True
+
+
+def variants(cfg: GPTConfig) -> list[Variant]:
+    g4 = 128 if cfg.n_embd % 128 == 0 else 64  # 1600 = 25 * 64
+    return [
+        Variant("fp32", None),
+        Variant("bf16", None),
+        Variant("int8", 8, ("int8pack", "dequant")),
+        # asymmetric: tinygemm's zero term makes it free, and it is the quantizer's default
+        Variant(f"int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), group_size=g4, symmetric=False),
+        Variant("w8a8", 8, ("w8a8", "int8pack", "dequant")),  # the head falls back where _int_mm can't
+    ]
+
+
+class Decoder(nn.Module):
+    """GPT's forward for one sequence over a fixed-size KV cache: static shapes for every step."""
+
+    def __init__(self, model: GPT, max_len: int, dtype: torch.dtype):
+        super().__init__()
+        cfg = model.config
+        self.model, self.dtype, self.max_len = model, dtype, max_len
+        shape = (cfg.n_layer, 1, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        device = model.transformer.wpe.weight.device
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (1, 1, vocab) of the last of the tokens idx (1, T) at positions input_pos (T,)."""
+        tr = self.model.transformer
+        x = tr.wte(idx).to(self.dtype) + tr.wpe(input_pos)  # QuantEmbedding returns fp32
+        mask = torch.arange(self.max_len, device=idx.device)[None, :] <= input_pos[:, None]
+        for i, block in enumerate(tr.h):
+            attn = block.attn
+            B, T, C = x.shape
+            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+            self.k_cache[i].index_copy_(2, input_pos, k)
+            self.v_cache[i].index_copy_(2, input_pos, v)
+            y = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
+            x = x + attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        return self.model.lm_head(tr.ln_f(x[:, -1:]))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def random_model(cfg: GPTConfig, device: torch.device) -> GPT:
+    torch.manual_seed(0)  # the same weights for every variant
+    with torch.device(device):
+        return GPT(cfg).eval()
+
+
+def random_codes_quantize(model: GPT, bits: int, group_size: int, symmetric: bool) -> GPT:
+    """What quantize() builds (block linears + 8-bit per-row head/embedding), from random codes: for
+    shapes where RTN would take long. Scales give weights of about std 0.02."""
+
+    def qlinear(layer: nn.Linear, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
+        out_f, in_f = layer.weight.shape
+        dev = layer.weight.device
+        ng = 1 if group_size <= 0 else -(-in_f // group_size)
+        half = 2 ** (bits - 1)
+        qw = QuantizedWeight(
+            codes=torch.randint(0, 2 * half, (out_f, in_f), dtype=torch.uint8, device=dev),
+            scales=torch.full((out_f, ng), 0.02 / (0.58 * half), dtype=torch.float16, device=dev),
+            zeros=None if symmetric else torch.full((out_f, ng), half, dtype=torch.uint8, device=dev),
+            bits=bits,
+            group_size=group_size,
+        )
+        q = QuantLinear.from_quantized(qw, layer.bias)
+        q.prepare_kernel()
+        return q
+
+    for block in model.transformer.h:
+        for name in QuantConfig().layers:
+            block.set_submodule(name, qlinear(block.get_submodule(name), bits, group_size, symmetric))
+    model.lm_head = qlinear(model.lm_head, 8, -1, True)
+    model.transformer.wte = QuantEmbedding(model.lm_head)
+    return model
+
+
+def set_kernels(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Each QuantLinear gets the first of `names` that supports it; returns the distinct choices."""
+    used = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            device = m.qweight.device
+            m.kernel = next(n for n in names if KERNELS[n].supports(m, device))
+            m.prepare_kernel()
+            used += [m.kernel] if m.kernel not in used else []
+    return used
+
+
+def cast_float_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """LayerNorms, position (and float token) embeddings to dtype; QuantLinear grids stay as stored."""
+    for mod in model.modules():
+        if not isinstance(mod, QuantLinear):
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights read per decoded token (each tensor once; the KV cache is not a weight)."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, Decoder):
+            continue
+        tensors = list(mod._parameters.values())
+        if isinstance(mod, QuantLinear):
+            names = KERNEL_BUFFERS.get(mod.kernel, PACKED_BUFFERS) + ("bias", "rot")
+            tensors += [getattr(mod, n, None) for n in names]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds: the packed checkpoint buffers plus the kernel layouts."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.inference_mode()
+def last_logits(model: GPT, prompt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    dec = Decoder(model, prompt.size(1), dtype)
+    return dec(prompt, torch.arange(prompt.size(1), device=prompt.device)).float()
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+@torch.inference_mode()
+def time_decode(
+    model: GPT, dtype: torch.dtype, args, device: torch.device
+) -> tuple[float, float, list[float]]:
+    """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
+    P, n = args.prompt_len, args.new_tokens
+    dec = Decoder(model, P + n + args.warmup, dtype)
+    step = dec
+    if args.compile:
+        torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
+        step = torch.compile(dec, mode="reduce-overhead")
+    prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
+    positions = torch.arange(P, device=device)
+
+    prefill = []
+    for _ in range(args.repeats + 1):  # the first run warms up
+        sync(device)
+        t0 = time.perf_counter()
+        logits = dec(prompt, positions)
+        sync(device)
+        prefill.append(P / (time.perf_counter() - t0))
+
+    decode = []
+    for r in range(args.repeats + 1):
+        tok = logits.argmax(-1)  # (1, 1); greedy, so no sampling cost
+        pos = torch.tensor([P], device=device)
+        steps = n if r else args.warmup  # run 0 records the CUDA graphs / warms up
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = step(tok, pos).argmax(-1)
+            pos += 1
+        sync(device)
+        if r:
+            decode.append(n / (time.perf_counter() - t0))
+    return statistics.median(prefill[1:]), statistics.median(decode), decode
+
+
+def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch.device) -> dict:
+    size, cfg = name_cfg
+    gpu = device.type == "cuda"
+    row = {"size": size, "variant": v.name}
+    rss0 = rss_bytes()
+    model = random_model(cfg, device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+    if v.bits is None:
+        dtype = torch.float32 if v.name == "fp32" else torch.bfloat16
+        ref = last_logits(model, prompt, torch.float32) if dtype != torch.float32 else None
+        model.to(dtype)
+        row["kernels"] = "-"
+    else:
+        # quantized weights; activations in bf16 on CUDA (the int4 op needs them), fp32 on CPU
+        # (the CPU kernels take bf16 internally where that is their fast path)
+        dtype = torch.bfloat16 if gpu else torch.float32
+        use_random = args.quant == "random" or (args.quant == "auto" and cfg.n_embd >= 4096)
+        t0 = time.perf_counter()
+        if use_random:
+            random_codes_quantize(model, v.bits, v.group_size, v.symmetric)
+        else:
+            qcfg = QuantConfig(
+                method="rtn",
+                bits=v.bits,
+                group_size=v.group_size,
+                symmetric=v.symmetric,
+                quantize_embeddings=True,
+            )
+            quantize(model, qcfg, None, progress=False)
+        row["quant"] = "random codes" if use_random else "rtn"
+        row["quant_time_s"] = round(time.perf_counter() - t0, 2)
+        set_kernels(model, ("dequant",))
+        ref = last_logits(model, prompt, torch.float32)  # the reference kernel, in fp32
+        cast_float_params(model, dtype)
+        row["kernels"] = "+".join(set_kernels(model, v.kernels))
+    row["err"] = 0.0 if ref is None else rel_err(last_logits(model, prompt, dtype), ref)
+    row["weight_bytes"] = weight_bytes(model)
+    row["resident_bytes"] = resident_bytes(model)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    prefill, decode, runs = time_decode(model, dtype, args, device)
+    row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
+    if gpu:
+        row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+        row["hbm_roofline"] = row["weight_bytes"] * decode / HBM_BYTES_PER_S
+    else:
+        row["rss_delta_bytes"] = rss_bytes() - rss0
+    del model
+    return row
+
+
+def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
+    """A trained checkpoint as saved: its own kernels ("auto" unless --ckpt-kernel), fp32 activations."""
+    from nanogptq.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, device=device, kernel=kernel)
+    model = ckpt.model
+    kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
+    row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None}
+    row["weight_bytes"], row["resident_bytes"] = weight_bytes(model), resident_bytes(model)
+    saved = (args.prompt_len, args.new_tokens)
+    # the checkpoint's context may be short: keep prompt + generated + warm-up tokens inside it
+    room = model.config.block_size - args.warmup
+    args.prompt_len = min(args.prompt_len, room // 2)
+    args.new_tokens = min(args.new_tokens, room - args.prompt_len)
+    try:
+        row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(
+            model, torch.float32, args, device
+        )
+    finally:
+        args.prompt_len, args.new_tokens = saved
+    return row
+
+
+def error_row(size: str, variant: str, e: Exception) -> dict:
+    return {"size": size, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(rows: list[dict], gpu: bool) -> None:
+    base_name = "bf16" if gpu else "fp32"
+    cols = ["size", "variant", "kernels", "decode tok/s", f"x {base_name}", "prefill tok/s", "weights MB"]
+    cols += ["peak MB", "HBM roofline"] if gpu else ["resident MB"]
+    cols += ["err"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | {r['variant']} | ERROR: {r['error']} |" + " |" * (len(cols) - 3))
+            continue
+        base = next(
+            (b for b in rows if b["size"] == r["size"] and b["variant"] == base_name and "error" not in b),
+            None,
+        )
+        ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+        mem = r.get("peak_mem_bytes") if gpu else r.get("resident_bytes")
+        cells = [
+            r["size"],
+            r["variant"],
+            r["kernels"],
+            fmt(r["decode_tok_s"], ".1f"),
+            fmt(ratio, ".2f"),
+            fmt(r["prefill_tok_s"], ".0f"),
+            fmt(r["weight_bytes"] / 2**20, ".1f"),
+            fmt(None if mem is None else mem / 2**20, ".1f"),
+        ]
+        if gpu:
+            cells.append(fmt(r.get("hbm_roofline"), ".0%"))
+        err = r.get("err")
+        flag = " CHECK" if err is not None and err > 0.1 else ""  # a layout bug gives errors near 1
+        cells.append(fmt(err, ".1e") + flag)
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", nargs="*", default=None, choices=list(SIZES), help="default: gpt2-small")
+    p.add_argument("--variants", nargs="*", default=None, help="names from fp32 bf16 int8 int4 w8a8")
+    p.add_argument("--ckpt", nargs="*", default=[], help="trained checkpoint folders, loaded as saved")
+    p.add_argument("--ckpt-kernel", default="auto")
+    p.add_argument("--quant", choices=("auto", "rtn", "random"), default="auto", help="auto: random for 7b")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 128 on CPU, 512 on CUDA")
+    p.add_argument("--new-tokens", type=int, default=None, help="timed per repeat; default 32 CPU, 128 CUDA")
+    p.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the decode step (CUDA graphs on CUDA); default: on for CUDA, off for CPU",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="default results/decode_<device>.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.compile = gpu if args.compile is None else args.compile
+    args.prompt_len = args.prompt_len or (512 if gpu else 128)
+    args.new_tokens = args.new_tokens or (128 if gpu else 32)
+    sizes = ["gpt2-small"] if args.sizes is None else args.sizes
+    out = Path(args.json or f"results/decode_{device.type}.json")
+    meta = {
+        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **{k: v for k, v in vars(args).items() if k not in ("json",)},
+    }
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:  # after every variant, so a killed run keeps what it measured
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(json.dumps({k: v for k, v in row.items() if k != "decode_runs"}), flush=True)
+
+    for size in sizes:
+        cfg = SIZES[size]
+        for v in variants(cfg):
+            if args.variants and not any(v.name.startswith(n) for n in args.variants):
+                continue
+            try:
+                record(run_variant((size, cfg), v, args, device))
+            except Exception as e:  # one broken variant must not hide the others: it gets an error row
+                record(error_row(size, v.name, e))
+            torch._dynamo.reset()  # compiled graphs hold the variant's model: free it before the next
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    for path in args.ckpt:
+        try:
+            record(run_checkpoint(path, args.ckpt_kernel, args, device))
+        except Exception as e:
+            record(error_row(Path(path).name, "checkpoint", e))
+    print()
+    print_table(rows, gpu)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Fast QuantLinear kernels: each builds its own weight layout from the packed checkpoint buffers.
+
+Every grid we store is w = (q - z) * s (rtn.py), with z = 2**(bits-1) for symmetric grids. The kernels below
+rewrite that grid exactly into what each op wants, never re-quantizing float weights:
+
+    int8pack  8-bit, one grid per row (or per tensor). w = (q - 128) * s + (128 - z) * s: an int8 matrix
+              times a per-row scale, plus a rank-1 term sum(x) * (128 - z) * s that is zero for symmetric
+              grids. CPU: aten._weight_int8pack_mm with bf16 activations for decode-sized inputs (its
+              fp32 path is not vectorized: 5x slower than fp32 F.linear), int8 -> bf16 + F.linear for
+              larger ones. CUDA: F.linear(x, w_int8.to(x.dtype)) * s, which torch.compile fuses into one
+              kernel (the scale goes on the output, so the weight is read once, as int8).
+    int4pack  4-bit, groups of 32/64/128/256 (per-channel / per-tensor grids are repeated into such
+              groups): tinygemm's w = (q - 8) * scale + zero, so scale = s and zero = (8 - z) * s.
+              CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
+    w8a8      int8pack's weights times int8 activations quantized per token on the fly (symmetric,
+              absmax / 127), through torch._int_mm (int32 accumulation) on CPU and CUDA. Changes the
+              numerics (activation rounding), so "auto" never picks it.
+
+The CPU kernels compute in bf16 (activations, and int4's scales/zeros), so they match the fp32 dequant
+reference to bf16 precision (~1e-2 relative), not to fp32. Layouts are non-persistent buffers: built again
+by `prepare_kernel` after the module moves to another device, never written to checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from nanogptq.quant.pack import unpack
+
+if TYPE_CHECKING:
+    from nanogptq.quant.linear import QuantLinear
+
+CPU_GEMV_MAX_ROWS = 16  # above this many rows the CPU int8 kernel (a GEMV loop) is slower than a bf16 GEMM
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm supports, largest (fewest scales) first
+
+
+def _zero_points(m: QuantLinear) -> torch.Tensor:
+    """Float zero points (rows, n_groups) of the stored grid."""
+    if m.qzeros is None:
+        return torch.full(m.scales.shape, 2.0 ** (m.bits - 1), device=m.scales.device)
+    return unpack(m.qzeros, m.bits, m.scales.shape[1]).float()
+
+
+def _per_row(m: QuantLinear, t: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) -> (out,): per-tensor grids (rows = 1) become one identical grid per row."""
+    return t.expand(m.out_features, 1).reshape(m.out_features)
+
+
+# ---- int8: int8pack (weight-only) and w8a8 share one layout ----
+
+
+def int8pack_supports(m: QuantLinear, device: torch.device) -> bool:
+    # no g_idx check: with one grid per row (or tensor) every column is in group 0 anyway
+    return m.bits == 8 and m.group_size in (0, -1) and device.type in ("cpu", "cuda")
+
+
+def prepare_int8(m: QuantLinear) -> None:
+    codes = unpack(m.qweight, 8, m.in_features)
+    s = _per_row(m, m.scales.float())
+    corr = _per_row(m, (128 - _zero_points(m)) * m.scales.float())
+    m.register_buffer("w_int8", (codes.to(torch.int16) - 128).to(torch.int8), persistent=False)
+    m.register_buffer("w_scales", s, persistent=False)  # fp32: fp16 -> bf16 would round the scales
+    m.register_buffer("w_corr", None if m.qzeros is None else corr, persistent=False)
+    # the CPU op applies its scales in the activation dtype (bf16); we apply ours in fp32 afterwards
+    ones = torch.ones(m.out_features, dtype=torch.bfloat16, device=m.qweight.device)
+    m.register_buffer("w_ones", ones, persistent=False)
+
+
+def _add_zero_term(m: QuantLinear, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """+ sum(x) * (128 - z) * s: the part of an asymmetric grid that the int8 matrix leaves out."""
+    return y if m.w_corr is None else y + x2.float().sum(-1, keepdim=True) * m.w_corr
+
+
+def int8pack_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, m.in_features)
+    if x.device.type == "cpu" and x2.shape[0] <= CPU_GEMV_MAX_ROWS:
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(xb, m.w_int8, m.w_ones).float() * m.w_scales
+    elif x.device.type == "cpu":  # prefill: int8 -> bf16 is exact, and the bf16 GEMM is fast
+        y = F.linear(x2.to(torch.bfloat16), m.w_int8.to(torch.bfloat16)).float() * m.w_scales
+    else:
+        y = F.linear(x2, m.w_int8.to(x.dtype)) * m.w_scales.to(x.dtype)
+    y = _add_zero_term(m, x2, y)
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def w8a8_supports(m: QuantLinear, device: torch.device) -> bool:
+    # cuBLAS int8 GEMMs need K and N multiples of 8
+    cuda_ok = device.type != "cuda" or (m.in_features % 8 == 0 and m.out_features % 8 == 0)
+    return int8pack_supports(m, device) and cuda_ok
+
+
+def w8a8_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, m.in_features).float()
+    rows = x2.shape[0]
+    sx = x2.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127  # dynamic, per token
+    xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
+    if x.is_cuda and rows <= 16:  # the CUDA _int_mm needs more than 16 rows: pad with zero rows
+        xq = F.pad(xq, (0, 0, 0, 17 - rows))
+    acc = torch._int_mm(xq, m.w_int8.t())[:rows]  # int32, exact
+    y = _add_zero_term(m, x2, acc.float() * sx * m.w_scales)
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+# ---- int4pack: tinygemm ----
+
+
+def int4_group(m: QuantLinear) -> int | None:
+    """The tinygemm group size that holds the layer's grid exactly, or None."""
+    if m.group_size > 0:
+        fits = m.group_size in INT4_GROUPS and m.in_features % m.group_size == 0
+        return m.group_size if fits else None
+    # one grid per row (or tensor) = any group size with the same grid repeated in every group
+    return next((g for g in INT4_GROUPS if m.in_features % g == 0), None)
+
+
+def int4pack_supports(m: QuantLinear, device: torch.device) -> bool:
+    return (
+        m.bits == 4
+        and m.g_idx is None  # act-order groups are not contiguous runs of columns
+        and m.out_features % 16 == 0  # the CPU packing needs N % 16, CUDA's N % 8
+        and int4_group(m) is not None
+        and device.type in ("cpu", "cuda")
+    )
+
+
+def int4_scales_and_zeros(m: QuantLinear) -> torch.Tensor:
+    """(in / G, out, 2) fp32 [scale, zero] with w = (q - 8) * scale + zero; exact in fp32."""
+    G = int4_group(m)
+    s = m.scales.float().expand(m.out_features, -1)
+    z = _zero_points(m).expand(m.out_features, -1)
+    if m.group_size <= 0:  # repeat the single grid into in_features / G groups
+        s, z = s.expand(-1, m.in_features // G), z.expand(-1, m.in_features // G)
+    return torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous()
+
+
+def int4_inner_k_tiles(in_features: int) -> int:
+    """CUDA tinygemm: in_features must be a multiple of 16 * inner_k_tiles; larger tiles are faster."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def prepare_int4(m: QuantLinear) -> None:
+    codes = unpack(m.qweight, 4, m.in_features).to(torch.int32)
+    if m.qweight.device.type == "cuda":
+        # the CUDA op takes two codes per byte, the even column in the high nibble
+        u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        w = torch.ops.aten._convert_weight_to_int4pack(u8, int4_inner_k_tiles(m.in_features))
+    else:
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # CPU ignores inner_k_tiles
+    m.register_buffer("w_int4", w, persistent=False)
+    m.register_buffer("w_sz", int4_scales_and_zeros(m).to(torch.bfloat16), persistent=False)
+    m.w_group = int4_group(m)
+
+
+def int4pack_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, m.in_features).to(torch.bfloat16).contiguous()
+    if x.is_cuda:
+        y = torch.ops.aten._weight_int4pack_mm(x2, m.w_int4, m.w_group, m.w_sz)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.w_int4, m.w_group, m.w_sz)
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
