@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 
-from nanogptq.checkpoint import CheckpointError
+from nanogptq.checkpoint import CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.generate import SampleSettings
 from nanogptq.train import TrainConfig
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanogptq.quant import QuantConfig
 
     _add_dataclass_args(p, QuantConfig, {"group_size": "0: per tensor, -1: per channel, G: groups of G"})
+    p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
     p = sub.add_parser("compare", help="evaluate variants side by side: table, JSON and plot")
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
@@ -144,7 +145,11 @@ def run(args: argparse.Namespace) -> None:
         values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
         out = quantize_checkpoint(args.ckpt, args.out, QuantConfig(**values), data_dir=args.data_dir,
                                   device=_device(args.device))
-        print(f"quantized checkpoint saved in {out}")
+        meta = read_meta(out)
+        print("| layer | relative error | time |\n|---|---|---|")
+        for row in meta["quant_log"]:
+            print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
+        print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
     elif args.command == "compare":
         from nanogptq.evaluate import compare, markdown_table
 

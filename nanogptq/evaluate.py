@@ -84,13 +84,13 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 def compare(paths: list[str | Path], out_dir: str | Path = "results", data_dir: str | None = None,
-            device: str = "cpu", name: str = "compare", kernel: str = "dequant") -> list[dict]:
+            device: str = "cpu", name: str = "compare", kernel: str = "dequant", progress: bool = True) -> list[dict]:
     """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png."""
     rows = []
     for path in paths:
         ckpt = load_checkpoint(path, device=device, kernel=kernel)
         row = {**describe(ckpt), "path": str(path)}
-        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device))
+        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress))
         rows.append(row)
     base = rows[0]["val_ppl"]
     for row in rows:

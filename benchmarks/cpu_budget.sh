@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The `tiny` preset on Tiny Shakespeare (nanoGPT's tail split) within wall-clock budgets on this CPU,
+# for the side-by-side with nanoGPT's CPU "baby" config. Step counts are sized so the cosine schedule
+# ends inside the budget on a 2-core machine; --max-time stops a slower machine at the budget anyway.
+#   bash benchmarks/cpu_budget.sh            # 2-minute and 5-minute runs, then full-split evaluation
+set -euo pipefail
+PY=${PY:-python}
+common="--preset tiny --dataset shakespeare --split tail --batch-size 16 --lr 3e-3 --min-lr 3e-4
+        --warmup-steps 50 --eval-interval 100 --eval-batches 10 --device cpu"
+$PY -m nanogptq.cli train $common --out-dir runs/cpu-2min --max-steps 1000 --max-time 120
+$PY -m nanogptq.cli train $common --out-dir runs/cpu-5min --max-steps 2300 --max-time 300
+for r in cpu-2min cpu-5min; do
+  echo "== $r"; tail -n 1 runs/$r/metrics.jsonl
+  $PY -m nanogptq.cli eval runs/$r/best --no-save
+done

@@ -1,0 +1,49 @@
+import json
+import math
+
+import torch
+
+from nanogptq.checkpoint import save_checkpoint
+from nanogptq.data import prepare_data
+from nanogptq.evaluate import compare, perplexity
+from nanogptq.model import GPT, GPTConfig
+from nanogptq.quant import QuantConfig, quant_meta, quantize
+from nanogptq.quant.qat import QATConfig, apply_qat, export_checkpoint
+
+
+def test_uniform_model_has_perplexity_vocab_size(text_file):
+    data = prepare_data(f"file:{text_file}")
+    model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.nn.init.zeros_(model.transformer.wte.weight)  # tied head: every logit 0, a uniform guess
+    result = perplexity(model.eval(), data.val, batch_size=7, progress=False)
+    assert result["val_tokens"] == len(data.val) - 1  # the whole split, every token once
+    assert math.isclose(result["val_ppl"], data.tokenizer.vocab_size, rel_tol=1e-5)
+
+
+def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
+    data_meta = {"dataset": f"file:{text_file}", "tokenizer": "char", "vocab_size": 512, "val_fraction": 0.1,
+                 "seed": 1337, "split": "chunks"}
+    data = prepare_data(**{k: v for k, v in data_meta.items()})
+    cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64)
+    meta = {"model": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict(), "data": data_meta, "metrics": {}}
+    torch.manual_seed(0)
+    fp = GPT(cfg)
+    save_checkpoint(tmp_path / "fp32", fp, {**meta, "quantization": None})
+    rtn_cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    q = quantize(GPT(cfg).eval(), rtn_cfg, None, progress=False)
+    save_checkpoint(tmp_path / "rtn4", q, {**meta, "quantization": quant_meta(q, rtn_cfg)})
+    qat = apply_qat(GPT(cfg), QATConfig())
+    save_checkpoint(tmp_path / "qat", qat, {**meta, "qat": qat.qat_config, "quantization": None})
+    export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
+
+    rows = compare([tmp_path / n for n in ("fp32", "rtn4", "ternary")], tmp_path / "report", progress=False)
+    assert [r["method"] for r in rows] == ["fp32", "rtn", "ternary"]
+    assert rows[0]["ppl_change_pct"] == 0.0
+    assert rows[1]["bits_per_weight"] > 4 and rows[2]["bits_per_weight"] < 1.7
+    assert rows[2]["size_bytes"] < rows[1]["size_bytes"] < rows[0]["size_bytes"]
+    assert json.loads((tmp_path / "report" / "compare.json").read_text())[2]["variant"] == "ternary"
+    assert "| ternary | ternary | 1.58 |" in (tmp_path / "report" / "compare.md").read_text()
+    assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
+    # compare records each variant's perplexity in its config.json, where the demo reads it
+    saved = json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"]
+    assert saved == rows[1]["val_ppl"]
