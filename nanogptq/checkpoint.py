@@ -148,7 +148,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{weights}: unreadable or truncated ({first})") from None
     if missing or unexpected:
-        raise CheckpointError(f"{weights}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{weights}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.to(device).eval()
     if meta.get("quantization"):
         from nanogptq.quant import finalize_quantized_model

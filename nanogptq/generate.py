@@ -93,6 +93,6 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
 
 def generate_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Generation:
     gen = Generation()
-    for gen in stream_text(ckpt, prompt, settings):
+    for gen in stream_text(ckpt, prompt, settings):  # noqa: B007 (the last one is the whole generation)
         pass
     return gen
