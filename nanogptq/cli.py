@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, QuantConfig, {"group_size": "0: per tensor, -1: per channel, G: groups of G"})
     p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
+    p = sub.add_parser("export", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
+    p.add_argument("ckpt", help="QAT checkpoint folder (trained with --qat-config)")
+    p.add_argument("--out", required=True, help="folder for the packed checkpoint")
+
     p = sub.add_parser("compare", help="evaluate variants side by side: table, JSON and plot")
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
     p.add_argument("--out", default="results", help="folder for compare.md/.json/.png")
@@ -150,6 +154,10 @@ def run(args: argparse.Namespace) -> None:
         for row in meta["quant_log"]:
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
+    elif args.command == "export":
+        from nanogptq.quant.qat import export_checkpoint
+
+        print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")
     elif args.command == "compare":
         from nanogptq.evaluate import compare, markdown_table
 

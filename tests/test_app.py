@@ -257,7 +257,7 @@ def test_browser_shows_every_variant(browser_app, tmp_path):
             page.locator("#prompt textarea").fill(prompt)
             page.locator("#generate").click()
             expect(page.locator("#status")).to_contain_text("Done", timeout=120_000)
-            starts_with_prompt = re.compile("^" + re.escape(prompt) + ".+")
+            starts_with_prompt = re.compile("^" + re.escape(prompt) + ".+", re.DOTALL)
             for i in range(n):
                 expect(page.locator(f"#out-{i} textarea")).to_have_value(starts_with_prompt)
                 expect(page.locator(f"#stats-{i}")).to_contain_text("tok/s")
