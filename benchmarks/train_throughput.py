@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/train_throughput.json")
     args = parser.parse_args()
     rows = []
+    print("| device | preset | batch | compile | tokens/s |\n|---|---|---|---|---|")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for preset in args.presets:

@@ -10,8 +10,9 @@ Persistent buffers (what the checkpoint stores):
 
 Inference goes through a kernel picked at load time (`kernel`, "auto" resolves in `prepare_kernel`). A kernel
 is a forward function plus an optional `prepare` that builds its own weight layout from the packed buffers
-as non-persistent buffers (so .to(device) moves them and checkpoints never see them). Only "dequant" exists
-so far: dequantize, then F.linear, caching nothing.
+as non-persistent buffers (so .to(device) moves them and checkpoints never see them). "dequant" (dequantize,
+then F.linear, caching nothing) is the exact reference every fast kernel in kernels.py is tested against;
+"auto" takes the first of AUTO_ORDER that supports the layer on its device and falls back to "dequant".
 """
 
 from __future__ import annotations
