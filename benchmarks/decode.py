@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant import QuantConfig, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
@@ -74,36 +73,6 @@ def variants(cfg: GPTConfig) -> list[Variant]:
         Variant(f"int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), group_size=g4, symmetric=False),
         Variant("w8a8", 8, ("w8a8", "int8pack", "dequant")),  # the head falls back where _int_mm can't
     ]
-
-
-class Decoder(nn.Module):
-    """GPT's forward for one sequence over a fixed-size KV cache: static shapes for every step."""
-
-    def __init__(self, model: GPT, max_len: int, dtype: torch.dtype):
-        super().__init__()
-        cfg = model.config
-        self.model, self.dtype, self.max_len = model, dtype, max_len
-        shape = (cfg.n_layer, 1, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        device = model.transformer.wpe.weight.device
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits (1, 1, vocab) of the last of the tokens idx (1, T) at positions input_pos (T,)."""
-        tr = self.model.transformer
-        x = tr.wte(idx).to(self.dtype) + tr.wpe(input_pos)  # QuantEmbedding returns fp32
-        mask = torch.arange(self.max_len, device=idx.device)[None, :] <= input_pos[:, None]
-        for i, block in enumerate(tr.h):
-            attn = block.attn
-            B, T, C = x.shape
-            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
-            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-            self.k_cache[i].index_copy_(2, input_pos, k)
-            self.v_cache[i].index_copy_(2, input_pos, v)
-            y = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
-            x = x + attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-            x = x + block.mlp(block.ln_2(x))
-        return self.model.lm_head(tr.ln_f(x[:, -1:]))
 
 
 def sync(device: torch.device) -> None:
@@ -174,8 +143,6 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights read per decoded token (each tensor once; the KV cache is not a weight)."""
     seen, total = set(), 0
     for mod in model.modules():
-        if isinstance(mod, Decoder):
-            continue
         tensors = list(mod._parameters.values())
         if isinstance(mod, QuantLinear):
             names = KERNEL_BUFFERS.get(mod.kernel, PACKED_BUFFERS) + ("bias", "rot")
@@ -195,8 +162,12 @@ def resident_bytes(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def last_logits(model: GPT, prompt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    dec = Decoder(model, prompt.size(1), dtype)
-    return dec(prompt, torch.arange(prompt.size(1), device=prompt.device)).float()
+    """The prompt's last logits through the model's own cached decoding path (cache in the model's dtype)."""
+    model.setup_kv_cache(1, prompt.size(1))
+    try:
+        return model(prompt, input_pos=torch.arange(prompt.size(1), device=prompt.device))[0].float()
+    finally:
+        model.clear_kv_cache()
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -209,11 +180,13 @@ def time_decode(
 ) -> tuple[float, float, list[float]]:
     """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
     P, n = args.prompt_len, args.new_tokens
-    dec = Decoder(model, P + n + args.warmup, dtype)
-    step = dec
+    # the model's own static KV cache: every decode step has the same shapes, so it can be graph-captured
+    model.setup_kv_cache(1, P + n + args.warmup)
+    dec = model
+    step = model
     if args.compile:
         torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
-        step = torch.compile(dec, mode="reduce-overhead")
+        step = torch.compile(model, mode="reduce-overhead")
     prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
     positions = torch.arange(P, device=device)
 
@@ -221,7 +194,7 @@ def time_decode(
     for _ in range(args.repeats + 1):  # the first run warms up
         sync(device)
         t0 = time.perf_counter()
-        logits = dec(prompt, positions)
+        logits = dec(prompt, input_pos=positions)[0]
         sync(device)
         prefill.append(P / (time.perf_counter() - t0))
 
@@ -233,11 +206,12 @@ def time_decode(
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            tok = step(tok, pos).argmax(-1)
+            tok = step(tok, input_pos=pos)[0].argmax(-1)
             pos += 1
         sync(device)
         if r:
             decode.append(n / (time.perf_counter() - t0))
+    model.clear_kv_cache()
     return statistics.median(prefill[1:]), statistics.median(decode), decode
 
 

@@ -74,7 +74,7 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
     """Yield the growing Generation after each new token (text decoded from all tokens so far)."""
     settings.validate()
     ids, notes = encode_prompt(ckpt, prompt)
-    device = ckpt.model.transformer.wte.weight.device
+    device = ckpt.model.transformer.wpe.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = Generation(notes=notes)
     new: list[int] = []

@@ -54,7 +54,11 @@ def preset_config(name: str, vocab_size: int, **overrides) -> GPTConfig:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one attention layer; `pos` is the first free slot."""
+    """Preallocated keys/values for one attention layer, written in place at the given positions.
+
+    Shapes never change while decoding (the whole cache is attended, later slots masked out), so a
+    decode step can be captured in a CUDA graph.
+    """
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -62,11 +66,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.size(2)
-        self.k[:, :, pos : pos + t] = k
-        self.v[:, :, pos : pos + t] = v
-        return self.k[:, :, : pos + t], self.v[:, :, : pos + t]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,20 +86,18 @@ class CausalSelfAttention(nn.Module):
         self.q_quant: nn.Module = nn.Identity()
         self.k_quant: nn.Module = nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = self.q_quant(q), self.k_quant(k)  # before caching: cached keys are the quantized ones
-        if pos is None or self.kv_cache is None:
+        if input_pos is None or self.kv_cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
             )
         else:
-            k, v = self.kv_cache.update(pos, k, v)
-            # new queries sit at positions pos..pos+T-1 and may see every key up to their own position
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -120,8 +121,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pos: int | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), pos)
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -159,33 +160,41 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def embed(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        t = idx.size(1)
-        positions = torch.arange(pos, pos + t, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+    def embed(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if input_pos is None:
+            input_pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
+        pos_emb = self.transformer.wpe(input_pos)
+        # a quantized embedding table dequantizes to fp32: follow the model's own dtype
+        return self.transformer.drop(self.transformer.wte(idx).to(pos_emb.dtype) + pos_emb)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, pos: int | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position (training/eval) or, with `pos`, a cached decoding step."""
-        t = idx.size(1)
-        start = 0 if pos is None else pos
-        if start + t > self.config.block_size:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the context of {self.config.block_size}")
-        x = self.embed(idx, start)
+        """Logits for every position (training/eval), or, with `input_pos` (T,) and a KV cache set up, a
+        decoding step: the tokens idx (B, T) sit at those positions and see every cached earlier one, and
+        only the last position's logits (B, 1, V) are computed, as sampling needs no others."""
+        mask = None
+        if input_pos is None:
+            if idx.size(1) > self.config.block_size:
+                raise ValueError(f"sequence of {idx.size(1)} tokens exceeds the context of {self.config.block_size}")
+        elif self.transformer.h[0].attn.kv_cache is not None:
+            max_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+            mask = torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None]
+        x = self.embed(idx, input_pos)
         for block in self.transformer.h:
-            x = block(x, pos)
-        x = self.transformer.ln_f(x)
+            x = block(x, input_pos, mask)
+        if mask is not None:
+            x = x[:, -1:]
+        logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
+            return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
         max_len = max_len or self.config.block_size
         head_dim = self.config.n_embd // self.config.n_head
-        ref = self.transformer.wte.weight
+        ref = self.transformer.wpe.weight  # always a float parameter, even with a quantized embedding
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch, self.config.n_head, max_len, head_dim, ref.dtype, ref.device)
 
@@ -230,7 +239,7 @@ class GPT(nn.Module):
         recent = idx[:, -block:]
         self.setup_kv_cache(idx.size(0))
         try:
-            logits, _ = self(recent, pos=0)
+            logits, _ = self(recent, input_pos=torch.arange(recent.size(1), device=idx.device))
             pos = recent.size(1)
             for _ in range(max_new_tokens):
                 next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -238,10 +247,10 @@ class GPT(nn.Module):
                 recent = torch.cat([recent, next_tok], dim=1)[:, -block:]
                 if pos >= block:  # context full: refill the cache from the recent half-window
                     window = recent[:, -(block // 2) :]
-                    logits, _ = self(window, pos=0)
+                    logits, _ = self(window, input_pos=torch.arange(window.size(1), device=idx.device))
                     pos = window.size(1)
                 else:
-                    logits, _ = self(next_tok, pos=pos)
+                    logits, _ = self(next_tok, input_pos=torch.tensor([pos], device=idx.device))
                     pos += 1
         finally:
             self.clear_kv_cache()

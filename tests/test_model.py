@@ -30,9 +30,10 @@ def test_kv_cache_matches_full_forward():
     idx = torch.randint(0, 50, (2, 20))
     full, _ = m(idx)
     m.setup_kv_cache(2)
-    parts = [m(idx[:, :7], pos=0)[0]] + [m(idx[:, t : t + 1], pos=t)[0] for t in range(7, 20)]
+    parts = [m(idx[:, :7], input_pos=torch.arange(7))[0]]  # a decoding step: the last position's logits
+    parts += [m(idx[:, t : t + 1], input_pos=torch.tensor([t]))[0] for t in range(7, 20)]
     m.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), full[:, 6:], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_generate_equals_recomputing_the_prefix():

@@ -153,11 +153,11 @@ def test_kv_cache_path_matches_full_forward_with_qk_quantization():
     with torch.no_grad():
         full, _ = model(x)
         model.setup_kv_cache(2)
-        first, _ = model(x[:, :8], pos=0)
-        steps = [model(x[:, i : i + 1], pos=i)[0] for i in range(8, 12)]
+        first, _ = model(x[:, :8], input_pos=torch.arange(8))
+        steps = [model(x[:, i : i + 1], input_pos=torch.tensor([i]))[0] for i in range(8, 12)]
         model.clear_kv_cache()
-    cached = torch.cat([first, *steps], dim=1)
-    assert torch.allclose(cached, full, atol=1e-4)
+    cached = torch.cat([first, *steps], dim=1)  # decoding steps give the last position's logits
+    assert torch.allclose(cached, full[:, 7:], atol=1e-4)
 
 
 def test_qat_training_lowers_loss():
