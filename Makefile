@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 RUN ?= runs/tiny-shakespeare
 STEPS ?= 1000
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint figures clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+figures: install  # every figure in the README (GPU parts only where CUDA is present)
+	PY=$(abspath $(PY)) bash benchmarks/reproduce.sh
 
 lint: install
 	$(VENV)/bin/ruff check nanogptq tests benchmarks

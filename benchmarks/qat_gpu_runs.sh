@@ -2,7 +2,7 @@
 # The QAT ablation and the PTQ sweep on one H100, all runs at once (small models leave the GPU idle
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
-# Needs runs/ref/small-shakespeare (the `small` fp32 model, from reference_runs.sh small) for the PTQ sweep.
+# The PTQ sweep quantizes $PTQ_BASELINE (default: the `small` fp32 model of `reference_runs.sh small`).
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
@@ -16,7 +16,7 @@ train() {  # dataset name flags...
   $PY -m nanogptq.cli train --dataset $ds --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
 mkdir -p $R results
-timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py runs/ref/small-shakespeare --out results/ptq_small_shakespeare --device cuda \
+timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py ${PTQ_BASELINE:-runs/small-shakespeare/best} --out results/ptq_small_shakespeare --device cuda \
   > $R/ptq_sweep.log 2>&1 &
 for ds in shakespeare tinystories; do
   train $ds fp32 $fp &

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every figure in the README, in one command (`make figures`). CPU parts always run; GPU parts run
+# when CUDA is present (the published GPU figures came from one H100). Results land in results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+export PY
+if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  bash benchmarks/reference_runs.sh shakespeare                    # 1. shakespeare preset, 2-minute budget
+  bash benchmarks/reference_runs.sh small                          # 2. the `small` fp32 baselines
+  PTQ_BASELINE=runs/small-shakespeare/best bash benchmarks/qat_gpu_runs.sh   # 2-3. PTQ sweep + QAT ablation
+  $PY benchmarks/qat_step_time.py --preset small                   # 3. QAT step-time slowdown
+  $PY benchmarks/qat_step_time.py --preset shakespeare
+  $PY benchmarks/gptq_layer.py                                     # 2. GPTQ on a 4096 x 4096 layer
+  $PY benchmarks/train_throughput.py --out results/train_throughput_h100.json
+  $PY benchmarks/decode.py --device cuda --sizes gpt2-small gpt2-xl 7b
+fi
+bash benchmarks/cpu_budget.sh                                      # 1. tiny preset vs nanoGPT on CPU
+$PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train_throughput_cpu.json
+$PY benchmarks/decode.py --device cpu                              # 4. CPU decode kernels
+$PY benchmarks/gptq_layer.py --device cpu
