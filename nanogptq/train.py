@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> Path:
         _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
 
     raw_model = model
-    if cfg.compile and is_cuda:
+    if cfg.compile:
         model = torch.compile(model)
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
