@@ -124,3 +124,22 @@ def test_cli_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: nanogptq {command}" in capsys.readouterr().out
+
+
+def test_qat_fine_tune_from_fp32_checkpoint(tmp_path, text_file):
+    base = dict(dataset=f"file:{text_file}", batch_size=8, eval_interval=20, eval_batches=2, lr=3e-3,
+                warmup_steps=5, progress=False)
+    fp = train(TrainConfig(out_dir=str(tmp_path / "fp"), max_steps=40, **base))
+    fp_loss = val_losses(fp)[-1]
+    qat = train(TrainConfig(out_dir=str(tmp_path / "qat"), max_steps=20, init_from=str(fp / "best"),
+                            qat_config=str(Path(__file__).parents[1] / "configs/qat/weights_only.json"), lr_schedule="bitnet", **base))
+    ck = load_checkpoint(qat / "last")
+    assert ck.meta["qat"] is not None and ck.meta["train"]["init_from"] == str(fp / "best")
+    # starting from trained weights, QAT is far from a fresh start (ln(vocab) = 3.4) after 20 steps
+    assert val_losses(qat)[-1] < fp_loss + 0.5
+
+
+def test_init_from_a_missing_checkpoint_is_one_line(tmp_path, text_file):
+    proc = cli("train", "--dataset", f"file:{text_file}", "--out-dir", tmp_path / "r", "--init-from",
+               tmp_path / "missing", check=False, timeout=60)
+    assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr
