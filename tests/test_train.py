@@ -131,8 +131,9 @@ def test_qat_fine_tune_from_fp32_checkpoint(tmp_path, text_file):
                 warmup_steps=5, progress=False)
     fp = train(TrainConfig(out_dir=str(tmp_path / "fp"), max_steps=40, **base))
     fp_loss = val_losses(fp)[-1]
+    qat_config = str(Path(__file__).parents[1] / "configs/qat/weights_only.json")
     qat = train(TrainConfig(out_dir=str(tmp_path / "qat"), max_steps=20, init_from=str(fp / "best"),
-                            qat_config=str(Path(__file__).parents[1] / "configs/qat/weights_only.json"), lr_schedule="bitnet", **base))
+                            qat_config=qat_config, lr_schedule="bitnet", **base))
     ck = load_checkpoint(qat / "last")
     assert ck.meta["qat"] is not None and ck.meta["train"]["init_from"] == str(fp / "best")
     # starting from trained weights, QAT is far from a fresh start (ln(vocab) = 3.4) after 20 steps
