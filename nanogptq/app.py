@@ -24,6 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint  # noqa: E402
+from nanogptq.evaluate import describe  # noqa: E402
 from nanogptq.generate import Generation, SampleSettings, encode_prompt, stream_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -73,20 +74,9 @@ def default_checkpoints(run_dir: str | Path = DEFAULT_RUN) -> list[Path]:
     return sorted(found, key=lambda p: p.name != "best")  # stable: the baseline first, the rest by name
 
 
-def _bits_per_weight(ckpt: Checkpoint) -> float | None:
-    try:
-        from nanogptq.quant import bits_per_weight
-    except ImportError:  # the quant package is optional for float-only demos
-        q = ckpt.meta.get("quantization")
-        return None if q else 32.0
-    return bits_per_weight(ckpt.model)
-
-
-def _method(ckpt: Checkpoint) -> str:
-    q = ckpt.meta.get("quantization")
-    if q:
-        return f"{q.get('method', '?')} int{q.get('bits', '?')}"
-    return "qat ternary" if ckpt.meta.get("qat") else "fp32"
+def _method(described: dict) -> str:
+    bits = described["bits"]  # 1.58 for ternary: no "int" for that one
+    return f"{described['method']} int{bits}" if isinstance(bits, int) and bits < 32 else described["method"]
 
 
 def load_variants(paths: list[Path], device: str) -> list[Variant]:
@@ -96,7 +86,8 @@ def load_variants(paths: list[Path], device: str) -> list[Variant]:
         key = ckpt.name
         if key in {v.key for v in variants}:  # runs/a/best and runs/b/best: say which run
             key = f"{ckpt.path.parent.name}/{ckpt.name}"
-        variants.append(Variant(key, ckpt, _method(ckpt), _bits_per_weight(ckpt)))
+        described = describe(ckpt)
+        variants.append(Variant(key, ckpt, _method(described), described["bits_per_weight"]))
     return variants
 
 

@@ -34,8 +34,6 @@ TRAIN_HELP = {
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict) -> None:
     for f in fields(cls):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         typ = eval_type(f.type)
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from nanogptq.train import train
 
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
         out = train(TrainConfig(**values))
         print(f"run saved in {out}")
     elif args.command == "sample":

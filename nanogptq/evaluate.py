@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint
 from nanogptq.data import prepare_data, val_windows
+from nanogptq.quant import bits_per_weight
 
 
 @torch.inference_mode()
@@ -70,8 +71,6 @@ def describe(ckpt: Checkpoint) -> dict:
     """What a variant is: method, bits, group size, bits per weight, as read from its config.json."""
     q = ckpt.meta.get("quantization") or {}
     qat = ckpt.meta.get("qat") or {}
-    from nanogptq.quant import bits_per_weight
-
     if q:
         method, bits, group = q.get("method", "?"), q.get("bits"), q.get("group_size")
     elif qat:

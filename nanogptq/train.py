@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,6 @@ class TrainConfig:
     qat_config: str | None = None
     max_time: float | None = None  # seconds; stop (and save) when the wall-clock budget is spent
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -203,12 +202,13 @@ def train(cfg: TrainConfig) -> Path:
     is_cuda = device.startswith("cuda")
     optimizer = make_optimizer(model, cfg, fused=is_cuda)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
-    step, best_val = 0, float("inf")
+    step, best_val, elapsed_before = 0, float("inf"), 0.0
     if cfg.resume:
         state = load_resume_state(out / "last")
         model.load_state_dict(load_checkpoint(out / "last").model.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         step, best_val = int(state["step"]), float(state["best_val"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))  # --max-time counts the whole run
         _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
 
     raw_model = model
@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> Path:
             dist.all_gather_object(rng, _rng_state(gen))
         if not dist_info.is_main:
             return
-        resume = {"optimizer": optimizer.state_dict(), "step": step, "best_val": best_val, "rng": rng}
+        resume = {"optimizer": optimizer.state_dict(), "step": step, "best_val": best_val, "rng": rng,
+                  "elapsed_s": metrics["elapsed_s"]}
         save_checkpoint(out / name, raw_model, {**meta, "metrics": metrics}, resume_state=resume)
 
     log_file = None
@@ -248,7 +249,6 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist_info.is_main),
                desc="train", dynamic_ncols=True)
     start = time.time()
-    elapsed_before = float(cfg.extra.get("elapsed", 0.0))
     last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
     model.train()
     while step < cfg.max_steps:
@@ -290,8 +290,6 @@ def train(cfg: TrainConfig) -> Path:
             last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
             record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
                       "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
-            cfg.extra["elapsed"] = elapsed
-            meta["train"] = asdict(cfg)
             if last_val < best_val:
                 best_val = last_val
                 save("best", {**record, "best_val_loss": best_val})
