@@ -13,10 +13,12 @@ the fp32 dequant reference (fp32 model for float variants): it catches a wrong k
 peak torch.cuda.max_memory_allocated over prefill + decode on CUDA; on CPU "resident" counts every model
 tensor (the packed checkpoint buffers stay next to the kernel layouts), and the JSON adds the RSS delta.
 
-Decoding uses a benchmark-local fixed-shape step (gpt-fast style: the KV cache is written with index_copy_
-at a position tensor and read whole under a mask) because GPT.forward's cache returns a `[: pos + t]`
-slice, a new shape every step, which CUDA graphs cannot capture. On CUDA the step is compiled with
-mode="reduce-overhead" (CUDA graphs) unless --no-compile; CPU runs eagerly unless --compile.
+Decoding uses the model's own static KV cache, so every step has the same shapes; on CUDA the step is
+replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unless --no-graph, and with
+--compile each transformer block is also compiled by torch.compile first (regional compilation: the 32-48
+identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
+On CUDA the quantized variants run on the Triton GEMV ("triton", what --kernel auto picks there) and, for
+comparison in the same run, on PyTorch's stock ops (the "-stock" variants).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nanogptq.model import GPT, GPTConfig
+from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
 from nanogptq.quant import QuantConfig, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
 from nanogptq.quant.linear import KERNELS
 
 SIZES = {
+    **{name: GPTConfig(vocab_size=65, **cfg) for name, cfg in PRESETS.items()},  # char-level presets
     "gpt2-small": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
     "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
@@ -50,6 +53,7 @@ KERNEL_BUFFERS = {
     "int8pack": ("w_int8", "w_scales", "w_corr"),
     "w8a8": ("w_int8", "w_scales", "w_corr"),
     "int4pack": ("w_int4", "w_sz"),
+    "triton": ("qweight", "scales", "z_codes"),
 }
 PACKED_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
 
@@ -63,16 +67,23 @@ class Variant:
     symmetric: bool = True
 
 
-def variants(cfg: GPTConfig) -> list[Variant]:
-    g4 = 128 if cfg.n_embd % 128 == 0 else 64  # 1600 = 25 * 64
-    return [
+def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
+    # tinygemm needs groups that divide in_features: 1600 = 25 * 64. The Triton GEMV takes g128 anywhere
+    # (the last group is shorter), but one group size per row keeps the variants comparable.
+    g4 = 128 if cfg.n_embd % 128 == 0 else 64
+    # asymmetric int4: the quantizer's default, and the zero point costs the kernels nothing
+    fast = ("triton",) if gpu else ()
+    out = [
         Variant("fp32", None),
         Variant("bf16", None),
-        Variant("int8", 8, ("int8pack", "dequant")),
-        # asymmetric: tinygemm's zero term makes it free, and it is the quantizer's default
-        Variant(f"int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), group_size=g4, symmetric=False),
+        Variant("int8", 8, (*fast, "int8pack", "dequant")),
+        Variant(f"int4-g{g4}", 4, (*fast, "int4pack", "int8pack", "dequant"), group_size=g4, symmetric=False),
         Variant("w8a8", 8, ("w8a8", "int8pack", "dequant")),  # the head falls back where _int_mm can't
     ]
+    if gpu:  # PyTorch's own ops, for comparison
+        out.insert(3, Variant("int8-stock", 8, ("int8pack", "dequant")))
+        out.insert(5, Variant(f"int4-g{g4}-stock", 4, ("int4pack", "int8pack", "dequant"), g4, False))
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -179,14 +190,17 @@ def time_decode(
     model: GPT, dtype: torch.dtype, args, device: torch.device
 ) -> tuple[float, float, list[float]]:
     """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
-    P, n = args.prompt_len, args.new_tokens
+    # a small model's context may be short: keep prompt + generated + warm-up tokens inside it
+    room = model.config.block_size - args.warmup
+    P = min(args.prompt_len, room // 2)
+    n = min(args.new_tokens, room - P)
     # the model's own static KV cache: every decode step has the same shapes, so it can be graph-captured
     model.setup_kv_cache(1, P + n + args.warmup)
-    dec = model
-    step = model
     if args.compile:
         torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
-        step = torch.compile(model, mode="reduce-overhead")
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+    dec = model
     prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
     positions = torch.arange(P, device=device)
 
@@ -198,11 +212,12 @@ def time_decode(
         sync(device)
         prefill.append(P / (time.perf_counter() - t0))
 
+    step = CUDAGraphStep(model, 1) if args.graph else model
     decode = []
     for r in range(args.repeats + 1):
         tok = logits.argmax(-1)  # (1, 1); greedy, so no sampling cost
         pos = torch.tensor([P], device=device)
-        steps = n if r else args.warmup  # run 0 records the CUDA graphs / warms up
+        steps = n if r else args.warmup  # run 0 warms up
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -275,17 +290,7 @@ def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
     row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None}
     row["weight_bytes"], row["resident_bytes"] = weight_bytes(model), resident_bytes(model)
-    saved = (args.prompt_len, args.new_tokens)
-    # the checkpoint's context may be short: keep prompt + generated + warm-up tokens inside it
-    room = model.config.block_size - args.warmup
-    args.prompt_len = min(args.prompt_len, room // 2)
-    args.new_tokens = min(args.new_tokens, room - args.prompt_len)
-    try:
-        row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(
-            model, torch.float32, args, device
-        )
-    finally:
-        args.prompt_len, args.new_tokens = saved
+    row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(model, torch.float32, args, device)
     return row
 
 
@@ -344,11 +349,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="timed per repeat; default 32 CPU, 128 CUDA")
     p.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
     p.add_argument(
-        "--compile",
+        "--graph",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the decode step (CUDA graphs on CUDA); default: on for CUDA, off for CPU",
+        help="replay the decode step from a CUDA graph (default: on for CUDA; CUDA only)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="default results/decode_<device>.json")
@@ -358,7 +364,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.compile = gpu if args.compile is None else args.compile
+    args.graph = gpu if args.graph is None else args.graph
+    if args.graph and not gpu:
+        p.error("--graph needs --device cuda")
     args.prompt_len = args.prompt_len or (512 if gpu else 128)
     args.new_tokens = args.new_tokens or (128 if gpu else 32)
     sizes = ["gpt2-small"] if args.sizes is None else args.sizes
@@ -379,7 +387,7 @@ def main() -> None:
 
     for size in sizes:
         cfg = SIZES[size]
-        for v in variants(cfg):
+        for v in variants(cfg, gpu):
             if args.variants and not any(v.name.startswith(n) for n in args.variants):
                 continue
             try:

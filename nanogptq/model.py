@@ -72,6 +72,41 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class CUDAGraphStep:
+    """The one-token decode step of a model with a KV cache, recorded once into a CUDA graph and replayed.
+
+    A small model's step is a hundred tiny kernels; launched one by one from Python they take longer than
+    they run, a replayed graph launches them all at once. Call it like the model, `step(tok, input_pos)` with
+    tok (B, 1): the inputs are copied into the graph's own tensors, and the returned logits (B, 1, V) are
+    the graph's output buffer, overwritten by the next call. Record it after `setup_kv_cache` (the graph
+    holds the cache's memory); the warm-up and recording steps write only the cache's last slot, which a
+    real step at that position writes before it reads.
+    """
+
+    def __init__(self, model: GPT, batch: int):
+        cache = model.transformer.h[0].attn.kv_cache
+        if cache is None:
+            raise RuntimeError("CUDAGraphStep needs setup_kv_cache() first")
+        device = cache.k.device
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((1,), cache.k.size(2) - 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the main stream (lazy init, Triton autotuning)
+            for _ in range(2):
+                model(self.tok, input_pos=self.pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model(self.tok, input_pos=self.pos)
+
+    def __call__(self, tok: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.tok.copy_(tok)
+        self.pos.copy_(input_pos)
+        self.graph.replay()
+        return self.logits, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -211,9 +246,10 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        cuda_graph: bool = True,
     ) -> torch.Tensor:
         """The prompt `idx` (B, T), cropped to the context, followed by `max_new_tokens` sampled tokens."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, seed))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, seed, cuda_graph))
         return torch.cat([idx[:, -self.config.block_size :], *new], dim=1)
 
     @torch.inference_mode()
@@ -225,12 +261,14 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        cuda_graph: bool = True,
     ) -> Iterator[torch.Tensor]:
         """Yield each new (B, 1) token as soon as it is sampled, decoding with a KV cache.
 
         Prompts longer than the context are cropped to their last tokens. When the context is full
         the window slides: the cache is refilled from the last half-context of tokens, so long
-        generations cost one prefill per half-context instead of one per token.
+        generations cost one prefill per half-context instead of one per token. On CUDA the one-token
+        step is replayed from a CUDA graph (`cuda_graph`) once more than one token is asked for.
         """
         generator = None
         if seed is not None:
@@ -241,6 +279,8 @@ class GPT(nn.Module):
         try:
             logits, _ = self(recent, input_pos=torch.arange(recent.size(1), device=idx.device))
             pos = recent.size(1)
+            use_graph = cuda_graph and idx.is_cuda and max_new_tokens > 1
+            step = CUDAGraphStep(self, idx.size(0)) if use_graph else self
             for _ in range(max_new_tokens):
                 next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 yield next_tok
@@ -250,7 +290,7 @@ class GPT(nn.Module):
                     logits, _ = self(window, input_pos=torch.arange(window.size(1), device=idx.device))
                     pos = window.size(1)
                 else:
-                    logits, _ = self(next_tok, input_pos=torch.tensor([pos], device=idx.device))
+                    logits, _ = step(next_tok, input_pos=torch.tensor([pos], device=idx.device))
                     pos += 1
         finally:
             self.clear_kv_cache()

@@ -178,3 +178,85 @@ def test_cuda_kernels_match_dequant(kernel, bits, group_size, in_f, tol, rows, c
 def test_cuda_auto_picks_fast_kernels():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "int8pack"
     assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "int4pack"
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "bits, group_size, in_f, symmetric",
+    [
+        (8, -1, 1600, True),
+        (8, -1, 768, False),
+        (8, 0, 256, True),
+        (4, 128, 4096, False),
+        (4, 128, 1600, False),  # a shorter last group
+        (4, 64, 1600, True),
+        (4, 512, 1024, False),  # a scale group spans two tile groups
+        (4, -1, 192, False),
+    ],
+)
+# 40 rows: the prefill path (dequantize + cuBLAS)
+@pytest.mark.parametrize("rows, compiled", [(1, False), (3, False), (40, False), (1, True)])
+def test_cuda_triton_gemv_matches_dequant(bits, group_size, in_f, symmetric, rows, compiled):
+    m = layer(272, in_f, bits, group_size, symmetric, "triton", device="cuda", bias=True)
+    x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(m, fullgraph=True) if compiled else m
+    with torch.no_grad():
+        y = f(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 272)
+    assert rel_err(y, reference(m, x)) < BF16_TOL
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_auto_picks_triton_and_falls_back():
+    assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
+    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"
+    assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_cuda_graph_decoding_gives_the_same_tokens(bits):
+    model = tiny_gpt().cuda()
+    if bits:
+        cfg = QuantConfig(method="rtn", bits=bits, group_size=64 if bits == 4 else -1, quantize_embeddings=True)
+        model = quantize(model.cpu(), cfg, None, progress=False).cuda()
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.kernel = "auto"  # resolved on the CPU by quantize(): resolve again for CUDA
+                mod.prepare_kernel()
+    prompt = torch.randint(0, 40, (1, 5), device="cuda")
+    runs = [model.generate(prompt, 40, temperature=0.0, cuda_graph=g) for g in (False, True)]
+    assert torch.equal(runs[0], runs[1])  # 40 tokens > the context of 32: the window refill is covered too
+
+
+def test_triton_gemv_in_the_interpreter():
+    """The Triton kernel's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
+    pytest.importorskip("triton")
+    np = pytest.importorskip("numpy")
+    if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3):
+        pytest.skip("Triton 3.6's interpreter needs numpy < 2.3")
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
+from nanogptq.quant.pack import unpack
+from nanogptq.quant.triton_gemv import gemv
+for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
+                         (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 100)]:
+    W = torch.randn(24, K) * 0.05
+    m = QuantLinear.from_quantized(rtn_quantize_weight(W, QuantConfig(method="rtn", bits=bits, group_size=gs,
+                                                                      symmetric=sym)))
+    z = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
+    x = torch.randn(2, K)
+    ref = x @ m.dequantize().T
+    err = ((gemv(x, m.qweight, m.scales, z, bits, gs) - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, (bits, gs, sym, K, err)
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -12,6 +12,10 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
     int4pack  4-bit, groups of 32/64/128/256 (per-channel / per-tensor grids are repeated into such
               groups): tinygemm's w = (q - 8) * scale + zero, so scale = s and zero = (8 - z) * s.
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
+    triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) that reads `qweight` as stored, for
+              decode-sized inputs (up to CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to
+              the activation dtype and use cuBLAS. The stock ops fall short on the H100 at batch 1 (int8pack
+              is 0.11x bf16, tinygemm int4 reaches half the HBM bandwidth), so "auto" picks this first there.
     w8a8      int8pack's weights times int8 activations quantized per token on the fly (symmetric,
               absmax / 127), through torch._int_mm (int32 accumulation) on CPU and CUDA. Changes the
               numerics (activation rounding), so "auto" never picks it.
@@ -33,6 +37,7 @@ from nanogptq.quant.pack import unpack
 if TYPE_CHECKING:
     from nanogptq.quant.linear import QuantLinear
 
+CUDA_GEMV_MAX_ROWS = 8  # the Triton GEMV reads the weights once per row: beyond a few rows cuBLAS wins
 CPU_GEMV_MAX_ROWS = 16  # above this many rows the CPU int8 kernel (a GEMV loop) is slower than a bf16 GEMM
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm supports, largest (fewest scales) first
 
@@ -162,3 +167,37 @@ def int4pack_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.w_int4, m.w_group, m.w_sz)
     return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+# ---- triton: a GEMV over the packed codes (CUDA) ----
+
+
+def _triton_gemv():
+    """The Triton module, or None where Triton is missing (it is imported only for CUDA layers)."""
+    try:
+        from nanogptq.quant import triton_gemv
+    except ImportError:
+        return None
+    return triton_gemv
+
+
+def triton_supports(m: QuantLinear, device: torch.device) -> bool:
+    if device.type != "cuda" or m.g_idx is not None:  # act-order groups are not runs of columns
+        return False
+    tg = _triton_gemv()
+    return tg is not None and tg.supports(m.bits, m.group_size)
+
+
+def prepare_triton(m: QuantLinear) -> None:
+    _triton_gemv()  # registers torch.ops.nanogptq.gemv
+    zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
+    m.register_buffer("z_codes", zeros, persistent=False)
+
+
+def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, m.in_features)
+    if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
+        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.qweight, m.scales, m.z_codes, m.bits, m.group_size)
+    else:
+        y = F.linear(x2, m.dequantize_stored().to(x.dtype))
+    return y.reshape(*x.shape[:-1], m.out_features)

@@ -52,10 +52,11 @@ KERNELS: dict[str, Kernel] = {
     "dequant": Kernel(forward=_dequant_forward),
     "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports),
     "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports),
+    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports),  # CUDA only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports),  # quantizes activations: opt-in only
 }
 # "auto" takes the first kernel that supports the layer; put fast ones first
-AUTO_ORDER = ("int8pack", "int4pack", "dequant")
+AUTO_ORDER = ("triton", "int8pack", "int4pack", "dequant")
 
 
 def check_kernel(name: str) -> str:

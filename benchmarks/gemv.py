@@ -1,0 +1,129 @@
+"""Batch-1 linear layers alone on the GPU: each kernel's time and memory bandwidth per weight shape.
+
+    python benchmarks/gemv.py                      # the 7 B shape's four linears
+    python benchmarks/gemv.py --shapes 4800x1600 1600x1600 6400x1600 1600x6400
+
+Each variant's layer is called R times inside one CUDA graph (launch overhead excluded, as in a decoded
+model replayed from a graph); the graph is replayed --repeats times and the median per-call time is
+reported with the bytes the kernel reads (weights, scales, zero points) per second and as a fraction of
+the H100's 3.35 TB/s. Variants: bf16 F.linear (cuBLAS), the Triton GEMV at 8 bits (per row) and 4 bits
+(g128, asymmetric), and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales)
+and int4 tinygemm (`_weight_int4pack_mm`). Writes results/gemv_<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanogptq.quant import QuantizedWeight, QuantLinear
+
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM peak
+READS = {  # buffers each kernel reads
+    "triton": ("qweight", "scales", "z_codes"),
+    "int8pack": ("w_int8", "w_scales", "w_corr"),
+    "int4pack": ("w_int4", "w_sz"),
+}
+
+
+def quant_layer(n: int, k: int, bits: int, group_size: int, symmetric: bool, kernel: str) -> QuantLinear:
+    ng = 1 if group_size <= 0 else -(-k // group_size)
+    half = 2 ** (bits - 1)
+    qw = QuantizedWeight(
+        codes=torch.randint(0, 2 * half, (n, k), dtype=torch.uint8, device="cuda"),
+        scales=torch.full((n, ng), 0.02 / half, dtype=torch.float16, device="cuda"),
+        zeros=None if symmetric else torch.randint(0, 2 * half, (n, ng), dtype=torch.uint8, device="cuda"),
+        bits=bits,
+        group_size=group_size,
+    )
+    m = QuantLinear.from_quantized(qw, kernel=kernel)
+    m.prepare_kernel()
+    return m
+
+
+def bytes_read(m) -> int:
+    if isinstance(m, torch.Tensor):
+        return m.numel() * m.element_size()
+    tensors = [getattr(m, name, None) for name in READS[m.kernel]]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@torch.inference_mode()
+def time_call(fn, x: torch.Tensor, calls: int, repeats: int) -> float:
+    """Median seconds per call, from a CUDA graph of `calls` calls replayed `repeats` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: autotuning, lazy initialisation
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="*", default=["12288x4096", "4096x4096", "16384x4096", "4096x16384"],
+                   help="OUTxIN")
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gemv.py measures GPU kernels: no CUDA device found")
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    print("| shape | variant | us/call | GB/s | HBM roofline | x bf16 |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        variants = {
+            "bf16": (lambda x, w=w: F.linear(x, w), w),
+            "triton-int8": quant_layer(n, k, 8, -1, True, "triton"),
+            "triton-int4-g128": quant_layer(n, k, 4, 128, False, "triton"),
+            "stock-int8": quant_layer(n, k, 8, -1, True, "int8pack"),
+            "stock-int4-g128": quant_layer(n, k, 4, 128, False, "int4pack"),
+        }
+        base = None
+        for name, v in variants.items():
+            fn, reads = v if isinstance(v, tuple) else (v, v)
+            try:
+                t = time_call(fn, x, args.calls, args.repeats)
+            except Exception as e:  # a kernel that fails on this GPU gets a row, not a crash
+                print(f"| {shape} | {name} | ERROR {type(e).__name__}: {str(e)[:120]} | | | |")
+                rows.append({"shape": shape, "variant": name, "error": str(e)[:300]})
+                continue
+            base = t if name == "bf16" else base
+            gbs = bytes_read(reads) / t
+            row = {"shape": shape, "variant": name, "us": t * 1e6, "bytes": bytes_read(reads), "GB_s": gbs / 1e9,
+                   "roofline": gbs / HBM_BYTES_PER_S, "x_bf16": base / t if base else None}
+            rows.append(row)
+            ratio = "-" if row["x_bf16"] is None else f"{row['x_bf16']:.2f}"
+            print(f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / HBM_BYTES_PER_S:.0%} | {ratio} |",
+                  flush=True)
+    out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

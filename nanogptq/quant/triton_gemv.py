@@ -1,0 +1,162 @@
+"""A Triton GEMV for batch-1 decoding that reads the packed checkpoint codes as they are stored.
+
+For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k // group:
+
+    y[n] = sum_g s[n, g] * (sum_{k in g} x[k] q[n, k]  -  z[n, g] * sum_{k in g} x[k])
+
+so the inner loop is an integer-code dot product per group and the scale and zero point are applied once
+per group, not per weight. q is `QuantLinear.qweight` itself (pack.py: 8 bits one code per byte, 4 bits two
+per byte, the even column in the low nibble): no second weight layout is built, and the bytes read per token
+are the checkpoint's bytes. Each program owns BLOCK_N output rows and walks K in GPI groups of G columns per
+step; batch-1 decoding is memory bound, so the job is to keep enough bytes in flight, and the autotuner picks
+the tile per (N, K). Accumulation is fp32; x and y are in the activation dtype (bf16 on the GPU).
+
+The kernel is registered as the custom op `nanogptq::gemv` through torch.library.triton_op, so torch.compile
+sees through it and a CUDA graph captures it like any other kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
+
+
+def _configs() -> list[triton.Config]:
+    tiles = [(1, 8), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
+    return [
+        triton.Config({"BLOCK_N": bn, "GPI": gpi}, num_warps=w) for bn, gpi in tiles for w in (4, 8) if bn * gpi <= 64
+    ]
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    N,
+    K,
+    NG,  # tile groups: cdiv(K, G)
+    SG_DIV,  # tile groups per scale group (scale column = g // SG_DIV)
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_zn,
+    stride_ym,
+    BITS: tl.constexpr,
+    G: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GPI: tl.constexpr,
+):
+    PER: tl.constexpr = 8 // BITS  # codes per byte
+    GB: tl.constexpr = G // PER  # bytes per row of a tile group
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rg = tl.arange(0, GPI)
+    rb = tl.arange(0, GB)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    for g0 in range(0, NG, GPI):
+        g = g0 + rg
+        byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
+        col = byte * PER  # the column of the byte's first (low) code
+        w = tl.load(
+            w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :],
+            mask=nmask[:, None, None] & (col < K)[None, :, :],
+            other=0,
+        )
+        if BITS == 8:
+            xv = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
+            dot = tl.sum(w.to(tl.float32) * xv[None, :, :], axis=2)
+            xsum = tl.sum(xv, axis=1)
+        else:
+            x_lo = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)
+            q_lo = (w & 0xF).to(tl.float32)
+            q_hi = (w >> 4).to(tl.float32)
+            dot = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)
+            xsum = tl.sum(x_lo + x_hi, axis=1)
+        sg = g // SG_DIV
+        gmask = nmask[:, None] & (g < NG)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.float32)
+            acc += s * (dot - z * xsum[None, :])
+        else:
+            acc += s * (dot - (2 ** (BITS - 1)) * xsum[None, :])
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "BITS", "G"])(_gemv_kernel)
+
+
+def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
+    """(G, SG_DIV): the kernel's tile group and how many of them make one scale group.
+
+    Per-row (-1) and per-tensor (0) grids have one scale group spanning all of K: any tile works, and
+    SG_DIV = cdiv(K, G) maps every tile group to scale column 0.
+    """
+    if group_size > 0:
+        G = min(group_size, MAX_TILE_GROUP)
+        return G, group_size // G
+    G = 128 if bits == 4 else 256
+    return G, triton.cdiv(in_features, G)
+
+
+def supports(bits: int, group_size: int) -> bool:
+    """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work."""
+    if bits not in (4, 8):
+        return False
+    return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
+
+
+@triton_op("nanogptq::gemv", mutates_args=())
+def gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
+    (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    G, sg_div = tile_group(group_size, K, bits)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    stride_sn = 0 if scales.shape[0] == 1 else scales.stride(0)
+    stride_zn = 0 if zeros is None or zeros.shape[0] == 1 else zeros.stride(0)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), M)
+
+    # Triton's CPU interpreter (TRITON_INTERPRET=1, used to test the kernel without a GPU) cannot autotune
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    tile = {"BLOCK_N": 4, "GPI": 2} if interpreted else {}
+    wrap_triton(_gemv_kernel if interpreted else _gemv_tuned)[grid](
+        x,
+        qweight,
+        scales,
+        scales if zeros is None else zeros,  # an unused pointer when HAS_Z is off
+        y,
+        N,
+        K,
+        triton.cdiv(K, G),
+        sg_div,
+        x.stride(0),
+        qweight.stride(0),
+        stride_sn,
+        stride_zn,
+        y.stride(0),
+        BITS=bits,
+        G=G,
+        HAS_Z=zeros is not None,
+        **tile,
+    )
+    return y
