@@ -18,7 +18,7 @@ replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unle
 --compile each transformer block is also compiled by torch.compile first (regional compilation: the 32-48
 identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
 On CUDA the quantized variants run on the Triton GEMV ("triton", what --kernel auto picks there) and, for
-comparison in the same run, on PyTorch's stock ops (the "-stock" variants).
+comparison in the same run, on PyTorch's stock ops (the "stock-" variants).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
         Variant("w8a8", 8, ("w8a8", "int8pack", "dequant")),  # the head falls back where _int_mm can't
     ]
     if gpu:  # PyTorch's own ops, for comparison
-        out.insert(3, Variant("int8-stock", 8, ("int8pack", "dequant")))
-        out.insert(5, Variant(f"int4-g{g4}-stock", 4, ("int4pack", "int8pack", "dequant"), g4, False))
+        out.insert(3, Variant("stock-int8", 8, ("int8pack", "dequant")))
+        out.insert(5, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
     return out
 
 
@@ -112,7 +112,10 @@ def random_codes_quantize(model: GPT, bits: int, group_size: int, symmetric: boo
         ng = 1 if group_size <= 0 else -(-in_f // group_size)
         half = 2 ** (bits - 1)
         qw = QuantizedWeight(
-            codes=torch.randint(0, 2 * half, (out_f, in_f), dtype=torch.uint8, device=dev),
+            # codes 1 .. 2 * half - 1 are symmetric about the zero point: weights of mean 0, as trained ones
+            # (with 0 .. 2 * half - 1 the mean is -s / 2, which 4-bit scales make large enough to blow up
+            # the activations of a deep random model)
+            codes=torch.randint(1, 2 * half, (out_f, in_f), dtype=torch.uint8, device=dev),
             scales=torch.full((out_f, ng), 0.02 / (0.58 * half), dtype=torch.float16, device=dev),
             zeros=None if symmetric else torch.full((out_f, ng), half, dtype=torch.uint8, device=dev),
             bits=bits,
@@ -196,10 +199,6 @@ def time_decode(
     n = min(args.new_tokens, room - P)
     # the model's own static KV cache: every decode step has the same shapes, so it can be graph-captured
     model.setup_kv_cache(1, P + n + args.warmup)
-    if args.compile:
-        torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
-        for block in model.transformer.h:
-            block.compile(dynamic=False)
     dec = model
     prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
     positions = torch.arange(P, device=device)
@@ -212,6 +211,10 @@ def time_decode(
         sync(device)
         prefill.append(P / (time.perf_counter() - t0))
 
+    if args.compile:  # after the prefill, which stays eager: one compilation per variant, for decoding
+        torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
     step = CUDAGraphStep(model, 1) if args.graph else model
     decode = []
     for r in range(args.repeats + 1):
@@ -349,7 +352,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="timed per repeat; default 32 CPU, 128 CUDA")
     p.add_argument("--warmup", type=int, default=8, help="decode steps before timing")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (regional compilation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block for decoding (regional)")
     p.add_argument(
         "--graph",
         action=argparse.BooleanOptionalAction,

@@ -175,13 +175,6 @@ def test_cuda_kernels_match_dequant(kernel, bits, group_size, in_f, tol, rows, c
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_auto_picks_fast_kernels():
-    assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "int8pack"
-    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "int4pack"
-
-
-@cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize(
     "bits, group_size, in_f, symmetric",
     [

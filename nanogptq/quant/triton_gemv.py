@@ -2,17 +2,17 @@
 
 For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k // group:
 
-    y[n] = sum_g s[n, g] * (sum_{k in g} x[k] q[n, k]  -  z[n, g] * sum_{k in g} x[k])
+    y[n] = sum_k x[k] (q[n, k] - z[n, g]) s[n, g]
 
-so the inner loop is an integer-code dot product per group and the scale and zero point are applied once
-per group, not per weight. q is `QuantLinear.qweight` itself (pack.py: 8 bits one code per byte, 4 bits two
-per byte, the even column in the low nibble): no second weight layout is built, and the bytes read per token
-are the checkpoint's bytes. Each program owns BLOCK_N output rows and walks K in GPI groups of G columns per
-step; batch-1 decoding is memory bound, so the job is to keep enough bytes in flight, and the autotuner picks
-the tile per (N, K). Accumulation is fp32; x and y are in the activation dtype (bf16 on the GPU).
+with the codes dequantized in registers (fp32) and never written back. q is `QuantLinear.qweight` itself
+(pack.py: 8 bits one code per byte, 4 bits two per byte, the even column in the low nibble): no second
+weight layout is built, and the bytes read per token are the checkpoint's bytes. Each program owns BLOCK_N
+output rows and walks K in GPI groups of G columns per step; batch-1 decoding is memory bound, so the job
+is to keep enough bytes in flight, and the autotuner picks the tile per (N, K). Accumulation is fp32; x and
+y are in the activation dtype (bf16 on the GPU).
 
-The kernel is registered as the custom op `nanogptq::gemv` through torch.library.triton_op, so torch.compile
-sees through it and a CUDA graph captures it like any other kernel.
+The kernel is registered as the custom op `nanogptq::gemv` (opaque to torch.compile, which calls it as it
+is; a CUDA graph captures it like any other kernel).
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 
 
 def _configs() -> list[triton.Config]:
-    tiles = [(1, 8), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
+    tiles = [(1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
     return [
-        triton.Config({"BLOCK_N": bn, "GPI": gpi}, num_warps=w) for bn, gpi in tiles for w in (4, 8) if bn * gpi <= 64
+        triton.Config({"BLOCK_N": bn, "GPI": gpi, "ACC3": acc3}, num_warps=w)
+        for bn, gpi in tiles
+        for w in (4, 8)
+        for acc3 in (True, False)
+        if bn * gpi <= 64
     ]
 
 
@@ -55,6 +58,7 @@ def _gemv_kernel(
     HAS_Z: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GPI: tl.constexpr,
+    ACC3: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     GB: tl.constexpr = G // PER  # bytes per row of a tile group
@@ -64,7 +68,12 @@ def _gemv_kernel(
     rg = tl.arange(0, GPI)
     rb = tl.arange(0, GB)
     x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    # ACC3: accumulate per element and reduce once at the end (no cross-thread reduction per step), else
+    # reduce each step into (BLOCK_N, GPI); the autotuner tries both
+    if ACC3:
+        acc = tl.zeros((BLOCK_N, GPI, GB), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
     for g0 in range(0, NG, GPI):
         g = g0 + rg
         byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
@@ -74,26 +83,34 @@ def _gemv_kernel(
             mask=nmask[:, None, None] & (col < K)[None, :, :],
             other=0,
         )
-        if BITS == 8:
-            xv = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
-            dot = tl.sum(w.to(tl.float32) * xv[None, :, :], axis=2)
-            xsum = tl.sum(xv, axis=1)
-        else:
-            x_lo = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)
-            q_lo = (w & 0xF).to(tl.float32)
-            q_hi = (w >> 4).to(tl.float32)
-            dot = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)
-            xsum = tl.sum(x_lo + x_hi, axis=1)
         sg = g // SG_DIV
         gmask = nmask[:, None] & (g < NG)[None, :]
         s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.float32)
-            acc += s * (dot - z * xsum[None, :])
         else:
-            acc += s * (dot - (2 ** (BITS - 1)) * xsum[None, :])
-    y = tl.sum(acc, axis=1)
+            z = tl.full((BLOCK_N, GPI), 2 ** (BITS - 1), tl.float32)
+        s3 = s[:, :, None]
+        z3 = z[:, :, None]
+        if BITS == 8:
+            xv = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
+            part = (w.to(tl.float32) - z3) * s3 * xv[None, :, :]
+        else:
+            # x in one contiguous (vectorised) load, then split into the low- and high-nibble columns
+            pair = col[:, :, None] + tl.arange(0, 2)[None, None, :]  # (GPI, GB, 2)
+            xv = tl.load(x_row + pair, mask=pair < K, other=0.0).to(tl.float32)
+            x_lo, x_hi = tl.split(xv)
+            q_lo = (w & 0xF).to(tl.float32) - z3
+            q_hi = (w >> 4).to(tl.float32) - z3
+            part = (q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]) * s3
+        if ACC3:
+            acc += part
+        else:
+            acc += tl.sum(part, axis=2)
+    if ACC3:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -120,7 +137,7 @@ def supports(bits: int, group_size: int) -> bool:
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
-@triton_op("nanogptq::gemv", mutates_args=())
+@torch.library.custom_op("nanogptq::gemv", mutates_args=())
 def gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
@@ -138,8 +155,8 @@ def gemv(
 
     # Triton's CPU interpreter (TRITON_INTERPRET=1, used to test the kernel without a GPU) cannot autotune
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    tile = {"BLOCK_N": 4, "GPI": 2} if interpreted else {}
-    wrap_triton(_gemv_kernel if interpreted else _gemv_tuned)[grid](
+    tile = {"BLOCK_N": 4, "GPI": 2, "ACC3": os.environ.get("NANOGPTQ_GEMV_ACC3", "1") == "1"} if interpreted else {}
+    (_gemv_kernel if interpreted else _gemv_tuned)[grid](
         x,
         qweight,
         scales,
@@ -160,3 +177,8 @@ def gemv(
         **tile,
     )
     return y
+
+
+@gemv.register_fake
+def _(x, qweight, scales, zeros, bits, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0])
