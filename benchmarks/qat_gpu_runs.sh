@@ -2,12 +2,15 @@
 # The QAT ablation and the PTQ sweep on one H100, all runs at once (small models leave the GPU idle
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
-# The PTQ sweep quantizes $PTQ_BASELINE (default: the `small` fp32 model of `reference_runs.sh small`).
+# Validation is nanoGPT's split (the last 10% of each text) unless SPLIT=chunks. Results go to
+# results/qat${TAG}_{shakespeare,tinystories}.json (TAG default "_tail"). With PTQ_BASELINE set, the PTQ sweep
+# of that checkpoint runs alongside.
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
-common="--preset small --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
+TAG=${TAG-_tail}
+common="--preset small --split ${SPLIT:-tail} --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
         --compile --no-progress --max-time ${MAX_TIME:-280}"
 fp="--lr 1e-3 --min-lr 1e-4"
 bitnet="--lr 3e-3 --min-lr 3e-4 --lr-schedule bitnet"
@@ -16,8 +19,10 @@ train() {  # dataset name flags...
   $PY -m nanogptq.cli train --dataset $ds --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
 mkdir -p $R results
-timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py ${PTQ_BASELINE:-runs/small-shakespeare/best} --out results/ptq_small_shakespeare --device cuda \
-  > $R/ptq_sweep.log 2>&1 &
+if [ -n "${PTQ_BASELINE:-}" ]; then
+  timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py "$PTQ_BASELINE" --out results/ptq_small_shakespeare \
+    --device cuda > $R/ptq_sweep.log 2>&1 &
+fi
 for ds in shakespeare tinystories; do
   train $ds fp32 $fp &
   train $ds weights_only_bitnet $bitnet --qat-config configs/qat/weights_only.json &
@@ -28,8 +33,8 @@ done
 train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
 wait
 $PY benchmarks/summarize_runs.py $R/shakespeare/{fp32,weights_only_fp_lr,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat_shakespeare.json 2>&1 | tail -9
+  --device cuda --out results/qat${TAG}_shakespeare.json 2>&1 | tail -9
 $PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat_tinystories.json 2>&1 | tail -8
+  --device cuda --out results/qat${TAG}_tinystories.json 2>&1 | tail -8
 # the best 2-bit GPTQ of the TinyStories fp32 model, to set against ternary QAT
-$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out results/ptq2_small_tinystories --device cuda 2>&1 | tail -14
+$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out results/ptq2${TAG}_small_tinystories --device cuda 2>&1 | tail -14
