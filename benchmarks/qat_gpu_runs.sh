@@ -2,7 +2,7 @@
 # The QAT ablation and the PTQ sweep on one H100, all runs at once (small models leave the GPU idle
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
-# Validation is nanoGPT's split (the last 10% of each text) unless SPLIT=chunks. Results go to
+# Tiny Shakespeare validates on nanoGPT's split (the last 10% of the text) unless SPLIT=chunks. Results go to
 # results/qat${TAG}_{shakespeare,tinystories}.json (TAG default "_tail"). With PTQ_BASELINE set, the PTQ sweep
 # of that checkpoint runs alongside.
 set -uo pipefail
@@ -10,13 +10,15 @@ PY=${PY:-python3}
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
 TAG=${TAG-_tail}
-common="--preset small --split ${SPLIT:-tail} --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
+common="--preset small --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
         --compile --no-progress --max-time ${MAX_TIME:-280}"
 fp="--lr 1e-3 --min-lr 1e-4"
 bitnet="--lr 3e-3 --min-lr 3e-4 --lr-schedule bitnet"
 train() {  # dataset name flags...
   local ds=$1 name=$2; shift 2
-  $PY -m nanogptq.cli train --dataset $ds --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
+  # TinyStories keeps the seeded-chunk split: the subset's last 10% has characters its first 90% lacks
+  local split=chunks; [ $ds = shakespeare ] && split=${SPLIT:-tail}
+  $PY -m nanogptq.cli train --dataset $ds --split $split --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
 mkdir -p $R results
 if [ -n "${PTQ_BASELINE:-}" ]; then
