@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint  # noqa: E402
 from nanogptq.evaluate import describe  # noqa: E402
 from nanogptq.generate import Generation, SampleSettings, encode_prompt, stream_text  # noqa: E402
+from nanogptq.model import compile_blocks  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,12 @@ def _method(described: dict) -> str:
     return f"{described['method']} int{bits}" if isinstance(bits, int) and bits < 32 else described["method"]
 
 
-def load_variants(paths: list[Path], device: str) -> list[Variant]:
+def load_variants(paths: list[Path], device: str, compile: bool = False) -> list[Variant]:
     variants: list[Variant] = []
     for path in paths:
         ckpt = load_checkpoint(path, device=device)
+        if compile:
+            compile_blocks(ckpt.model)
         key = ckpt.name
         if key in {v.key for v in variants}:  # runs/a/best and runs/b/best: say which run
             key = f"{ckpt.path.parent.name}/{ckpt.name}"
@@ -227,9 +230,9 @@ def report_section(report_dir: Path) -> None:
 
 
 def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "results",
-              device: str = "cpu") -> gr.Blocks:
+              device: str = "cpu", compile: bool = False) -> gr.Blocks:
     paths = [Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints()
-    variants = load_variants(paths, device)
+    variants = load_variants(paths, device, compile)
     if not ckpt_paths:  # the main job's outputs: widest first, so the page reads baseline -> smallest
         variants.sort(key=lambda v: -(v.bits_per_weight or 0))
     n = len(variants)
@@ -283,9 +286,10 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "res
 
 
 def launch(ckpt_paths: list[str] | None = None, host: str = "127.0.0.1", port: int = 7860,
-           report_dir: str | Path = "results", device: str = "cpu", block: bool = True) -> gr.Blocks:
+           report_dir: str | Path = "results", device: str = "cpu", block: bool = True,
+           compile: bool = False) -> gr.Blocks:
     """Build and serve the demo; block=False returns the running app (call .close() when done)."""
-    demo = build_app(ckpt_paths, report_dir=report_dir, device=device)
+    demo = build_app(ckpt_paths, report_dir=report_dir, device=device, compile=compile)
     # one generation at a time: the models keep a KV cache per module, and CPUs are busy enough;
     # further users wait in the queue (Gradio shows their position) instead of failing
     demo.queue(default_concurrency_limit=1, max_size=32)

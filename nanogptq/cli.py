@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, SampleSettings, {})
     p.add_argument("--device", default="auto")
     p.add_argument("--kernel", default="auto", help="quantized kernel: auto, dequant, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (faster decoding after a "
+                   "one-off compilation; on the GPU with the CUDA graph replay)")
 
     p = sub.add_parser("eval", help="perplexity over the whole validation split")
     p.add_argument("ckpt", help="checkpoint folder")
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--report", default="results", help="folder with the compare report to show")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model's blocks at start-up")
     return parser
 
 
@@ -125,6 +128,10 @@ def run(args: argparse.Namespace) -> None:
         from nanogptq.generate import generate_text
 
         ckpt = load_checkpoint(args.ckpt, device=_device(args.device), kernel=args.kernel)
+        if args.compile:
+            from nanogptq.model import compile_blocks
+
+            compile_blocks(ckpt.model)
         settings = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})
         for i in range(args.num_samples):
             if settings.seed is not None and i:
@@ -166,7 +173,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from nanogptq.app import launch
 
-        launch(args.ckpts, host=args.host, port=args.port, report_dir=args.report, device=_device(args.device))
+        launch(args.ckpts, host=args.host, port=args.port, report_dir=args.report, device=_device(args.device),
+               compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> None:

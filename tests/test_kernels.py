@@ -16,7 +16,7 @@ from nanogptq.data import CharTokenizer
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant import QuantConfig, QuantLinear, quant_meta, quantize, rtn_quantize_weight
 from nanogptq.quant import kernels as K
-from nanogptq.quant.linear import AUTO_ORDER, KERNELS
+from nanogptq.quant.linear import AUTO_ORDER, KERNELS, auto_kernel
 
 BF16_TOL = 1e-2  # measured ~3e-3 per layer
 W8A8_TOL = 3e-2  # measured ~6e-3 per layer
@@ -119,6 +119,17 @@ def test_auto_picks_fast_kernels_on_cpu():
     assert "w8a8" in KERNELS and "w8a8" not in AUTO_ORDER  # it changes numerics: opt-in only
 
 
+def test_auto_choice_for_cuda_layers():
+    """What "auto" resolves to on a CUDA device (the choice only reads the layer and the device type, so
+    it is checked here without a GPU): Triton for 8 bits where Triton is installed, tinygemm for 4 bits."""
+    has_triton = K._triton_gemv() is not None
+    gpu = torch.device("cuda")
+    assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), gpu) == ("triton" if has_triton else "int8pack")
+    assert auto_kernel(layer(64, 256, 4, 128, False, "dequant"), gpu) == "int4pack"
+    assert auto_kernel(layer(64, 1600, 4, 128, False, "dequant"), gpu) == ("triton" if has_triton else "dequant")
+    assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), CPU) == "int8pack"  # never Triton on the CPU
+
+
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=128))
@@ -206,7 +217,8 @@ def test_cuda_triton_gemv_matches_dequant(bits, group_size, in_f, symmetric, row
 @pytest.mark.gpu
 def test_cuda_auto_picks_triton_and_falls_back():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
-    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"
+    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "int4pack"  # tinygemm first at 4 bits
+    assert layer(64, 1600, 4, 128, False, "auto", device="cuda").kernel == "triton"  # 128 does not divide 1600
     assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
 
 

@@ -73,3 +73,15 @@ def test_context_overflow_is_an_error():
     m = small_model()
     with pytest.raises(ValueError, match="exceeds the context"):
         m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_compiled_blocks_generate_the_same_tokens():
+    """`sample --compile` / `demo --compile`: regional compilation changes speed, not the tokens."""
+    from nanogptq.model import compile_blocks
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(0, 32, (1, 5))
+    eager = model.generate(prompt, 8, temperature=0.0)
+    compile_blocks(model)
+    assert torch.equal(model.generate(prompt, 8, temperature=0.0), eager)

@@ -14,8 +14,9 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
     triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) that reads `qweight` as stored, for
               decode-sized inputs (up to CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to
-              the activation dtype and use cuBLAS. The stock ops fall short on the H100 at batch 1 (int8pack
-              is 0.11x bf16, tinygemm int4 reaches half the HBM bandwidth), so "auto" picks this first there.
+              the activation dtype and use cuBLAS. The stock int8 op falls short on the H100 at batch 1
+              (0.2x bf16), so "auto" picks this one for 8 bits there; at 4 bits tinygemm is faster and this
+              serves the layers tinygemm cannot (groups that do not divide in_features).
     w8a8      int8pack's weights times int8 activations quantized per token on the fly (symmetric,
               absmax / 127), through torch._int_mm (int32 accumulation) on CPU and CUDA. Changes the
               numerics (activation rounding), so "auto" never picks it.
