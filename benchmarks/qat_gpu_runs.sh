@@ -3,13 +3,13 @@
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
 # Tiny Shakespeare validates on nanoGPT's split (the last 10% of the text) unless SPLIT=chunks. Results go to
-# results/qat${TAG}_{shakespeare,tinystories}.json (TAG default "_tail"). With PTQ_BASELINE set, the PTQ sweep
+# results/qat_shakespeare_$SPLIT.json and results/qat_tinystories.json. With PTQ_BASELINE set, the PTQ sweep
 # of that checkpoint runs alongside.
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
-TAG=${TAG-_tail}
+SPLIT=${SPLIT:-tail}
 common="--preset small --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
         --compile --no-progress --max-time ${MAX_TIME:-280}"
 fp="--lr 1e-3 --min-lr 1e-4"
@@ -17,7 +17,7 @@ bitnet="--lr 3e-3 --min-lr 3e-4 --lr-schedule bitnet"
 train() {  # dataset name flags...
   local ds=$1 name=$2; shift 2
   # TinyStories keeps the seeded-chunk split: the subset's last 10% has characters its first 90% lacks
-  local split=chunks; [ $ds = shakespeare ] && split=${SPLIT:-tail}
+  local split=chunks; [ $ds = shakespeare ] && split=$SPLIT
   $PY -m nanogptq.cli train --dataset $ds --split $split --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
 mkdir -p $R results
@@ -35,8 +35,8 @@ done
 train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
 wait
 $PY benchmarks/summarize_runs.py $R/shakespeare/{fp32,weights_only_fp_lr,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat${TAG}_shakespeare.json 2>&1 | tail -9
+  --device cuda --out results/qat_shakespeare_$SPLIT.json 2>&1 | tail -9
 $PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat${TAG}_tinystories.json 2>&1 | tail -8
+  --device cuda --out results/qat_tinystories.json 2>&1 | tail -8
 # the best 2-bit GPTQ of the TinyStories fp32 model, to set against ternary QAT
-$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out results/ptq2${TAG}_small_tinystories --device cuda 2>&1 | tail -14
+$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out results/ptq2_small_tinystories --device cuda 2>&1 | tail -14

@@ -9,11 +9,14 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   bash benchmarks/reference_runs.sh shakespeare                    # 1. shakespeare preset, 2-minute budget
   bash benchmarks/reference_runs.sh small                          # 2. the `small` fp32 baselines
   PTQ_BASELINE=runs/small-shakespeare/best bash benchmarks/qat_gpu_runs.sh   # 2-3. PTQ sweep + QAT ablation
+  SPLIT=chunks bash benchmarks/qat_gpu_runs.sh                     # 3. the ablation on the chunk split
   $PY benchmarks/qat_step_time.py --preset small                   # 3. QAT step-time slowdown
   $PY benchmarks/qat_step_time.py --preset shakespeare
   $PY benchmarks/gptq_layer.py                                     # 2. GPTQ on a 4096 x 4096 layer
   $PY benchmarks/train_throughput.py --out results/train_throughput_h100.json
-  $PY benchmarks/decode.py --device cuda --sizes gpt2-small gpt2-xl 7b
+  OUT=results bash benchmarks/gpu_inference.sh                     # 4. CUDA kernel tests, GEMV table, decode
+  $PY benchmarks/decode.py --device cuda --sizes tiny small shakespeare gpt2-small gpt2-xl 7b \
+    --new-tokens 64 --repeats 3 --json results/decode_cuda_graph_only.json   # 4. without --compile
 fi
 bash benchmarks/cpu_budget.sh                                      # 1. tiny preset vs nanoGPT on CPU
 $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train_throughput_cpu.json
