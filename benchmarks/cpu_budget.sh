@@ -6,7 +6,7 @@
 set -euo pipefail
 PY=${PY:-python}
 common="--preset tiny --dataset shakespeare --split tail --warmup-steps 50 --eval-batches 10 --device cpu"
-$PY -m nanogptq.cli train $common --out-dir runs/cpu-2min --batch-size 16 --lr 3e-3 --min-lr 3e-4 --eval-interval 100 \
+$PY -m nanogptq.cli train $common --out-dir runs/cpu-2min --batch-size 16 --lr 4e-3 --min-lr 4e-4 --eval-interval 100 \
   --max-steps 1000 --max-time 120
 # 5 minutes: a larger batch, a higher peak, and torch.compile (~20 s of compiling, counted in the budget)
 $PY -m nanogptq.cli train $common --out-dir runs/cpu-5min --batch-size 24 --lr 4e-3 --min-lr 2e-4 --eval-interval 200 \

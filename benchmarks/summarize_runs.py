@@ -2,7 +2,7 @@
 split, mean step time from metrics.jsonl, file size; QAT runs are also exported to packed ternary
 weights and evaluated again. Prints a Markdown table and writes JSON.
 
-    python benchmarks/summarize_runs.py runs/qat/shakespeare/{fp32,weights_only,...} --out results/qat_shakespeare_tail.json
+    python benchmarks/summarize_runs.py runs/qat/shakespeare/{fp32,...} --out results/qat_shakespeare_tail.json
 
 The first run is the baseline the others are compared with.
 """

@@ -252,7 +252,7 @@ def test_triton_gemv_in_the_interpreter():
 import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
 from nanogptq.quant.pack import unpack
-from nanogptq.quant.triton_gemv import gemv
+from nanogptq.quant.triton_gemv import gemv, launch
 for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
                          (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 100)]:
     W = torch.randn(24, K) * 0.05
@@ -261,8 +261,11 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     z = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
     x = torch.randn(2, K)
     ref = x @ m.dequantize().T
-    err = ((gemv(x, m.qweight, m.scales, z, bits, gs) - ref).norm() / ref.norm()).item()
-    assert err < 1e-5, (bits, gs, sym, K, err)
+    ys = [gemv(x, m.qweight, m.scales, z, bits, gs)]  # the custom op
+    ys += [launch(x, m.qweight, m.scales, z, bits, gs, {"BLOCK_N": 2, "GPI": 4, "ACC3": False})]  # the other path
+    for y in ys:
+        err = ((y - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (bits, gs, sym, K, err)
 """
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

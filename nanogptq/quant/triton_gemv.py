@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
+INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
 
 
 def _configs() -> list[triton.Config]:
@@ -137,12 +138,17 @@ def supports(bits: int, group_size: int) -> bool:
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
-@torch.library.custom_op("nanogptq::gemv", mutates_args=())
-def gemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+def launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
-    (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
+    """The kernel on explicit tensors; `config` (BLOCK_N, GPI, ACC3) skips the autotuner, as Triton's CPU
+    interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU) needs."""
     M, K = x.shape
     N = qweight.shape[0]
     G, sg_div = tile_group(group_size, K, bits)
@@ -153,10 +159,7 @@ def gemv(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), M)
 
-    # Triton's CPU interpreter (TRITON_INTERPRET=1, used to test the kernel without a GPU) cannot autotune
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    tile = {"BLOCK_N": 4, "GPI": 2, "ACC3": os.environ.get("NANOGPTQ_GEMV_ACC3", "1") == "1"} if interpreted else {}
-    (_gemv_kernel if interpreted else _gemv_tuned)[grid](
+    (_gemv_kernel if config else _gemv_tuned)[grid](
         x,
         qweight,
         scales,
@@ -174,9 +177,19 @@ def gemv(
         BITS=bits,
         G=G,
         HAS_Z=zeros is not None,
-        **tile,
+        **(config or {}),
     )
     return y
+
+
+@torch.library.custom_op("nanogptq::gemv", mutates_args=())
+def gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
+    (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot autotune
+    return launch(x, qweight, scales, zeros, bits, group_size, INTERPRETER_CONFIG if interpreted else None)
 
 
 @gemv.register_fake
