@@ -75,7 +75,7 @@ class KVCache(nn.Module):
 def compile_blocks(model: GPT) -> None:
     """torch.compile each transformer block in place (regional compilation: the identical blocks share one
     compiled graph, so it compiles once, not once per layer). On the GPU this fuses the small elementwise
-    kernels around the matmuls, which at batch 1 cost as much as the matmuls themselves."""
+    kernels around the matmuls, which at batch 1 cost a small model as much as its matmuls."""
     for block in model.transformer.h:
         block.compile()
 
