@@ -10,7 +10,7 @@ PY=${PY:-python3}
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
 SPLIT=${SPLIT:-tail}
-common="--preset small --batch-size 32 --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
+common="--preset small --batch-size ${BATCH:-32} --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
         --compile --no-progress --max-time ${MAX_TIME:-280}"
 fp="--lr 1e-3 --min-lr 1e-4"
 bitnet="--lr 3e-3 --min-lr 3e-4 --lr-schedule bitnet"
