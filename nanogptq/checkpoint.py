@@ -93,6 +93,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state
     return path
 
 
+def update_meta(path: str | Path, meta: dict) -> None:
+    """Replace a checkpoint's config.json (e.g. to record metrics) atomically: temp file, fsync, rename."""
+    path = Path(path)
+    tmp = path / (CONFIG + ".tmp")
+    _write_json(tmp, meta)
+    os.replace(tmp, path / CONFIG)
+    _fsync_dir(path)
+
+
 def _existing(path: Path) -> Path:
     """The checkpoint folder, or the previous one if a kill fell between the swap's two renames."""
     old = path.with_name(path.name + ".old")

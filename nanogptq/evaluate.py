@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint
+from nanogptq.checkpoint import Checkpoint, load_checkpoint, update_meta
 from nanogptq.data import prepare_data, val_windows
 from nanogptq.quant import bits_per_weight
 
@@ -60,9 +59,7 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     if save:
         meta = dict(ckpt.meta)
         meta["metrics"] = {**meta.get("metrics", {}), **result}
-        tmp = ckpt.path / (CONFIG + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, ckpt.path / CONFIG)
+        update_meta(ckpt.path, meta)
         ckpt.meta = meta
     return result
 

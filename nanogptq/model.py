@@ -15,6 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_keys(cls: type, d: dict, source: str) -> None:
+    """Config files are read strictly: a key that is not a field of the dataclass `cls` is an error that
+    names it (a typo must not silently fall back to a default)."""
+    known = {f.name for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 65
@@ -30,10 +39,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_keys(cls, d, "model config")
         return cls(**d)
 
 

@@ -21,14 +21,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+from nanogptq.model import check_keys
+from nanogptq.quant.config import BLOCK_LINEARS
+
 NORMS = ("rms", "layer", "none")
 ATTN_ACTS = (None, "int8", "int4", "ternary")
 TRITS_PER_BYTE = 5
@@ -74,10 +76,7 @@ class QATConfig:
     def from_dict(cls, d: dict, source: str = "qat config") -> QATConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        check_keys(cls, d, source)
         try:
             return cls(**d)
         except ValueError as e:
