@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
 from nanogptq.quant import QuantConfig, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
-from nanogptq.quant.linear import KERNELS
+from nanogptq.quant.linear import auto_kernel
 
 SIZES = {
     **{name: GPTConfig(vocab_size=65, **cfg) for name, cfg in PRESETS.items()},  # char-level presets
@@ -48,14 +48,6 @@ SIZES = {
     "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
 }
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM peak
-# buffers each kernel reads per token (the packed checkpoint buffers stay resident but unread)
-KERNEL_BUFFERS = {
-    "int8pack": ("w_int8", "w_scales", "w_corr"),
-    "w8a8": ("w_int8", "w_scales", "w_corr"),
-    "int4pack": ("w_int4", "w_sz"),
-    "triton": ("qweight", "scales", "z_codes"),
-}
-PACKED_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
 
 
 @dataclass
@@ -102,28 +94,41 @@ def random_model(cfg: GPTConfig, device: torch.device) -> GPT:
         return GPT(cfg).eval()
 
 
+def random_quant_linear(
+    out_f: int,
+    in_f: int,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    device: torch.device | str,
+    bias: torch.Tensor | None = None,
+    kernel: str = "auto",
+) -> QuantLinear:
+    """A QuantLinear of random codes (speed does not depend on the values), weights of about std 0.02."""
+    ng = 1 if group_size <= 0 else -(-in_f // group_size)
+    half = 2 ** (bits - 1)
+    qw = QuantizedWeight(
+        # codes 1 .. 2 * half - 1 are symmetric about the zero point: weights of mean 0, as trained ones
+        # (with 0 .. 2 * half - 1 the mean is -s / 2, which 4-bit scales make large enough to blow up
+        # the activations of a deep random model)
+        codes=torch.randint(1, 2 * half, (out_f, in_f), dtype=torch.uint8, device=device),
+        scales=torch.full((out_f, ng), 0.02 / (0.58 * half), dtype=torch.float16, device=device),
+        zeros=None if symmetric else torch.full((out_f, ng), half, dtype=torch.uint8, device=device),
+        bits=bits,
+        group_size=group_size,
+    )
+    q = QuantLinear.from_quantized(qw, bias, kernel=kernel)
+    q.prepare_kernel()
+    return q
+
+
 def random_codes_quantize(model: GPT, bits: int, group_size: int, symmetric: bool) -> GPT:
     """What quantize() builds (block linears + 8-bit per-row head/embedding), from random codes: for
-    shapes where RTN would take long. Scales give weights of about std 0.02."""
+    shapes where RTN would take long."""
 
     def qlinear(layer: nn.Linear, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
         out_f, in_f = layer.weight.shape
-        dev = layer.weight.device
-        ng = 1 if group_size <= 0 else -(-in_f // group_size)
-        half = 2 ** (bits - 1)
-        qw = QuantizedWeight(
-            # codes 1 .. 2 * half - 1 are symmetric about the zero point: weights of mean 0, as trained ones
-            # (with 0 .. 2 * half - 1 the mean is -s / 2, which 4-bit scales make large enough to blow up
-            # the activations of a deep random model)
-            codes=torch.randint(1, 2 * half, (out_f, in_f), dtype=torch.uint8, device=dev),
-            scales=torch.full((out_f, ng), 0.02 / (0.58 * half), dtype=torch.float16, device=dev),
-            zeros=None if symmetric else torch.full((out_f, ng), half, dtype=torch.uint8, device=dev),
-            bits=bits,
-            group_size=group_size,
-        )
-        q = QuantLinear.from_quantized(qw, layer.bias)
-        q.prepare_kernel()
-        return q
+        return random_quant_linear(out_f, in_f, bits, group_size, symmetric, layer.weight.device, layer.bias)
 
     for block in model.transformer.h:
         for name in QuantConfig().layers:
@@ -138,8 +143,7 @@ def set_kernels(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     used = []
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            device = m.qweight.device
-            m.kernel = next(n for n in names if KERNELS[n].supports(m, device))
+            m.kernel = auto_kernel(m, m.qweight.device, names)
             m.prepare_kernel()
             used += [m.kernel] if m.kernel not in used else []
     return used
@@ -159,8 +163,7 @@ def weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         tensors = list(mod._parameters.values())
         if isinstance(mod, QuantLinear):
-            names = KERNEL_BUFFERS.get(mod.kernel, PACKED_BUFFERS) + ("bias", "rot")
-            tensors += [getattr(mod, n, None) for n in names]
+            tensors += mod.read_tensors()
         for t in tensors:
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -199,7 +202,6 @@ def time_decode(
     n = min(args.new_tokens, room - P)
     # the model's own static KV cache: every decode step has the same shapes, so it can be graph-captured
     model.setup_kv_cache(1, P + n + args.warmup)
-    dec = model
     prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
     positions = torch.arange(P, device=device)
 
@@ -207,7 +209,7 @@ def time_decode(
     for _ in range(args.repeats + 1):  # the first run warms up
         sync(device)
         t0 = time.perf_counter()
-        logits = dec(prompt, input_pos=positions)[0]
+        logits = model(prompt, input_pos=positions)[0]
         sync(device)
         prefill.append(P / (time.perf_counter() - t0))
 

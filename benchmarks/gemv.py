@@ -20,37 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from decode import HBM_BYTES_PER_S, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
-from nanogptq.quant import QuantizedWeight, QuantLinear
-
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM peak
-READS = {  # buffers each kernel reads
-    "triton": ("qweight", "scales", "z_codes"),
-    "int8pack": ("w_int8", "w_scales", "w_corr"),
-    "int4pack": ("w_int4", "w_sz"),
-}
+from nanogptq.quant import QuantLinear
 
 
 def quant_layer(n: int, k: int, bits: int, group_size: int, symmetric: bool, kernel: str) -> QuantLinear:
-    ng = 1 if group_size <= 0 else -(-k // group_size)
-    half = 2 ** (bits - 1)
-    qw = QuantizedWeight(
-        codes=torch.randint(0, 2 * half, (n, k), dtype=torch.uint8, device="cuda"),
-        scales=torch.full((n, ng), 0.02 / half, dtype=torch.float16, device="cuda"),
-        zeros=None if symmetric else torch.randint(0, 2 * half, (n, ng), dtype=torch.uint8, device="cuda"),
-        bits=bits,
-        group_size=group_size,
-    )
-    m = QuantLinear.from_quantized(qw, kernel=kernel)
-    m.prepare_kernel()
-    return m
+    return random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel=kernel)
 
 
 def bytes_read(m) -> int:
-    if isinstance(m, torch.Tensor):
-        return m.numel() * m.element_size()
-    tensors = [getattr(m, name, None) for name in READS[m.kernel]]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    tensors = [m] if isinstance(m, torch.Tensor) else m.read_tensors()
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.inference_mode()

@@ -37,11 +37,16 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     return Q * torch.sign(torch.diagonal(R))  # the sign fix makes the distribution uniform (Haar)
 
 
+PACKED_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
+INT8_LAYOUT = ("w_int8", "w_scales", "w_corr")
+
+
 @dataclass(frozen=True)
 class Kernel:
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]  # x already rotated; bias added after
     prepare: Callable[[QuantLinear], None] = lambda m: None
     supports: Callable[[QuantLinear, torch.device], bool] = lambda m, device: True
+    reads: tuple[str, ...] = PACKED_BUFFERS  # the buffers one forward reads: weight bytes per token
 
 
 def _dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -50,18 +55,21 @@ def _dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 KERNELS: dict[str, Kernel] = {
     "dequant": Kernel(forward=_dequant_forward),
-    "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports),
-    "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports),
-    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports),  # CUDA only
-    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports),  # quantizes activations: opt-in only
+    "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
+    "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz")),
+    # CUDA only
+    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("qweight", "scales", "z_codes")),
+    # quantizes activations: opt-in only
+    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H100 (README):
 # tinygemm beats our Triton GEMV at 4 bits, the Triton GEMV beats everything stock at 8 bits.
 AUTO_ORDER = ("int4pack", "triton", "int8pack", "dequant")
 
 
-def auto_kernel(m: QuantLinear, device: torch.device) -> str:
-    return next(k for k in AUTO_ORDER if KERNELS[k].supports(m, device))
+def auto_kernel(m: QuantLinear, device: torch.device, order: tuple[str, ...] = AUTO_ORDER) -> str:
+    """The first kernel of `order` that supports the layer on `device`."""
+    return next(k for k in order if KERNELS[k].supports(m, device))
 
 
 def check_kernel(name: str) -> str:
@@ -166,6 +174,12 @@ class QuantLinear(nn.Module):
             x = x @ self.rot.to(x.dtype)  # x' = U^T x for column vectors
         y = KERNELS[self.kernel].forward(self, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def read_tensors(self) -> list[torch.Tensor]:
+        """What one forward reads from memory with the current kernel (the packed buffers stay resident
+        beside a kernel's own layout, unread)."""
+        names = (*KERNELS[self.kernel].reads, "bias", "rot")
+        return [t for n in names if (t := getattr(self, n, None)) is not None]
 
     def extra_repr(self) -> str:
         return (
