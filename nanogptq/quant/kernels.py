@@ -43,6 +43,11 @@ CPU_GEMV_MAX_ROWS = 16  # above this many rows the CPU int8 kernel (a GEMV loop)
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm supports, largest (fewest scales) first
 
 
+def dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference: dequantize the stored grid, then a float matmul (caches nothing)."""
+    return F.linear(x, m.dequantize_stored().to(x.dtype))
+
+
 def _zero_points(m: QuantLinear) -> torch.Tensor:
     """Float zero points (rows, n_groups) of the stored grid."""
     if m.qzeros is None:
@@ -200,5 +205,5 @@ def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
         y = torch.ops.nanogptq.gemv(x2.contiguous(), m.qweight, m.scales, m.z_codes, m.bits, m.group_size)
     else:
-        y = F.linear(x2, m.dequantize_stored().to(x.dtype))
+        y = dequant_forward(m, x2)
     return y.reshape(*x.shape[:-1], m.out_features)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanogptq.quant import kernels as K
 from nanogptq.quant.pack import pack, packed_len, unpack
@@ -49,12 +48,8 @@ class Kernel:
     reads: tuple[str, ...] = PACKED_BUFFERS  # the buffers one forward reads: weight bytes per token
 
 
-def _dequant_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, m.dequantize_stored().to(x.dtype))
-
-
 KERNELS: dict[str, Kernel] = {
-    "dequant": Kernel(forward=_dequant_forward),
+    "dequant": Kernel(forward=K.dequant_forward),
     "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
     "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz")),
     # CUDA only
