@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from nanogptq.checkpoint import load_checkpoint, save_checkpoint
 from nanogptq.data import CharTokenizer
 from nanogptq.model import GPT, GPTConfig
-from nanogptq.quant import QuantConfig, QuantLinear, quant_meta, quantize, rtn_quantize_weight
+from nanogptq.quant import (
+    QuantConfig,
+    QuantizedWeight,
+    QuantLinear,
+    quant_meta,
+    quantize,
+    rtn_quantize_weight,
+)
 from nanogptq.quant import kernels as K
 from nanogptq.quant.linear import AUTO_ORDER, KERNELS, auto_kernel
 
@@ -76,6 +83,28 @@ def test_int4pack_matches_dequant(group_size, in_f, symmetric):
     x2 = x.reshape(-1, in_f)
     y32 = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, m.w_int4, m.w_group, K.int4_scales_and_zeros(m))
     assert rel_err(y32, ref.reshape(-1, 48)) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4pack_serves_act_order_groups(symmetric):
+    """GPTQ act-order groups (g_idx) are runs of columns in GPTQ's order: the layout is stored in that
+    order and the activations gathered into it, so these layers get the fast kernel, not dequant."""
+    torch.manual_seed(0)
+    out_f, in_f, G = 48, 256, 64
+    invperm = torch.argsort(torch.randperm(in_f))
+    qw = QuantizedWeight(
+        codes=torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8),
+        scales=(torch.rand(out_f, in_f // G) * 0.01 + 0.001).half(),
+        zeros=None if symmetric else torch.randint(0, 16, (out_f, in_f // G), dtype=torch.uint8),
+        bits=4,
+        group_size=G,
+        g_idx=(invperm // G).to(torch.int32),
+    )
+    m = QuantLinear.from_quantized(qw, kernel="auto")
+    m.prepare_kernel()
+    assert m.kernel == "int4pack"
+    x = torch.randn(3, 5, in_f)
+    assert rel_err(m(x), reference(m, x)) < BF16_TOL
 
 
 def test_int8pack_with_rotation():

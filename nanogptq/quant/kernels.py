@@ -11,6 +11,8 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
               kernel (the scale goes on the output, so the weight is read once, as int8).
     int4pack  4-bit, groups of 32/64/128/256 (per-channel / per-tensor grids are repeated into such
               groups): tinygemm's w = (q - 8) * scale + zero, so scale = s and zero = (8 - z) * s.
+              GPTQ act-order groups (g_idx) are runs of columns in the order GPTQ visited them: the layout
+              stores the columns in that order and the activations are gathered into it per call.
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
     triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) that reads `qweight` as stored, for
               decode-sized inputs (up to CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to
@@ -128,10 +130,23 @@ def int4_group(m: QuantLinear) -> int | None:
     return next((g for g in INT4_GROUPS if m.in_features % g == 0), None)
 
 
+def _act_order_perm(m: QuantLinear) -> torch.Tensor | None:
+    """The column order in which each act-order group is one run of `group_size` columns, or None where
+    the layer has no g_idx (its groups already are runs)."""
+    return None if m.g_idx is None else torch.argsort(m.g_idx.long(), stable=True)
+
+
+def _act_order_groups_are_full(m: QuantLinear) -> bool:
+    if m.g_idx is None:
+        return True
+    counts = torch.bincount(m.g_idx.long(), minlength=m.scales.shape[1])
+    return bool((counts == m.group_size).all())
+
+
 def int4pack_supports(m: QuantLinear, device: torch.device) -> bool:
     return (
         m.bits == 4
-        and m.g_idx is None  # act-order groups are not contiguous runs of columns
+        and _act_order_groups_are_full(m)
         and m.out_features % 16 == 0  # the CPU packing needs N % 16, CUDA's N % 8
         and int4_group(m) is not None
         and device.type in ("cpu", "cuda")
@@ -155,6 +170,10 @@ def int4_inner_k_tiles(in_features: int) -> int:
 
 def prepare_int4(m: QuantLinear) -> None:
     codes = unpack(m.qweight, 4, m.in_features).to(torch.int32)
+    perm = _act_order_perm(m)
+    if perm is not None:
+        codes = codes[:, perm]
+    m.register_buffer("in_perm", perm, persistent=False)
     if m.qweight.device.type == "cuda":
         # the CUDA op takes two codes per byte, the even column in the high nibble
         u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
@@ -167,7 +186,10 @@ def prepare_int4(m: QuantLinear) -> None:
 
 
 def int4pack_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, m.in_features).to(torch.bfloat16).contiguous()
+    x2 = x.reshape(-1, m.in_features)
+    if m.in_perm is not None:
+        x2 = x2.index_select(-1, m.in_perm)
+    x2 = x2.to(torch.bfloat16).contiguous()
     if x.is_cuda:
         y = torch.ops.aten._weight_int4pack_mm(x2, m.w_int4, m.w_group, m.w_sz)
     else:

@@ -51,7 +51,7 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {
     "dequant": Kernel(forward=K.dequant_forward),
     "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
-    "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz")),
+    "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz", "in_perm")),
     # CUDA only
     "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("qweight", "scales", "z_codes")),
     # quantizes activations: opt-in only
