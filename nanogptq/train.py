@@ -244,7 +244,8 @@ def train(cfg: TrainConfig) -> Path:
     log_file = None
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "metrics.jsonl", "a")
+        # a resumed run continues its log; a new run in an old folder starts its own (it replaces the checkpoints too)
+        log_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w")
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist_info.world_size
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist_info.is_main),
                desc="train", dynamic_ncols=True)

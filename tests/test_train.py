@@ -47,6 +47,10 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
     ck = load_checkpoint(run / "best")
     assert ck.meta["metrics"]["best_val_loss"] == pytest.approx(min(losses))
     assert ck.meta["data"]["dataset"] == f"file:{text_file}"
+    # a new run in the same folder (not --resume) logs only itself
+    cfg.max_steps = 20
+    train(cfg)
+    assert len(val_losses(run)) == 1
 
 
 @pytest.mark.slow
