@@ -192,9 +192,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def time_decode(
-    model: GPT, dtype: torch.dtype, args, device: torch.device
-) -> tuple[float, float, list[float]]:
+def time_decode(model: GPT, dtype: torch.dtype, args, device: torch.device) -> tuple[float, float, list[float]]:
     """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
     # a small model's context may be short: keep prompt + generated + warm-up tokens inside it
     room = model.config.block_size - args.warmup
@@ -231,8 +229,28 @@ def time_decode(
         sync(device)
         if r:
             decode.append(n / (time.perf_counter() - t0))
+    if args.profile:
+        profile_steps(step, logits.argmax(-1), P, args.profile, device)
     model.clear_kv_cache()
     return statistics.median(prefill[1:]), statistics.median(decode), decode
+
+
+def profile_steps(step, tok: torch.Tensor, pos0: int, steps: int, device: torch.device) -> None:
+    """Print where a decode step's GPU time goes: the kernels' share of `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pos = torch.tensor([pos0], device=device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = step(tok, input_pos=pos)[0].argmax(-1)
+            pos += 1
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [(getattr(e, key), e.count, e.key) for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(t for t, _, _ in events)
+    print(f"  profile: {total / steps:.0f} us of {device.type} time per step")
+    for t, count, name in sorted(events, reverse=True)[:14]:
+        print(f"  {t / steps:8.1f} us {100 * t / total:5.1f}% {count / steps:6.1f}x  {name[:90]}")
 
 
 def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch.device) -> dict:
@@ -361,6 +379,7 @@ def main() -> None:
         default=None,
         help="replay the decode step from a CUDA graph (default: on for CUDA; CUDA only)",
     )
+    p.add_argument("--profile", type=int, default=0, help="profile this many decode steps, print the top kernels")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="default results/decode_<device>.json")
     args = p.parse_args()

@@ -3,17 +3,19 @@
     python benchmarks/gemv.py                      # the 7 B shape's four linears
     python benchmarks/gemv.py --shapes 4800x1600 1600x1600 6400x1600 1600x6400
 
-Each variant's layer is called R times inside one CUDA graph (launch overhead excluded, as in a decoded
-model replayed from a graph); the graph is replayed --repeats times and the median per-call time is
-reported with the bytes the kernel reads (weights, scales, zero points) per second and as a fraction of
-the H100's 3.35 TB/s. Variants: bf16 F.linear (cuBLAS), the Triton GEMV at 8 bits (per row) and 4 bits
-(g128, asymmetric), and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales)
-and int4 tinygemm (`_weight_int4pack_mm`). Writes results/gemv_<gpu>.json.
+Each variant's layer (in copies that overflow the L2 cache) is called R times inside one CUDA graph
+(launch overhead excluded, as in a decoded model replayed from a graph); the graph is replayed --repeats
+times and the median per-call time is reported with the bytes the kernel reads (weights, scales, zero
+points) per second and as a fraction of the H100's 3.35 TB/s. Variants: bf16 F.linear (cuBLAS), the
+Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric), and PyTorch's stock int8 weight-only
+(eager F.linear on the int8 matrix, then scales) and int4 tinygemm (`_weight_int4pack_mm`).
+Writes results/gemv_<gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -23,10 +25,42 @@ import torch.nn.functional as F
 from decode import HBM_BYTES_PER_S, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import QuantLinear
+from nanogptq.quant.triton_gemv import PAIRS
+
+L2_BYTES = 50 * 2**20  # H100 SXM
 
 
-def quant_layer(n: int, k: int, bits: int, group_size: int, symmetric: bool, kernel: str) -> QuantLinear:
+# name: (bits, group size, symmetric, kernel), None for the bf16 matrix
+VARIANTS = {
+    "bf16": None,
+    "triton-int8": (8, -1, True, "triton"),
+    "triton-int4-g128": (4, 128, False, "triton"),
+    "triton-int4-g128-pairs": (4, 128, False, "triton-pairs"),
+    "stock-int8": (8, -1, True, "int8pack"),
+    "stock-int4-g128": (4, 128, False, "int4pack"),
+}
+
+
+def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear:
+    if spec is None:
+        return torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    bits, group_size, symmetric, kernel = spec
+    if kernel == "triton-pairs":  # the 4-bit kernel reading the stored layout (nibble pairs), not HALVES
+        return PairsGEMV(random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton"))
     return random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel=kernel)
+
+
+class PairsGEMV:
+    def __init__(self, m: QuantLinear):
+        self.m = m
+        m.t_qweight = None  # unread here
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        return torch.ops.nanogptq.gemv(x, m.qweight, m.scales, m.z_codes, m.bits, m.group_size, PAIRS)
+
+    def read_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.m.qweight, self.m.scales, self.m.z_codes) if t is not None]
 
 
 def bytes_read(m) -> int:
@@ -60,8 +94,9 @@ def time_call(fn, x: torch.Tensor, calls: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", default=["12288x4096", "4096x4096", "16384x4096", "4096x16384"],
-                   help="OUTxIN")
+    p.add_argument(
+        "--shapes", nargs="*", default=["12288x4096", "4096x4096", "16384x4096", "4096x16384"], help="OUTxIN"
+    )
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", default=None)
@@ -75,17 +110,20 @@ def main() -> None:
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        variants = {
-            "bf16": (lambda x, w=w: F.linear(x, w), w),
-            "triton-int8": quant_layer(n, k, 8, -1, True, "triton"),
-            "triton-int4-g128": quant_layer(n, k, 4, 128, False, "triton"),
-            "stock-int8": quant_layer(n, k, 8, -1, True, "int8pack"),
-            "stock-int4-g128": quant_layer(n, k, 4, 128, False, "int4pack"),
-        }
         base = None
-        for name, v in variants.items():
-            fn, reads = v if isinstance(v, tuple) else (v, v)
+        for name, spec in VARIANTS.items():
+            # enough copies of the layer, called in turn, that their bytes exceed the L2 cache three times
+            # over: a decoded model reads each weight once per token, from HBM
+            first = make_layer(n, k, spec)
+            more = -(-3 * L2_BYTES // bytes_read(first)) - 1
+            copies = [first] + [make_layer(n, k, spec) for _ in range(more)]
+            turn = itertools.cycle(copies)
+
+            def fn(x, turn=turn):
+                layer = next(turn)
+                return F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
+
+            reads = first
             try:
                 t = time_call(fn, x, args.calls, args.repeats)
             except Exception as e:  # a kernel that fails on this GPU gets a row, not a crash
@@ -94,12 +132,21 @@ def main() -> None:
                 continue
             base = t if name == "bf16" else base
             gbs = bytes_read(reads) / t
-            row = {"shape": shape, "variant": name, "us": t * 1e6, "bytes": bytes_read(reads), "GB_s": gbs / 1e9,
-                   "roofline": gbs / HBM_BYTES_PER_S, "x_bf16": base / t if base else None}
+            row = {
+                "shape": shape,
+                "variant": name,
+                "us": t * 1e6,
+                "bytes": bytes_read(reads),
+                "GB_s": gbs / 1e9,
+                "roofline": gbs / HBM_BYTES_PER_S,
+                "x_bf16": base / t if base else None,
+            }
             rows.append(row)
             ratio = "-" if row["x_bf16"] is None else f"{row['x_bf16']:.2f}"
-            print(f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / HBM_BYTES_PER_S:.0%} | {ratio} |",
-                  flush=True)
+            print(
+                f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / HBM_BYTES_PER_S:.0%} | {ratio} |",
+                flush=True,
+            )
     out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))

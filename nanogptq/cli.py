@@ -23,6 +23,7 @@ TRAIN_HELP = {
     "preset": "model size: tiny (0.8 M), small (2.7 M) or shakespeare (10.7 M)",
     "max_steps": "optimizer steps in the whole run (the schedule's length)",
     "max_time": "stop after this many seconds of training (saving first)",
+    "time_schedule": "with --max-time: decay the learning rate by the clock too, so it ends at --min-lr in time",
     "resume": "continue the run in --out-dir from its last checkpoint",
     "init_from": "start from this fp32 checkpoint's weights (fine-tuning, e.g. QAT)",
     "qat_config": "quantization-aware training config (JSON), e.g. configs/qat/weights_only.json",

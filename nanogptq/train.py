@@ -56,6 +56,7 @@ class TrainConfig:
     init_from: str | None = None
     qat_config: str | None = None
     max_time: float | None = None  # seconds; stop (and save) when the wall-clock budget is spent
+    time_schedule: bool = False  # with max_time: the cosine also follows the clock (see lr_at)
     progress: bool = True
 
     def validate(self) -> None:
@@ -68,6 +69,8 @@ class TrainConfig:
             raise ValueError("--warmup-steps, --lr and --min-lr must be non-negative (lr positive)")
         if self.lr_schedule not in ("cosine", "bitnet"):
             raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or bitnet")
+        if self.time_schedule and not self.max_time:
+            raise ValueError("--time-schedule needs --max-time")
         if self.resume and self.init_from:
             raise ValueError("--resume and --init-from exclude each other")
 
@@ -77,11 +80,17 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps.
+
+    With time_schedule and max_time, the decay is at whichever is further along, steps or the clock
+    (elapsed / max_time): a machine too slow to reach max_steps in its budget still ends at min_lr.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.time_schedule and cfg.max_time:
+        progress = max(progress, min(1.0, elapsed / cfg.max_time))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -253,7 +262,7 @@ def train(cfg: TrainConfig) -> Path:
     last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
     model.train()
     while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, elapsed_before + time.time() - start)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr
             if i == 0:

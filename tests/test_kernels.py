@@ -281,7 +281,7 @@ def test_triton_gemv_in_the_interpreter():
 import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
 from nanogptq.quant.pack import unpack
-from nanogptq.quant.triton_gemv import gemv, launch
+from nanogptq.quant.triton_gemv import HALVES, INTERPRETER_CONFIG, PAIRS, gemv, launch, to_halves
 for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
                          (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 100)]:
     W = torch.randn(24, K) * 0.05
@@ -291,7 +291,11 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     x = torch.randn(2, K)
     ref = x @ m.dequantize().T
     ys = [gemv(x, m.qweight, m.scales, z, bits, gs)]  # the custom op
-    ys += [launch(x, m.qweight, m.scales, z, bits, gs, {"BLOCK_N": 2, "GPI": 4, "ACC3": False})]  # the other path
+    ys += [launch(x, m.qweight, m.scales, z, bits, gs, PAIRS, {"BLOCK_N": 2, "GPI": 4, "ACC3": False})]
+    if bits == 4:
+        halves = to_halves(m.qweight, K, gs)
+        for cfg in (INTERPRETER_CONFIG, {"BLOCK_N": 2, "GPI": 1, "ACC3": True}):
+            ys += [launch(x, halves, m.scales, z, bits, gs, HALVES, cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (bits, gs, sym, K, err)

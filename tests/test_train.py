@@ -38,6 +38,16 @@ def test_schedule_warms_up_then_decays():
     assert lr_at(55, cfg) == pytest.approx(5.5e-4)
 
 
+def test_time_schedule_decays_by_the_clock_when_steps_lag():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, max_time=60.0, time_schedule=True)
+    assert lr_at(20, cfg, elapsed=30.0) == pytest.approx(5.5e-4)  # half the time gone, a tenth of the steps
+    assert lr_at(20, cfg, elapsed=60.0) == pytest.approx(1e-4)
+    assert lr_at(55, cfg, elapsed=1.0) == pytest.approx(5.5e-4)  # steps ahead of the clock: steps rule
+    assert lr_at(20, TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, max_time=60.0), 60.0) > 9e-4
+    with pytest.raises(ValueError, match="--time-schedule needs --max-time"):
+        TrainConfig(time_schedule=True).validate()
+
+
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
     cfg = TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), max_steps=60, batch_size=8,
                       eval_interval=20, eval_batches=2, lr=3e-3, warmup_steps=5, progress=False)

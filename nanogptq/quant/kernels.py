@@ -217,15 +217,19 @@ def triton_supports(m: QuantLinear, device: torch.device) -> bool:
 
 
 def prepare_triton(m: QuantLinear) -> None:
-    _triton_gemv()  # registers torch.ops.nanogptq.gemv
+    tg = _triton_gemv()  # registers torch.ops.nanogptq.gemv
     zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
     m.register_buffer("z_codes", zeros, persistent=False)
+    # 8 bits: the stored codes as they are; 4 bits: re-laid so both nibbles' activations load contiguously
+    codes = m.qweight if m.bits == 8 else tg.to_halves(m.qweight, m.in_features, m.group_size)
+    m.register_buffer("t_qweight", codes, persistent=False)
 
 
 def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.qweight, m.scales, m.z_codes, m.bits, m.group_size)
+        layout = _triton_gemv().HALVES
+        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, layout)
     else:
         y = dequant_forward(m, x2)
     return y.reshape(*x.shape[:-1], m.out_features)

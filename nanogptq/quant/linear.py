@@ -53,7 +53,7 @@ KERNELS: dict[str, Kernel] = {
     "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
     "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz", "in_perm")),
     # CUDA only
-    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("qweight", "scales", "z_codes")),
+    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes")),
     # quantizes activations: opt-in only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }

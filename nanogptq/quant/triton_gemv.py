@@ -38,6 +38,13 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+# 4-bit byte layouts: PAIRS is pack.py's (the even column in the low nibble, the odd one in the high
+# nibble), read as stored; HALVES, built at load time by `to_halves`, puts column j of each tile group in
+# the low nibble of byte j and column j + G/2 in its high nibble, so both nibbles' activations are
+# contiguous loads in the layout the weights already have
+PAIRS, HALVES = 1, 2
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -57,12 +64,14 @@ def _gemv_kernel(
     BITS: tl.constexpr,
     G: tl.constexpr,
     HAS_Z: tl.constexpr,
+    LAYOUT: tl.constexpr,  # 4 bits: PAIRS or HALVES (ignored at 8 bits)
     BLOCK_N: tl.constexpr,
     GPI: tl.constexpr,
     ACC3: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     GB: tl.constexpr = G // PER  # bytes per row of a tile group
+    AW: tl.constexpr = G if (BITS == 4 and LAYOUT == PAIRS) else GB  # width of the unpacked tile per group
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -72,18 +81,18 @@ def _gemv_kernel(
     # ACC3: accumulate per element and reduce once at the end (no cross-thread reduction per step), else
     # reduce each step into (BLOCK_N, GPI); the autotuner tries both
     if ACC3:
-        acc = tl.zeros((BLOCK_N, GPI, GB), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, GPI, AW), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
     for g0 in range(0, NG, GPI):
         g = g0 + rg
         byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
-        col = byte * PER  # the column of the byte's first (low) code
-        w = tl.load(
-            w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :],
-            mask=nmask[:, None, None] & (col < K)[None, :, :],
-            other=0,
-        )
+        if BITS == 4 and LAYOUT == HALVES:
+            bmask = (g < NG)[:, None] & (rb < GB)[None, :]  # the rows are padded to whole tile groups
+        else:
+            bmask = byte * PER < K
+        w_ptrs = w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :]
+        w = tl.load(w_ptrs, mask=nmask[:, None, None] & bmask[None], other=0)
         sg = g // SG_DIV
         gmask = nmask[:, None] & (g < NG)[None, :]
         s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
@@ -91,23 +100,34 @@ def _gemv_kernel(
             z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.float32)
         else:
             z = tl.full((BLOCK_N, GPI), 2 ** (BITS - 1), tl.float32)
-        s3 = s[:, :, None]
-        z3 = z[:, :, None]
+        # codes to floats without int->float conversions (a quarter-rate instruction): OR-ing a code
+        # c < 2^23 into the mantissa of 2^23 (0x4B000000) gives the float 2^23 + c exactly, so one
+        # subtraction of 2^23 + z yields c - z
+        off = (z + 8388608.0)[:, :, None]
+        wi = w.to(tl.int32)
         if BITS == 8:
-            xv = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
-            part = (w.to(tl.float32) - z3) * s3 * xv[None, :, :]
+            xv = tl.load(x_row + byte, mask=byte < K, other=0.0).to(tl.float32)
+            part = ((wi | 0x4B000000).to(tl.float32, bitcast=True) - off) * xv[None, :, :]
         else:
-            # x in one contiguous (vectorised) load, then split into the low- and high-nibble columns
-            pair = col[:, :, None] + tl.arange(0, 2)[None, None, :]  # (GPI, GB, 2)
-            xv = tl.load(x_row + pair, mask=pair < K, other=0.0).to(tl.float32)
-            x_lo, x_hi = tl.split(xv)
-            q_lo = (w & 0xF).to(tl.float32) - z3
-            q_hi = (w >> 4).to(tl.float32) - z3
-            part = (q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]) * s3
+            q_lo = ((wi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+            q_hi = ((wi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - off
+            if LAYOUT == HALVES:
+                c_lo = g[:, None] * G + rb[None, :]  # (GPI, GB): both loads contiguous, no reshuffle
+                c_hi = c_lo + GB
+                x_lo = tl.load(x_row + c_lo, mask=c_lo < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_row + c_hi, mask=c_hi < K, other=0.0).to(tl.float32)
+                part = q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]
+            else:
+                # interleave the nibbles back into column order: (BLOCK_N, GPI, GB, 2) -> (BLOCK_N, GPI, G)
+                q = tl.reshape(tl.join(q_lo, q_hi), (BLOCK_N, GPI, G))
+                c = g[:, None] * G + tl.arange(0, G)[None, :]
+                xv = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+                part = q * xv[None, :, :]
+        # the scale once per group after the reduction (ACC3 off), or per element (ACC3 on)
         if ACC3:
-            acc += part
+            acc += part * s[:, :, None]
         else:
-            acc += tl.sum(part, axis=2)
+            acc += tl.sum(part, axis=2) * s
     if ACC3:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:
@@ -138,6 +158,16 @@ def supports(bits: int, group_size: int) -> bool:
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
+def to_halves(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """pack.py's 4-bit rows (N, cdiv(K, 2)) re-laid as HALVES: (N, NG * G / 2), zero codes padding the
+    last tile group (the kernel masks their activations)."""
+    G, _ = tile_group(group_size, in_features, 4)
+    n_groups = triton.cdiv(in_features, G)
+    codes = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).flatten(1)[:, :in_features]
+    codes = torch.nn.functional.pad(codes, (0, n_groups * G - in_features)).view(-1, n_groups, 2, G // 2)
+    return (codes[:, :, 0] | (codes[:, :, 1] << 4)).flatten(1).contiguous()
+
+
 def launch(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -145,10 +175,12 @@ def launch(
     zeros: torch.Tensor | None,
     bits: int,
     group_size: int,
+    layout: int = PAIRS,
     config: dict | None = None,
 ) -> torch.Tensor:
     """The kernel on explicit tensors; `config` (BLOCK_N, GPI, ACC3) skips the autotuner, as Triton's CPU
-    interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU) needs."""
+    interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU) needs. 4-bit weights are in
+    `layout` (PAIRS: as stored, HALVES: from `to_halves`)."""
     M, K = x.shape
     N = qweight.shape[0]
     G, sg_div = tile_group(group_size, K, bits)
@@ -177,6 +209,7 @@ def launch(
         BITS=bits,
         G=G,
         HAS_Z=zeros is not None,
+        LAYOUT=layout,
         **(config or {}),
     )
     return y
@@ -184,14 +217,20 @@ def launch(
 
 @torch.library.custom_op("nanogptq::gemv", mutates_args=())
 def gemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    layout: int = PAIRS,
 ) -> torch.Tensor:
     """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
     (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot autotune
-    return launch(x, qweight, scales, zeros, bits, group_size, INTERPRETER_CONFIG if interpreted else None)
+    return launch(x, qweight, scales, zeros, bits, group_size, layout, INTERPRETER_CONFIG if interpreted else None)
 
 
 @gemv.register_fake
-def _(x, qweight, scales, zeros, bits, group_size):
+def _(x, qweight, scales, zeros, bits, group_size, layout=PAIRS):
     return x.new_empty(x.shape[0], qweight.shape[0])
