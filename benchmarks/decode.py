@@ -200,6 +200,9 @@ def time_decode(model: GPT, dtype: torch.dtype, args, device: torch.device) -> t
     n = min(args.new_tokens, room - P)
     # the model's own static KV cache: every decode step has the same shapes, so it can be graph-captured
     model.setup_kv_cache(1, P + n + args.warmup)
+    if args.sdpa:  # PyTorch's attention for the one-token steps too, for comparison
+        for block in model.transformer.h:
+            block.attn.kv_cache.split_decode = False
     prompt = torch.randint(0, model.config.vocab_size, (1, P), device=device)
     positions = torch.arange(P, device=device)
 
@@ -379,6 +382,7 @@ def main() -> None:
         default=None,
         help="replay the decode step from a CUDA graph (default: on for CUDA; CUDA only)",
     )
+    p.add_argument("--sdpa", action="store_true", help="decode steps on SDPA, not the split-cache Triton kernel")
     p.add_argument("--profile", type=int, default=0, help="profile this many decode steps, print the top kernels")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="default results/decode_<device>.json")

@@ -1,9 +1,10 @@
-"""One decode step's attention on the GPU: SDPA with a mask vs the explicit matmul-softmax-matmul.
+"""One decode step's attention on the GPU: SDPA with a mask, the explicit matmul-softmax-matmul, and
+nanogptq's split-cache Triton kernel (nanogptq/attention_triton.py).
 
     python benchmarks/decode_attention.py          # 7 B shape (32 heads x 128), caches of 512..4096
 
 At batch 1 a decode step has one query per head; the whole static KV cache is read and later slots are
-masked out. This times both forms (eager and torch.compile'd, each call inside a CUDA graph, as in the
+masked out. This times each form (eager and torch.compile'd, each call inside a CUDA graph, as in the
 decode benchmark) and reports microseconds per layer and the cache bandwidth reached. Writes
 results/decode_attention_<gpu>.json.
 """
@@ -21,18 +22,24 @@ import torch.nn.functional as F
 from decode import HBM_BYTES_PER_S  # benchmarks/ is on sys.path when run as a script
 from gemv import time_call
 
+import nanogptq.attention_triton  # noqa: F401  (registers torch.ops.nanogptq.decode_attention)
 
-def sdpa(q, k, v, mask):
+
+def sdpa(q, k, v, mask, pos):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def matmul_softmax(q, k, v, mask):
+def split_triton(q, k, v, mask, pos):  # nanogptq's kernel: the position is the mask
+    return torch.ops.nanogptq.decode_attention(q, k, v, pos)
+
+
+def matmul_softmax(q, k, v, mask, pos):
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     return att.masked_fill(~mask, float("-inf")).float().softmax(-1).to(v.dtype) @ v
 
 
-def attend(f, q, k, v, mask):
-    return f(q, k, v, mask)
+def attend(f, q, k, v, mask, pos):
+    return f(q, k, v, mask, pos)
 
 
 def main() -> None:
@@ -53,14 +60,15 @@ def main() -> None:
         shape = (1, args.heads, L, args.head_dim)
         k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         q = torch.randn(1, args.heads, 1, args.head_dim, device="cuda", dtype=torch.bfloat16)
-        mask = (torch.arange(L, device="cuda") <= L - 8)[None, :]  # a nearly full cache, as late in decoding
-        ref = sdpa(q, k, v, mask).float()
+        pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
+        mask = (torch.arange(L, device="cuda") <= pos)[None, :]
+        ref = sdpa(q, k, v, mask, pos).float()
         cache_bytes = 2 * k.numel() * k.element_size()
-        for name, fn in [("sdpa", sdpa), ("matmul-softmax", matmul_softmax)]:
+        for name, fn in [("sdpa", sdpa), ("matmul-softmax", matmul_softmax), ("split-cache triton", split_triton)]:
             for compiled in (False, True):
                 f = torch.compile(fn, dynamic=False) if compiled else fn
-                err = ((f(q, k, v, mask).float() - ref).norm() / ref.norm()).item()
-                s = time_call(functools.partial(attend, f, k=k, v=v, mask=mask), q, args.calls, args.repeats)
+                err = ((f(q, k, v, mask, pos).float() - ref).norm() / ref.norm()).item()
+                s = time_call(functools.partial(attend, f, k=k, v=v, mask=mask, pos=pos), q, args.calls, args.repeats)
                 label = name + (" compiled" if compiled else "")
                 row = {
                     "cache": L,

@@ -3,13 +3,14 @@
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
 # Tiny Shakespeare validates on nanoGPT's split (the last 10% of the text) unless SPLIT=chunks. Results go to
-# results/qat_shakespeare_$SPLIT.json and results/qat_tinystories.json. With PTQ_BASELINE set, the PTQ sweep
-# of that checkpoint runs alongside.
+# $RES/qat_shakespeare_$SPLIT.json and $RES/qat_tinystories.json (RES=results, BATCH=32 unless set). With
+# PTQ_BASELINE set, the PTQ sweep of that checkpoint runs alongside.
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
 SPLIT=${SPLIT:-tail}
+RES=${RES:-results}
 common="--preset small --batch-size ${BATCH:-32} --max-steps $STEPS --warmup-steps 100 --eval-interval 500 --eval-batches 20
         --compile --no-progress --max-time ${MAX_TIME:-280}"
 fp="--lr 1e-3 --min-lr 1e-4"
@@ -20,7 +21,7 @@ train() {  # dataset name flags...
   local split=chunks; [ $ds = shakespeare ] && split=$SPLIT
   $PY -m nanogptq.cli train --dataset $ds --split $split --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
-mkdir -p $R results
+mkdir -p $R $RES
 if [ -n "${PTQ_BASELINE:-}" ]; then
   timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py "$PTQ_BASELINE" --out results/ptq_small_shakespeare \
     --device cuda > $R/ptq_sweep.log 2>&1 &
@@ -31,12 +32,14 @@ for ds in shakespeare tinystories; do
   train $ds weights_attn_act $bitnet --qat-config configs/qat/weights_attn_act.json &
   train $ds all_act8 $bitnet --qat-config configs/qat/all_act8.json &
   train $ds extreme $bitnet --qat-config configs/qat/extreme.json &
+  train $ds extreme_absmean $bitnet --qat-config configs/qat/extreme_absmean.json &
 done
 train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
 wait
-$PY benchmarks/summarize_runs.py $R/shakespeare/{fp32,weights_only_fp_lr,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat_shakespeare_$SPLIT.json 2>&1 | tail -9
-$PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,weights_attn_act,all_act8,extreme} \
-  --device cuda --out results/qat_tinystories.json 2>&1 | tail -8
+$PY benchmarks/summarize_runs.py \
+  $R/shakespeare/{fp32,weights_only_fp_lr,weights_only_bitnet,weights_attn_act,all_act8,extreme,extreme_absmean} \
+  --device cuda --out $RES/qat_shakespeare_$SPLIT.json 2>&1 | tail -10
+$PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,weights_attn_act,all_act8,extreme,extreme_absmean} \
+  --device cuda --out $RES/qat_tinystories.json 2>&1 | tail -9
 # the best 2-bit GPTQ of the TinyStories fp32 model, to set against ternary QAT
-$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out results/ptq2_small_tinystories --device cuda 2>&1 | tail -14
+$PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out $RES/ptq2_small_tinystories --device cuda 2>&1 | tail -14

@@ -71,11 +71,22 @@ class KVCache(nn.Module):
         shape = (batch, n_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # one-token steps on CUDA use the split-cache Triton kernel (attention_triton.py) where it can run
+        self.split_decode = torch.device(device).type == "cuda" and head_dim & (head_dim - 1) == 0 and _has_triton()
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
+
+
+def _has_triton() -> bool:
+    """Whether the Triton decode attention can be used (importing it registers the op)."""
+    try:
+        import nanogptq.attention_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def compile_blocks(model: GPT) -> None:
@@ -146,7 +157,10 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            if T == 1 and self.kv_cache.split_decode:
+                y = torch.ops.nanogptq.decode_attention(q, k.to(q.dtype), v.to(q.dtype), input_pos)
+            else:
+                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -303,3 +303,59 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, L, D, pos", [(1, 32, 584, 128, 583), (1, 6, 256, 32, 0), (2, 4, 100, 64, 57)])
+def test_cuda_decode_attention_matches_sdpa(B, H, L, D, pos):
+    from nanogptq.attention_triton import decode_attention
+
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    p = torch.tensor([pos], device="cuda")
+    mask = (torch.arange(L, device="cuda") <= p)[None]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    for fn in (decode_attention, torch.compile(decode_attention)):
+        y = fn(q, k, v, p)
+        assert y.shape == q.shape and y.dtype == q.dtype
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_model_decodes_with_split_attention_like_sdpa():
+    model = tiny_gpt().cuda().eval()
+    prompt = torch.randint(0, 40, (1, 30), device="cuda")
+    with torch.no_grad():
+        full = model(prompt)[0][:, -1]
+        model.setup_kv_cache(1)
+        assert model.transformer.h[0].attn.kv_cache.split_decode
+        model(prompt[:, :-1], input_pos=torch.arange(29, device="cuda"))
+        step = model(prompt[:, -1:], input_pos=torch.tensor([29], device="cuda"))[0][:, -1]
+    assert torch.allclose(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_in_the_interpreter():
+    """The split-cache attention's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
+    pytest.importorskip("triton")
+    np = pytest.importorskip("numpy")
+    if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3):
+        pytest.skip("Triton 3.6's interpreter needs numpy < 2.3")
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch.nn.functional as F
+from nanogptq.attention_triton import decode_attention
+for B, H, L, D, pos in [(1, 3, 100, 16, 99), (2, 2, 70, 32, 0), (1, 4, 200, 16, 130)]:
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    p = torch.tensor([pos])
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=(torch.arange(L) <= p)[None])
+    y = decode_attention(q, k, v, p)
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, (B, H, L, D, pos, err)
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -34,7 +34,7 @@ from nanogptq.quant.qat import (
 from nanogptq.train import TrainConfig, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "qat"
-SHIPPED = ["weights_only", "weights_attn_act", "all_act8", "extreme"]
+SHIPPED = ["weights_only", "weights_attn_act", "all_act8", "extreme", "extreme_absmean"]
 
 
 def small_model(**kw) -> GPT:
@@ -87,6 +87,18 @@ def test_per_token_absmax_8bit_error_bound():
     assert torch.equal(absmax_quant(x2, 8, 1e-5)[0, 1:], q[0, 1:])
 
 
+def test_absmean_4bit_clips_outliers_and_refines_the_bulk():
+    torch.manual_seed(0)
+    x = torch.randn(200, 256)
+    x[:, 0] = 40.0  # one outlier channel, as in LLM activations
+    step = x.abs().mean(-1, keepdim=True) / math.sqrt(7)
+    q = absmax_quant(x, 4, 1e-5, "absmean")
+    assert torch.allclose(q / step, (q / step).round(), atol=1e-4) and (q / step).abs().max() <= 7 + 1e-4
+    assert torch.allclose(q[:, 0], 7 * step.squeeze(-1))  # the outlier clips to the top of the grid
+    bulk = (slice(None), slice(1, None))
+    assert ((q - x)[bulk] ** 2).mean() < 0.2 * ((absmax_quant(x, 4, 1e-5) - x)[bulk] ** 2).mean()
+
+
 def test_ternary_activation_values_per_row():
     x = torch.randn(3, 4, 16)
     y = ActQuant("ternary")(x)
@@ -105,6 +117,7 @@ def test_ternary_activation_values_per_row():
         ({"norm": "batch"}, "norm"),
         ({"layers": []}, "layers"),
         ({"eps": 0}, "eps"),
+        ({"act_scale": "minmax"}, "act_scale"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, content, needle):
@@ -194,12 +207,13 @@ def test_pack_rejects_non_ternary():
 
 def test_export_module_matches_bitlinear():
     torch.manual_seed(0)
-    layer = BitLinear(40, 24, bias=True, act_bits=4)
-    nn.init.normal_(layer.bias)
-    t = TernaryLinear.from_bitlinear(layer)
-    x = torch.randn(3, 7, 40)
-    with torch.no_grad():
-        assert torch.equal(t(x), layer(x))
+    for act_scale in ("absmax", "absmean"):
+        layer = BitLinear(40, 24, bias=True, act_bits=4, act_scale=act_scale)
+        nn.init.normal_(layer.bias)
+        t = TernaryLinear.from_bitlinear(layer)
+        x = torch.randn(3, 7, 40)
+        with torch.no_grad():
+            assert torch.equal(t(x), layer(x))
     assert t.qweight.numel() == math.ceil(40 * 24 / 5)
 
 

@@ -6,6 +6,8 @@
 BitLinear keeps full-precision latent weights and, in every forward pass (the paper's recipe):
     x   <- norm(x)                                   parameter-free RMSNorm (the "LN" before quantizing)
     x_q <- round(clip(x * Qb / max|x|)) * max|x| / Qb  per token, Qb = 2^(b-1) - 1 (b=8: 127), if act_bits
+           (act_scale "absmean", for 4 bits and below: the step is mean|x| / sqrt(Qb) and the tails clip,
+           the absmean rule BitNet a4.8 uses for 4-bit activations, instead of max|x| / Qb)
     s   <- mean|W| + eps;  W_q <- clip(round(W / s), -1, 1) * s   per tensor ("absmean")
     y   <- x_q W_q^T
 Rounding has no useful gradient, so both quantizers use the straight-through estimator: the forward
@@ -33,6 +35,7 @@ from nanogptq.quant.config import BLOCK_LINEARS
 
 NORMS = ("rms", "layer", "none")
 ATTN_ACTS = (None, "int8", "int4", "ternary")
+ACT_SCALES = ("absmax", "absmean")
 TRITS_PER_BYTE = 5
 EXPORT_FORMAT = 1
 
@@ -48,6 +51,7 @@ class QATConfig:
     norm: str = "rms"  # parameter-free input norm of BitLinear: "rms" (BitNet), "layer" or "none"
     attn_act: str | None = None  # q and k per token and head: None, "int8", "int4" or "ternary"
     head_act_bits: int | None = None  # per-token quantization of the (float, tied) lm_head's input
+    act_scale: str = "absmax"  # the step of act_bits and head_act_bits: "absmax" or "absmean" (clips)
     eps: float = 1e-5  # floor of every quantization scale (BitNet's code clamps at 1e-5)
 
     def __post_init__(self):
@@ -62,6 +66,8 @@ class QATConfig:
                 raise ValueError(f"qat {name} must be null or an integer from 2 to 8, got {v!r}")
         if self.norm not in NORMS:
             raise ValueError(f"qat norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.act_scale not in ACT_SCALES:
+            raise ValueError(f"qat act_scale must be absmax or absmean, got {self.act_scale!r}")
         if self.attn_act not in ATTN_ACTS:
             raise ValueError(f"qat attn_act must be null, int8, int4 or ternary, got {self.attn_act!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
@@ -106,10 +112,15 @@ def ternary_weight(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     return (w / scale).round().clamp(-1, 1), scale
 
 
-def absmax_quant(x: torch.Tensor, bits: int, eps: float) -> torch.Tensor:
-    """Symmetric per-row (last dim) absmax quantization to `bits`, returned dequantized."""
+def absmax_quant(x: torch.Tensor, bits: int, eps: float, act_scale: str = "absmax") -> torch.Tensor:
+    """Symmetric per-row (last dim) quantization to `bits`, returned dequantized. The step is max|x| / Qb
+    ("absmax": nothing clips), or mean|x| / sqrt(Qb) ("absmean": a grid of +-sqrt(Qb) mean|x|, about
+    +-2.1 sigma for Gaussian rows at 4 bits; the outliers clip, the bulk gets finer steps)."""
     qmax = 2 ** (bits - 1) - 1  # 127 for 8 bits; the grid is symmetric, as BitNet's clip(-Qb, Qb)
-    scale = torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True).clamp(min=eps) / qmax
+    if act_scale == "absmean":
+        scale = x.abs().mean(dim=-1, keepdim=True).clamp(min=eps) / math.sqrt(qmax)
+    else:
+        scale = torch.linalg.vector_norm(x, math.inf, dim=-1, keepdim=True).clamp(min=eps) / qmax
     return (x / scale).round().clamp(-qmax, qmax) * scale
 
 
@@ -137,14 +148,16 @@ def ternary_dequant(w: torch.Tensor, eps: float) -> torch.Tensor:
     return trits * scale
 
 
-def prepare_input(x: torch.Tensor, norm: str, act_bits: int | None, eps: float) -> torch.Tensor:
+def prepare_input(
+    x: torch.Tensor, norm: str, act_bits: int | None, eps: float, act_scale: str = "absmax"
+) -> torch.Tensor:
     """BitLinear's input path, shared by training (BitLinear) and inference (TernaryLinear)."""
     if norm == "rms":
         x = F.rms_norm(x, (x.size(-1),), eps=eps)
     elif norm == "layer":
         x = F.layer_norm(x, (x.size(-1),), eps=eps)
     if act_bits is not None:
-        x = ste(x, lambda t: absmax_quant(t, act_bits, eps))
+        x = ste(x, lambda t: absmax_quant(t, act_bits, eps, act_scale))
     return x
 
 
@@ -156,12 +169,12 @@ class BitLinear(nn.Linear):
     """nn.Linear with full-precision latent weights that computes with absmean-ternary weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5, device=None, dtype=None):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.act_bits, self.norm, self.eps = act_bits, norm, eps
+        self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = prepare_input(x, self.norm, self.act_bits, self.eps)
+        x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
         w = ste(self.weight, lambda t: ternary_dequant(t, self.eps))
         return F.linear(x, w, self.bias)
 
@@ -192,12 +205,13 @@ class ActQuantLinear(nn.Linear):
     """A float linear whose input is quantized per token (the tied lm_head; same state-dict keys)."""
 
     def __init__(self, in_features: int, out_features: int, act_bits: int, eps: float = 1e-5,
-                 bias: bool = False, device=None, dtype=None):
+                 act_scale: str = "absmax", bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.act_bits, self.eps = act_bits, eps
+        self.act_bits, self.eps, self.act_scale = act_bits, eps, act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(ste(x, lambda t: absmax_quant(t, self.act_bits, self.eps)), self.weight, self.bias)
+        x = ste(x, lambda t: absmax_quant(t, self.act_bits, self.eps, self.act_scale))
+        return F.linear(x, self.weight, self.bias)
 
 
 def _install_activation_quant(model: nn.Module, config: QATConfig) -> None:
@@ -209,7 +223,7 @@ def _install_activation_quant(model: nn.Module, config: QATConfig) -> None:
     if config.head_act_bits is not None:
         old = model.lm_head
         head = ActQuantLinear(old.in_features, old.out_features, config.head_act_bits, config.eps,
-                              device="meta")
+                              config.act_scale, device="meta")
         head.weight = old.weight  # keep the tie to wte (and the checkpoint's keys)
         model.lm_head = head
 
@@ -234,7 +248,7 @@ def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     quantizers, in place; sets `model.qat_config` (the checkpoint's "qat" entry)."""
     for name, layer in _block_linears(model, config).items():
         bit = BitLinear(layer.in_features, layer.out_features, layer.bias is not None, config.act_bits,
-                        config.norm, config.eps, device="meta")  # no init: the old tensors move in
+                        config.norm, config.eps, config.act_scale, device="meta")  # no init: the old tensors move in
         bit.weight = layer.weight  # the same Parameter: a float checkpoint's weights fine-tune as is
         if layer.bias is not None:
             bit.bias = layer.bias
@@ -284,10 +298,10 @@ class TernaryLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.act_bits, self.norm, self.eps = act_bits, norm, eps
+        self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
         n = in_features * out_features
         self.register_buffer("qweight", torch.zeros(math.ceil(n / TRITS_PER_BYTE), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
@@ -296,7 +310,7 @@ class TernaryLinear(nn.Module):
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> TernaryLinear:
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.act_bits, layer.norm,
-                layer.eps)
+                layer.eps, layer.act_scale)
         with torch.no_grad():
             trits, scale = ternary_weight(layer.weight.detach().float(), layer.eps)
             m.qweight = ternary_pack(trits).to(layer.weight.device)
@@ -310,7 +324,7 @@ class TernaryLinear(nn.Module):
             self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = prepare_input(x, self.norm, self.act_bits, self.eps)
+        x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
         w = self.trits().float() * self.scale  # in fp32 as in BitLinear, so the values are identical
         return F.linear(x, w.to(x.dtype), self.bias)
 
@@ -345,7 +359,7 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
         if type(layer) is not nn.Linear:
             raise ValueError(f"ternary layer {name!r} is a {type(layer).__name__} here, not nn.Linear")
         model.set_submodule(name, TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None,
-                                                config.act_bits, config.norm, config.eps))
+                                                config.act_bits, config.norm, config.eps, config.act_scale))
     _install_activation_quant(model, config)
     return model
 

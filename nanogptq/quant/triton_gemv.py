@@ -27,14 +27,20 @@ MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split in
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
 
 
-def _configs() -> list[triton.Config]:
-    tiles = [(1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
+def _configs(bits: int) -> list[triton.Config]:
+    """Tiles (BLOCK_N rows x GPI tile groups) per step. A 4-bit tile group holds half the bytes of an
+    8-bit one, so 4 bits get larger tiles (more bytes in flight); per-element accumulators (ACC3) only
+    where they fit in registers."""
+    if bits == 8:
+        tiles = [(1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
+    else:
+        tiles = [(1, 16), (2, 16), (4, 8), (4, 16), (8, 4), (8, 8), (16, 4), (4, 32), (8, 16), (16, 8), (32, 4)]
     return [
         triton.Config({"BLOCK_N": bn, "GPI": gpi, "ACC3": acc3}, num_warps=w)
         for bn, gpi in tiles
         for w in (4, 8)
         for acc3 in (True, False)
-        if bn * gpi <= 64
+        if not (acc3 and bn * gpi > 64)
     ]
 
 
@@ -135,7 +141,7 @@ def _gemv_kernel(
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-_gemv_tuned = triton.autotune(configs=_configs(), key=["N", "K", "BITS", "G"])(_gemv_kernel)
+_gemv_tuned = {bits: triton.autotune(configs=_configs(bits), key=["N", "K", "G"])(_gemv_kernel) for bits in (4, 8)}
 
 
 def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
@@ -191,7 +197,7 @@ def launch(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), M)
 
-    (_gemv_kernel if config else _gemv_tuned)[grid](
+    (_gemv_kernel if config else _gemv_tuned[bits])[grid](
         x,
         qweight,
         scales,
