@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 TARGET_PROGRAMS = 264  # about two per H100 SM: enough loads in flight to stream the cache
+MAX_CHUNK = 256  # positions per program: its loop over the chunk is serial
 
 
 @triton.jit
@@ -106,7 +107,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     B, H, _, D = q.shape
     L = k.size(2)
     assert k.stride() == v.stride() and k.stride(3) == 1 and q.stride(3) == 1
-    S = max(1, min(triton.cdiv(L, 32), triton.cdiv(TARGET_PROGRAMS, B * H)))
+    # enough chunks to fill the GPU, and chunks of at most MAX_CHUNK positions for long caches
+    S = max(1, min(triton.cdiv(L, 32), triton.cdiv(TARGET_PROGRAMS, B * H)), triton.cdiv(L, MAX_CHUNK))
     chunk = triton.cdiv(L, S)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     block_l = 16 if interpreted else min(64, triton.next_power_of_2(chunk))

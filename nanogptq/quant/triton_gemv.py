@@ -49,6 +49,7 @@ def _configs(bits: int) -> list[triton.Config]:
 # the low nibble of byte j and column j + G/2 in its high nibble, so both nibbles' activations are
 # contiguous loads in the layout the weights already have
 PAIRS, HALVES = 1, 2
+_PAIRS, _HALVES = tl.constexpr(PAIRS), tl.constexpr(HALVES)  # the kernel may read only constexpr globals
 
 
 @triton.jit
@@ -70,14 +71,14 @@ def _gemv_kernel(
     BITS: tl.constexpr,
     G: tl.constexpr,
     HAS_Z: tl.constexpr,
-    LAYOUT: tl.constexpr,  # 4 bits: PAIRS or HALVES (ignored at 8 bits)
+    LAYOUT: tl.constexpr,  # 4 bits: PAIRS or HALVES; 8 bits: 0
+    AW: tl.constexpr,  # width of a tile group's products: G for PAIRS at 4 bits (unpacked in order), else G // PER
     BLOCK_N: tl.constexpr,
     GPI: tl.constexpr,
     ACC3: tl.constexpr,
 ):
     PER: tl.constexpr = 8 // BITS  # codes per byte
     GB: tl.constexpr = G // PER  # bytes per row of a tile group
-    AW: tl.constexpr = G if (BITS == 4 and LAYOUT == PAIRS) else GB  # width of the unpacked tile per group
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -93,7 +94,7 @@ def _gemv_kernel(
     for g0 in range(0, NG, GPI):
         g = g0 + rg
         byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
-        if BITS == 4 and LAYOUT == HALVES:
+        if LAYOUT == _HALVES:
             bmask = (g < NG)[:, None] & (rb < GB)[None, :]  # the rows are padded to whole tile groups
         else:
             bmask = byte * PER < K
@@ -117,7 +118,7 @@ def _gemv_kernel(
         else:
             q_lo = ((wi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
             q_hi = ((wi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - off
-            if LAYOUT == HALVES:
+            if LAYOUT == _HALVES:
                 c_lo = g[:, None] * G + rb[None, :]  # (GPI, GB): both loads contiguous, no reshuffle
                 c_hi = c_lo + GB
                 x_lo = tl.load(x_row + c_lo, mask=c_lo < K, other=0.0).to(tl.float32)
@@ -215,7 +216,8 @@ def launch(
         BITS=bits,
         G=G,
         HAS_Z=zeros is not None,
-        LAYOUT=layout,
+        LAYOUT=layout if bits == 4 else 0,
+        AW=G if (bits == 4 and layout == PAIRS) else G * bits // 8,
         **(config or {}),
     )
     return y
