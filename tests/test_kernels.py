@@ -148,6 +148,19 @@ def test_auto_picks_fast_kernels_on_cpu():
     assert "w8a8" in KERNELS and "w8a8" not in AUTO_ORDER  # it changes numerics: opt-in only
 
 
+def test_switching_kernels_drops_the_old_layout():
+    m = layer(64, 256, 4, 128, False, "int4pack")
+    assert m.w_int4 is not None and {"w_int4", "w_sz"} <= m._buffers.keys()
+    m.kernel = "dequant"
+    m.prepare_kernel()
+    assert not {"w_int4", "w_sz", "in_perm"} & m._buffers.keys()  # freed, not kept beside the new kernel
+    x = torch.randn(3, 256)
+    assert torch.allclose(m(x), reference(m, x), atol=1e-5)
+    m.kernel = "int4pack"
+    m.prepare_kernel()
+    assert rel_err(m(x), reference(m, x)) < BF16_TOL
+
+
 def test_auto_choice_for_cuda_layers():
     """What "auto" resolves to on a CUDA device (the choice only reads the layer and the device type, so
     it is checked here without a GPU): Triton for 8 bits where Triton is installed, tinygemm for 4 bits."""

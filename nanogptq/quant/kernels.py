@@ -14,7 +14,7 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
               GPTQ act-order groups (g_idx) are runs of columns in the order GPTQ visited them: the layout
               stores the columns in that order and the activations are gathered into it per call.
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
-    triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) that reads `qweight` as stored, for
+    triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) on `qweight`'s bytes (4 bits re-laid at load), for
               decode-sized inputs (up to CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to
               the activation dtype and use cuBLAS. The stock int8 op falls short on the H100 at batch 1
               (0.2x bf16), so "auto" picks this one for 8 bits there; at 4 bits tinygemm is faster and this

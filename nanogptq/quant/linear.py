@@ -57,6 +57,7 @@ KERNELS: dict[str, Kernel] = {
     # quantizes activations: opt-in only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
+LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H100 (README):
 # tinygemm beats our Triton GEMV at 4 bits, the Triton GEMV beats everything stock at 8 bits.
 AUTO_ORDER = ("int4pack", "triton", "int8pack", "dequant")
@@ -160,6 +161,8 @@ class QuantLinear(nn.Module):
             self.kernel = auto_kernel(self, device)
         U = self.rotation()
         self.rot = None if U is None else U.float().to(self.qweight.device)
+        for name in LAYOUT_BUFFERS & self._buffers.keys():  # a previously chosen kernel's layout
+            del self._buffers[name]
         KERNELS[self.kernel].prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""A Triton GEMV for batch-1 decoding that reads the packed checkpoint codes as they are stored.
+"""A Triton GEMV for batch-1 decoding on the packed checkpoint codes.
 
 For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k // group:
 
     y[n] = sum_k x[k] (q[n, k] - z[n, g]) s[n, g]
 
-with the codes dequantized in registers (fp32) and never written back. q is `QuantLinear.qweight` itself
-(pack.py: 8 bits one code per byte, 4 bits two per byte, the even column in the low nibble): no second
-weight layout is built, and the bytes read per token are the checkpoint's bytes. Each program owns BLOCK_N
+with the codes dequantized in registers (fp32) and never written back. At 8 bits q is
+`QuantLinear.qweight` itself (one code per byte); at 4 bits it is the same bytes re-laid once at load
+(HALVES, below: pack.py's pairs of neighbouring columns make the kernel shuffle activations, which
+measured 1.5x slower), so the bytes read per token are the checkpoint's bytes either way. Codes become
+floats by the mantissa trick (no int-to-float instruction, see the kernel). Each program owns BLOCK_N
 output rows and walks K in GPI groups of G columns per step; batch-1 decoding is memory bound, so the job
-is to keep enough bytes in flight, and the autotuner picks the tile per (N, K). Accumulation is fp32; x and
-y are in the activation dtype (bf16 on the GPU).
+is to keep enough bytes in flight, and the autotuner picks the tile per (N, K, G). Accumulation is fp32;
+x and y are in the activation dtype (bf16 on the GPU).
 
 The kernel is registered as the custom op `nanogptq::gemv` (opaque to torch.compile, which calls it as it
 is; a CUDA graph captures it like any other kernel).
