@@ -10,6 +10,7 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   bash benchmarks/reference_runs.sh small                          # 2. the `small` fp32 baselines
   PTQ_BASELINE=runs/small-shakespeare/best bash benchmarks/qat_gpu_runs.sh   # 2-3. PTQ sweep + QAT ablation
   SPLIT=chunks bash benchmarks/qat_gpu_runs.sh                     # 3. the ablation on the chunk split
+  RES=results/qat_b64 BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh   # 3. the batch-64 ablation
   $PY benchmarks/qat_step_time.py --preset small                   # 3. QAT step-time slowdown
   $PY benchmarks/qat_step_time.py --preset shakespeare
   $PY benchmarks/gptq_layer.py                                     # 2. GPTQ on a 4096 x 4096 layer
