@@ -261,8 +261,9 @@ def train(cfg: TrainConfig) -> Path:
     start = time.time()
     last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
     model.train()
+    elapsed = elapsed_before
     while step < cfg.max_steps:
-        lr = lr_at(step, cfg, elapsed_before + time.time() - start)
+        lr = lr_at(step, cfg, elapsed)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr
             if i == 0:
@@ -283,10 +284,13 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        elapsed = elapsed_before + time.time() - start
         if dist_info.world_size > 1:
-            t = torch.tensor([loss_sum], device=device)
+            # the clock is averaged with the loss: every rank then takes the same time-scheduled learning
+            # rate and stops at the same step under --max-time (a rank stopping alone would hang the others)
+            t = torch.tensor([loss_sum, elapsed], device=device, dtype=torch.float64)
             dist.all_reduce(t)  # a sum: gloo has no average
-            loss_sum = t.item() / dist_info.world_size
+            loss_sum, elapsed = (t / dist_info.world_size).tolist()
         train_loss = loss_sum
         now = time.time()
         tok_s = tokens_per_step / max(now - t_last, 1e-9)
@@ -294,7 +298,6 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", val=f"{last_val:.3f}", tok_s=f"{tok_s:,.0f}")
 
-        elapsed = elapsed_before + time.time() - start
         out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
             last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)

@@ -108,6 +108,23 @@ def test_ddp_two_processes_gloo(tmp_path, text_file):
     assert load_checkpoint(run / "last").meta["metrics"]["step"] == 60
 
 
+def test_ddp_ranks_stop_together_on_the_clock(tmp_path, text_file):
+    """--max-time with DDP: the ranks share one clock, so they stop at the same step instead of one rank
+    waiting forever in the next all-reduce."""
+    run = tmp_path / "ddp-time"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "nanogptq.cli", "train", *TINY,
+         "--dataset", f"file:{text_file}", "--out-dir", str(run), "--max-steps", "100000", "--eval-interval",
+         "1000", "--max-time", "3", "--time-schedule", "--warmup-steps", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = load_checkpoint(run / "last").meta["metrics"]
+    assert 0 < meta["step"] < 100000 and meta["elapsed_s"] >= 3
+    assert meta["lr"] < 5e-4  # peak 2e-3: the clock had decayed the learning rate nearly to --min-lr 2e-4
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", "--max-steps", "-5"], "--max-steps must be positive"),
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
