@@ -38,10 +38,6 @@ def matmul_softmax(q, k, v, mask, pos):
     return att.masked_fill(~mask, float("-inf")).float().softmax(-1).to(v.dtype) @ v
 
 
-def attend(f, q, k, v, mask, pos):
-    return f(q, k, v, mask, pos)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=32)
@@ -68,7 +64,7 @@ def main() -> None:
             for compiled in (False, True):
                 f = torch.compile(fn, dynamic=False) if compiled else fn
                 err = ((f(q, k, v, mask, pos).float() - ref).norm() / ref.norm()).item()
-                s = time_call(functools.partial(attend, f, k=k, v=v, mask=mask, pos=pos), q, args.calls, args.repeats)
+                s = time_call(functools.partial(f, k=k, v=v, mask=mask, pos=pos), q, args.calls, args.repeats)
                 label = name + (" compiled" if compiled else "")
                 row = {
                     "cache": L,

@@ -21,5 +21,7 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
 fi
 bash benchmarks/cpu_budget.sh                                      # 1. tiny preset vs nanoGPT on CPU
 $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train_throughput_cpu.json
+$PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
+  --out results/train_throughput_cpu_dropout.json                  # 1. why the 5-minute recipe is eager, no dropout
 $PY benchmarks/decode.py --device cpu                              # 4. CPU decode kernels
 $PY benchmarks/gptq_layer.py --device cpu

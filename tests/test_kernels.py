@@ -7,6 +7,10 @@ running the same op in fp32. W8A8 also rounds activations to 8 bits: W8A8_TOL.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,15 +285,20 @@ def test_cuda_graph_decoding_gives_the_same_tokens(bits):
     assert torch.equal(runs[0], runs[1])  # 40 tokens > the context of 32: the window refill is covered too
 
 
-def test_triton_gemv_in_the_interpreter():
-    """The Triton kernel's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
+def run_in_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
+    Triton is imported); skip where Triton or a numpy it can use is missing."""
     pytest.importorskip("triton")
     np = pytest.importorskip("numpy")
     if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3):
         pytest.skip("Triton 3.6's interpreter needs numpy < 2.3")
-    import subprocess
-    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
 
+
+def test_triton_gemv_in_the_interpreter():
+    """The Triton kernel's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
     code = """
 import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
@@ -313,9 +322,7 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (bits, gs, sym, K, err)
 """
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_in_triton_interpreter(code)
 
 
 @cuda
@@ -351,13 +358,6 @@ def test_cuda_model_decodes_with_split_attention_like_sdpa():
 
 def test_decode_attention_in_the_interpreter():
     """The split-cache attention's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
-    pytest.importorskip("triton")
-    np = pytest.importorskip("numpy")
-    if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3):
-        pytest.skip("Triton 3.6's interpreter needs numpy < 2.3")
-    import subprocess
-    import sys
-
     code = """
 import torch, torch.nn.functional as F
 from nanogptq.attention_triton import decode_attention
@@ -369,6 +369,4 @@ for B, H, L, D, pos in [(1, 3, 100, 16, 99), (2, 2, 70, 32, 0), (1, 4, 200, 16, 
     err = ((y - ref).norm() / ref.norm()).item()
     assert err < 1e-5, (B, H, L, D, pos, err)
 """
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_in_triton_interpreter(code)
