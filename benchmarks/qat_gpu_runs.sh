@@ -3,8 +3,10 @@
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
 # Tiny Shakespeare validates on nanoGPT's split (the last 10% of the text) unless SPLIT=chunks. Results go to
-# $RES/qat_shakespeare_$SPLIT.json and $RES/qat_tinystories.json (RES=results, BATCH=32 unless set). With
-# PTQ_BASELINE set, the PTQ sweep of that checkpoint runs alongside.
+# $RES/qat_shakespeare_$SPLIT.json and $RES/qat_tinystories.json (RES=results, BATCH=32 unless set;
+# DATASETS=tinystories runs one of the two). With
+# PTQ_BASELINE set, the PTQ sweep of that checkpoint runs alongside. With SWEEP=1, TinyStories also trains
+# weights-only at other peak learning rates and weight decays, and fp32 at the BitNet lr (is a gap the lr's?).
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
@@ -26,7 +28,7 @@ if [ -n "${PTQ_BASELINE:-}" ]; then
   timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py "$PTQ_BASELINE" --out results/ptq_small_shakespeare \
     --device cuda > $R/ptq_sweep.log 2>&1 &
 fi
-for ds in shakespeare tinystories; do
+for ds in ${DATASETS:-shakespeare tinystories}; do
   train $ds fp32 $fp &
   train $ds weights_only_bitnet $bitnet --qat-config configs/qat/weights_only.json &
   train $ds weights_attn_act $bitnet --qat-config configs/qat/weights_attn_act.json &
@@ -34,12 +36,25 @@ for ds in shakespeare tinystories; do
   train $ds extreme $bitnet --qat-config configs/qat/extreme.json &
   train $ds extreme_absmean $bitnet --qat-config configs/qat/extreme_absmean.json &
 done
-train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
+has() { [[ " ${DATASETS:-shakespeare tinystories} " == *" $1 "* ]]; }
+has shakespeare && train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
+sweep=()
+if [ -n "${SWEEP:-}" ]; then
+  wo="--qat-config configs/qat/weights_only.json --lr-schedule bitnet"
+  train tinystories fp32_lr3e-3 --lr 3e-3 --min-lr 3e-4 &
+  train tinystories wo_lr6e-3 $wo --lr 6e-3 --min-lr 6e-4 &
+  train tinystories wo_lr1e-2 $wo --lr 1e-2 --min-lr 1e-3 &
+  train tinystories wo_lr6e-3_wd0 $wo --lr 6e-3 --min-lr 6e-4 --weight-decay 0 &
+  train tinystories wo_lr3e-3_cosine --qat-config configs/qat/weights_only.json --lr 3e-3 --min-lr 3e-4 &
+  sweep=($R/tinystories/{fp32_lr3e-3,wo_lr6e-3,wo_lr1e-2,wo_lr6e-3_wd0,wo_lr3e-3_cosine})
+fi
 wait
-$PY benchmarks/summarize_runs.py \
+has shakespeare && $PY benchmarks/summarize_runs.py \
   $R/shakespeare/{fp32,weights_only_fp_lr,weights_only_bitnet,weights_attn_act,all_act8,extreme,extreme_absmean} \
   --device cuda --out $RES/qat_shakespeare_$SPLIT.json 2>&1 | tail -10
+has tinystories || exit 0
 $PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,weights_attn_act,all_act8,extreme,extreme_absmean} \
-  --device cuda --out $RES/qat_tinystories.json 2>&1 | tail -9
+  "${sweep[@]}" \
+  --device cuda --out $RES/qat_tinystories.json 2>&1 | tail -14
 # the best 2-bit GPTQ of the TinyStories fp32 model, to set against ternary QAT
 $PY benchmarks/ptq_sweep.py $R/tinystories/fp32/best --bits 2 --out $RES/ptq2_small_tinystories --device cuda 2>&1 | tail -14
