@@ -5,14 +5,15 @@ nanogptq's split-cache Triton kernel (nanogptq/attention_triton.py).
 
 At batch 1 a decode step has one query per head; the whole static KV cache is read and later slots are
 masked out. This times each form (eager and torch.compile'd, each call inside a CUDA graph, as in the
-decode benchmark) and reports microseconds per layer and the cache bandwidth reached. Writes
-results/decode_attention_<gpu>.json.
+decode benchmark, over copies of the cache that overflow the L2 cache, as the layers of a model do) and
+reports microseconds per layer and the cache bandwidth reached. --programs, --block and --warps sweep the
+split kernel's TARGET_PROGRAMS, BLOCK_L and NUM_WARPS. Writes results/decode_attention_<gpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from decode import HBM_BYTES_PER_S  # benchmarks/ is on sys.path when run as a script
-from gemv import time_call
+from gemv import L2_BYTES, time_call
 
-import nanogptq.attention_triton  # noqa: F401  (registers torch.ops.nanogptq.decode_attention)
+import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
 
 
 def sdpa(q, k, v, mask, pos):
@@ -45,26 +46,44 @@ def main() -> None:
     p.add_argument("--cache", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--programs", type=int, nargs="*", default=[attention_triton.TARGET_PROGRAMS])
+    p.add_argument("--block", type=int, nargs="*", default=[attention_triton.BLOCK_L])
+    p.add_argument("--warps", type=int, nargs="*", default=[attention_triton.NUM_WARPS])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_attention.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     rows = []
-    print(f"{'cache':>6} {'form':>22} {'us':>8} {'GB/s':>8} {'roofline':>8}")
+    print(f"{'cache':>6} {'form':>32} {'us':>8} {'GB/s':>8} {'roofline':>8}")
     for L in args.cache:
         shape = (1, args.heads, L, args.head_dim)
-        k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cache_bytes = 2 * math.prod(shape) * 2
+        # one (k, v) per layer of a model whose caches are three times the L2 cache
+        caches = [
+            [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            for _ in range(-(-3 * L2_BYTES // cache_bytes))
+        ]
         q = torch.randn(1, args.heads, 1, args.head_dim, device="cuda", dtype=torch.bfloat16)
         pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
         mask = (torch.arange(L, device="cuda") <= pos)[None, :]
-        ref = sdpa(q, k, v, mask, pos).float()
-        cache_bytes = 2 * k.numel() * k.element_size()
-        for name, fn in [("sdpa", sdpa), ("matmul-softmax", matmul_softmax), ("split-cache triton", split_triton)]:
+        ref = sdpa(q, *caches[0], mask, pos).float()
+        forms = [("sdpa", sdpa, None), ("matmul-softmax", matmul_softmax, None)]
+        forms += [
+            (f"split-cache triton p{tp} b{bl} w{nw}", split_triton, (tp, bl, nw))
+            for tp in args.programs
+            for bl in args.block
+            for nw in args.warps
+        ]
+        for name, fn, tune in forms:
+            if tune:
+                attention_triton.TARGET_PROGRAMS, attention_triton.BLOCK_L, attention_triton.NUM_WARPS = tune
             for compiled in (False, True):
+                torch._dynamo.reset()
                 f = torch.compile(fn, dynamic=False) if compiled else fn
-                err = ((f(q, k, v, mask, pos).float() - ref).norm() / ref.norm()).item()
-                s = time_call(functools.partial(f, k=k, v=v, mask=mask, pos=pos), q, args.calls, args.repeats)
+                err = ((f(q, *caches[0], mask, pos).float() - ref).norm() / ref.norm()).item()
+                turn = itertools.cycle(caches)
+                s = time_call(lambda q, f=f, t=turn, m=mask, p=pos: f(q, *next(t), m, p), q, args.calls, args.repeats)
                 label = name + (" compiled" if compiled else "")
                 row = {
                     "cache": L,
@@ -75,7 +94,7 @@ def main() -> None:
                     "err": err,
                 }
                 rows.append(row)
-                print(f"{L:>6} {label:>22} {row['us']:>8.1f} {row['GB_s']:>8.0f} {row['roofline']:>8.2f}  {err:.1e}")
+                print(f"{L:>6} {label:>32} {row['us']:>8.1f} {row['GB_s']:>8.0f} {row['roofline']:>8.2f}  {err:.1e}")
     out = Path(args.json or "results/decode_attention_h100.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))

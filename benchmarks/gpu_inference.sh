@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU: the CUDA kernel tests, the linears-only kernel table, the decode-attention table and
-# the decode benchmark, in two parts that each fit the device tool's 10 minutes:
-#   bash benchmarks/gpu_inference.sh 1 && bash benchmarks/gpu_inference.sh 2      # results/*.json
+# the decode benchmark, in three parts that each fit the device tool's 10 minutes:
+#   bash benchmarks/gpu_inference.sh 1; bash benchmarks/gpu_inference.sh 2; bash benchmarks/gpu_inference.sh 3
 # OUT=DIR puts the JSON files there instead.
 set -uo pipefail
 PY=${PY:-python3}
@@ -11,18 +11,20 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-if [ "$PART" != 2 ]; then
-  timeout 170 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
+if [ "$PART" = all ] || [ "$PART" = 1 ]; then
+  timeout 330 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
   timeout 100 $PY benchmarks/gemv.py --json "$OUT/gemv_h100.json"
-  timeout 60 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_h100.json"
-  timeout 230 $DECODE --sizes 7b --variants bf16 int8 int4 stock-int4 --json "$OUT/decode_cuda_7b.json" | grep -v '^{'
+  timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_h100.json"
 fi
-if [ "$PART" != 1 ]; then
+if [ "$PART" = all ] || [ "$PART" = 2 ]; then
+  timeout 230 $DECODE --sizes 7b --variants bf16 int8 int4 stock-int4 --json "$OUT/decode_cuda_7b.json" | grep -v '^{'
   timeout 150 $DECODE --sizes gpt2-xl --variants bf16 int8 int4 w8a8 stock-int4 --json "$OUT/decode_cuda_xl.json" \
     | grep -v '^{'
-  timeout 80 $DECODE --sizes 7b --variants w8a8 --json "$OUT/decode_cuda_7b_w8a8.json" | grep -v '^{'
   timeout 100 $DECODE --sizes small --variants fp32 bf16 int8 int4 w8a8 --json "$OUT/decode_cuda_small.json" \
     | grep -v '^{'
+fi
+if [ "$PART" = all ] || [ "$PART" = 3 ]; then
+  timeout 80 $DECODE --sizes 7b --variants w8a8 --json "$OUT/decode_cuda_7b_w8a8.json" | grep -v '^{'
   # the same 7 B steps with PyTorch's attention instead of the split-cache kernel
   timeout 120 $DECODE --sizes 7b --variants bf16 int8 --sdpa --json "$OUT/decode_cuda_7b_sdpa.json" | grep -v '^{'
 fi

@@ -63,21 +63,28 @@ class KVCache(nn.Module):
     """Preallocated keys/values for one attention layer, written in place at the given positions.
 
     Shapes never change while decoding (the whole cache is attended, later slots masked out), so a
-    decode step can be captured in a CUDA graph.
+    decode step can be captured in a CUDA graph. Keys and values share one buffer `kv` (2, B, H, L, D),
+    so a step writes both with one kernel.
     """
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch, n_head, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # one-token steps on CUDA use the split-cache Triton kernel (attention_triton.py) where it can run
         self.split_decode = torch.device(device).type == "cuda" and head_dim & (head_dim - 1) == 0 and _has_triton()
 
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        self.kv.index_copy_(3, input_pos, torch.stack((k, v)).to(self.kv.dtype))
+        return self.kv[0], self.kv[1]
 
 
 def _has_triton() -> bool:
