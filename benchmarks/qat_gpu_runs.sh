@@ -7,6 +7,8 @@
 # DATASETS=tinystories runs one of the two). With
 # PTQ_BASELINE set, the PTQ sweep of that checkpoint runs alongside. With SWEEP=1, TinyStories also trains
 # weights-only at other peak learning rates and weight decays, and fp32 at the BitNet lr (is a gap the lr's?).
+# With SWEEP=transition, TinyStories trains only fp32 and 16-to-1.58-bit runs (--qat-start: float first, then
+# ternary, in the same 5,000 steps), written to $RES/qat_tinystories_transition.json.
 set -uo pipefail
 PY=${PY:-python3}
 R=${RUNS:-runs/qat}
@@ -27,6 +29,20 @@ mkdir -p $R $RES
 if [ -n "${PTQ_BASELINE:-}" ]; then
   timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py "$PTQ_BASELINE" --out results/ptq_small_shakespeare \
     --device cuda > $R/ptq_sweep.log 2>&1 &
+fi
+if [ "${SWEEP:-}" = transition ]; then
+  wo="--qat-config configs/qat/weights_only.json"
+  train tinystories fp32 $fp &
+  train tinystories weights_only_bitnet $bitnet $wo &
+  for start in 0.25 0.5 0.75 0.9; do train tinystories wo_start$start $bitnet $wo --qat-start $start & done
+  train tinystories wo_start0.5_ramp0.2 $bitnet $wo --qat-start 0.5 --qat-ramp 0.2 &
+  train tinystories wo_start0.5_fp_lr $fp $wo --qat-start 0.5 &
+  train tinystories all_act8_start0.5 $bitnet --qat-config configs/qat/all_act8.json --qat-start 0.5 &
+  wait
+  $PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,wo_start0.25,wo_start0.5,wo_start0.75} \
+    $R/tinystories/{wo_start0.9,wo_start0.5_ramp0.2,wo_start0.5_fp_lr,all_act8_start0.5} \
+    --device cuda --out $RES/qat_tinystories_transition.json 2>&1 | tail -14
+  exit 0
 fi
 for ds in ${DATASETS:-shakespeare tinystories}; do
   train $ds fp32 $fp &

@@ -27,6 +27,8 @@ TRAIN_HELP = {
     "resume": "continue the run in --out-dir from its last checkpoint",
     "init_from": "start from this fp32 checkpoint's weights (fine-tuning, e.g. QAT)",
     "qat_config": "quantization-aware training config (JSON), e.g. configs/qat/weights_only.json",
+    "qat_start": "with --qat-config: train this fraction of the steps in float first (16-to-1.58-bit training)",
+    "qat_ramp": "with --qat-config: then phase the quantization in linearly over this fraction of the steps",
     "lr_schedule": "cosine, or bitnet (cosine with weight decay dropped halfway)",
     "grad_accum": "micro-batches per optimizer step",
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",

@@ -55,6 +55,8 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     qat_config: str | None = None
+    qat_start: float = 0.0  # fraction of max_steps trained in float before the QAT quantizers switch on
+    qat_ramp: float = 0.0  # then the fraction over which their strength rises linearly from 0 to 1
     max_time: float | None = None  # seconds; stop (and save) when the wall-clock budget is spent
     time_schedule: bool = False  # with max_time: the cosine also follows the clock (see lr_at)
     progress: bool = True
@@ -71,6 +73,11 @@ class TrainConfig:
             raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or bitnet")
         if self.time_schedule and not self.max_time:
             raise ValueError("--time-schedule needs --max-time")
+        if (self.qat_start or self.qat_ramp) and not self.qat_config:
+            raise ValueError("--qat-start and --qat-ramp need --qat-config")
+        if not (0 <= self.qat_start and 0 <= self.qat_ramp and self.qat_start + self.qat_ramp < 1):
+            raise ValueError("--qat-start and --qat-ramp must be non-negative fractions of the run with "
+                             f"qat-start + qat-ramp < 1, got {self.qat_start} and {self.qat_ramp}")
         if self.resume and self.init_from:
             raise ValueError("--resume and --init-from exclude each other")
 
@@ -220,6 +227,15 @@ def train(cfg: TrainConfig) -> Path:
         elapsed_before = float(state.get("elapsed_s", 0.0))  # --max-time counts the whole run
         _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
 
+    # 16-to-1.58-bit: lambda of the QAT quantizers follows the step (None: always fully quantized)
+    scheduled_qat = bool(cfg.qat_config and (cfg.qat_start or cfg.qat_ramp))
+    strength = None
+    if scheduled_qat:
+        from nanogptq.quant.qat import qat_strength, set_qat_strength
+
+        strength = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
+        set_qat_strength(model, strength)
+
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -264,6 +280,9 @@ def train(cfg: TrainConfig) -> Path:
     elapsed = elapsed_before
     while step < cfg.max_steps:
         lr = lr_at(step, cfg, elapsed)
+        if scheduled_qat and strength != (s := qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)):
+            strength = s
+            set_qat_strength(raw_model, strength)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr
             if i == 0:
@@ -303,7 +322,10 @@ def train(cfg: TrainConfig) -> Path:
             last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
             record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
                       "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
-            if last_val < best_val:
+            if strength is not None:
+                record["qat_strength"] = strength
+            # a model not yet fully quantized is not a QAT result: it never becomes the best checkpoint
+            if last_val < best_val and strength in (None, 1.0):
                 best_val = last_val
                 save("best", {**record, "best_val_loss": best_val})
             save("last", {**record, "best_val_loss": best_val})

@@ -26,6 +26,8 @@ from nanogptq.quant.qat import (
     load_qat_config,
     prepare_input,
     prepare_ternary_model,
+    qat_strength,
+    set_qat_strength,
     ternary_dequant,
     ternary_pack,
     ternary_unpack,
@@ -187,6 +189,71 @@ def test_qat_training_lowers_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_qat_strength_schedule():
+    # 16-to-1.58-bit: float for the first 40% of 100 steps, then phased in over 20 steps
+    values = [qat_strength(step, 100, 0.4, 0.2) for step in range(100)]
+    assert values[:40] == [0.0] * 40 and values[60:] == [1.0] * 40
+    ramp = values[40:60]
+    assert all(0 < a < b < 1 for a, b in zip(ramp, ramp[1:], strict=False))
+    assert [qat_strength(s, 100, 0.5, 0.0) for s in (49, 50)] == [0.0, 1.0]  # a hard switch
+    assert qat_strength(0, 100, 0.0, 0.0) == 1.0  # from scratch
+
+
+def test_strength_interpolates_between_float_and_ternary_with_identity_gradient():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, act_bits=8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        full = layer(x)  # no strength set: fully quantized
+        set_qat_strength(layer, 1.0)
+        assert torch.equal(layer(x), full)
+        set_qat_strength(layer, 0.0)  # float weights and inputs, after the parameter-free norm
+        assert torch.allclose(layer(x), F.linear(F.rms_norm(x, (16,), eps=1e-5), layer.weight), atol=1e-6)
+        set_qat_strength(layer, 0.5)
+        w_half = 0.5 * (layer.weight + ternary_dequant(layer.weight, 1e-5))
+        x_half = prepare_input(x, "rms", None, 1e-5)
+        x_half = 0.5 * (x_half + absmax_quant(x_half, 8, 1e-5))
+        assert torch.allclose(layer(x), F.linear(x_half, w_half), atol=1e-5)
+    # straight-through at any strength: the gradient wrt the latent weight is that wrt the used weight
+    for value in (0.0, 0.5):
+        set_qat_strength(layer, value)
+        layer.weight.grad = None
+        layer(x).square().sum().backward()
+        w_used = torch.lerp(layer.weight.detach(), ternary_dequant(layer.weight.detach(), 1e-5), value)
+        w_used.requires_grad_(True)
+        xq = prepare_input(x, "rms", None, 1e-5)
+        xq = torch.lerp(xq, absmax_quant(xq, 8, 1e-5), value)
+        F.linear(xq, w_used).square().sum().backward()
+        assert torch.allclose(layer.weight.grad, w_used.grad, atol=1e-5)
+
+
+def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tmp_path, text_file):
+    cfg = TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), preset="tiny", max_steps=12,
+                      batch_size=4, eval_interval=2, eval_batches=1, warmup_steps=1, progress=False, lr=3e-3,
+                      qat_config=str(CONFIGS / "weights_only.json"), qat_start=0.5, qat_ramp=0.25)
+    run = train(cfg)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["qat_strength"] for r in records][:2] == [0.0, 0.0] and records[-1]["qat_strength"] == 1.0
+    assert 0 < records[3]["qat_strength"] < 1  # step 8: inside the ramp (steps 6 to 8)
+    full = [r for r in records if r["qat_strength"] == 1.0]
+    best = load_checkpoint(run / "best").meta["metrics"]
+    assert best["step"] in [r["step"] for r in full]
+    assert best["val_loss"] == pytest.approx(min(r["val_loss"] for r in full))
+    # the exported ternary model is the one that was evaluated (a float-phase one would differ)
+    from nanogptq.evaluate import evaluate_checkpoint
+
+    out = export_checkpoint(run / "best", tmp_path / "ternary")
+    assert evaluate_checkpoint(out, None, "cpu", progress=False)["val_loss"] == pytest.approx(
+        evaluate_checkpoint(run / "best", None, "cpu", progress=False)["val_loss"], abs=1e-4)
+
+
+def test_qat_schedule_flags_are_checked():
+    with pytest.raises(ValueError, match="need --qat-config"):
+        TrainConfig(qat_start=0.5).validate()
+    with pytest.raises(ValueError, match=r"qat-start \+ qat-ramp < 1"):
+        TrainConfig(qat_config="x.json", qat_start=0.6, qat_ramp=0.4).validate()
 
 
 @settings(max_examples=50, deadline=None)

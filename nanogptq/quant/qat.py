@@ -14,6 +14,11 @@ Rounding has no useful gradient, so both quantizers use the straight-through est
 pass sees q(x), the backward pass treats q as the identity (x + (q(x) - x).detach(), as in the paper's
 code).
 
+16-to-1.58-bit training (Nielsen et al. 2025, "Continual quantization-aware pre-training"): train
+`--qat-start` of the steps in full precision, then switch the quantizers on, optionally phased in over
+`--qat-ramp` of the steps. Every quantizer then computes x + lambda (q(x) - x), lambda rising from 0
+(float) to 1 (fully quantized; the default, and the only value an exported model knows).
+
 Export packs each ternary matrix base-3, five trits per byte (3^5 = 243 <= 256: 1.6 bits per weight),
 with one fp32 scale; TernaryLinear unpacks and multiplies by the same scale, so logits are unchanged.
 """
@@ -130,16 +135,21 @@ def absmean_ternary_act(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x / scale).round().clamp(-1, 1) * scale
 
 
-def ste(x: torch.Tensor, quant: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def ste(x: torch.Tensor, quant: Callable[[torch.Tensor], torch.Tensor],
+        strength: torch.Tensor | None = None) -> torch.Tensor:
     """Forward q(x), backward the identity: the paper's x + (q(x) - x).detach().
 
     The difference is computed under no_grad, so autograd records one add instead of the quantizer's
     ops (the eager training step is bound by per-op overhead at nanoGPT sizes); torch.compile fuses it.
+    With `strength` (a 0-d tensor lambda in [0, 1]) the forward value is x + lambda (q(x) - x).
     """
     if not (x.requires_grad and torch.is_grad_enabled()):
-        return quant(x)  # no gradient wanted: the exact q(x) (x + (q(x) - x) can be an ulp off)
+        # no gradient wanted: the exact q(x) (x + (q(x) - x) can be an ulp off); lerp is exact at 0 and 1
+        return quant(x) if strength is None else torch.lerp(x, quant(x), strength.to(x.dtype))
     with torch.no_grad():
         delta = quant(x).sub_(x)
+        if strength is not None:
+            delta.mul_(strength.to(x.dtype))
     return x + delta
 
 
@@ -149,7 +159,8 @@ def ternary_dequant(w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def prepare_input(
-    x: torch.Tensor, norm: str, act_bits: int | None, eps: float, act_scale: str = "absmax"
+    x: torch.Tensor, norm: str, act_bits: int | None, eps: float, act_scale: str = "absmax",
+    strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BitLinear's input path, shared by training (BitLinear) and inference (TernaryLinear)."""
     if norm == "rms":
@@ -157,7 +168,7 @@ def prepare_input(
     elif norm == "layer":
         x = F.layer_norm(x, (x.size(-1),), eps=eps)
     if act_bits is not None:
-        x = ste(x, lambda t: absmax_quant(t, act_bits, eps, act_scale))
+        x = ste(x, lambda t: absmax_quant(t, act_bits, eps, act_scale), strength)
     return x
 
 
@@ -172,10 +183,11 @@ class BitLinear(nn.Linear):
                  norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
+        self.register_buffer("strength", None, persistent=False)  # see set_qat_strength
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
-        w = ste(self.weight, lambda t: ternary_dequant(t, self.eps))
+        x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale, self.strength)
+        w = ste(self.weight, lambda t: ternary_dequant(t, self.eps), self.strength)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -190,12 +202,13 @@ class ActQuant(nn.Module):
         if mode not in ATTN_ACTS or mode is None:
             raise ValueError(f"unknown activation quantization {mode!r}")
         self.mode, self.eps = mode, eps
+        self.register_buffer("strength", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "ternary":
-            return ste(x, lambda t: absmean_ternary_act(t, self.eps))
+            return ste(x, lambda t: absmean_ternary_act(t, self.eps), self.strength)
         bits = 8 if self.mode == "int8" else 4
-        return ste(x, lambda t: absmax_quant(t, bits, self.eps))
+        return ste(x, lambda t: absmax_quant(t, bits, self.eps), self.strength)
 
     def extra_repr(self) -> str:
         return self.mode
@@ -208,9 +221,10 @@ class ActQuantLinear(nn.Linear):
                  act_scale: str = "absmax", bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.act_bits, self.eps, self.act_scale = act_bits, eps, act_scale
+        self.register_buffer("strength", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ste(x, lambda t: absmax_quant(t, self.act_bits, self.eps, self.act_scale))
+        x = ste(x, lambda t: absmax_quant(t, self.act_bits, self.eps, self.act_scale), self.strength)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -256,6 +270,26 @@ def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     _install_activation_quant(model, config)
     model.qat_config = config.to_dict()
     return model
+
+
+def qat_strength(step: int, max_steps: int, start: float, ramp: float) -> float:
+    """lambda at `step`: 0 for the first start * max_steps steps, then linear to 1 over ramp * max_steps."""
+    begin, length = start * max_steps, ramp * max_steps
+    if step < begin:
+        return 0.0
+    return 1.0 if step >= begin + length else (step - begin + 1) / (length + 1)
+
+
+def set_qat_strength(model: nn.Module, value: float) -> None:
+    """Set lambda of every quantizer in the model (one 0-d buffer each, filled in place, so a compiled
+    model is not recompiled). Until first called, modules quantize fully with no extra op."""
+    device = next(model.parameters()).device
+    for m in model.modules():
+        if isinstance(m, (BitLinear, ActQuant, ActQuantLinear)):
+            if m.strength is None:
+                m.strength = torch.tensor(float(value), device=device)
+            else:
+                m.strength.fill_(value)
 
 
 # ---------------------------------------------------------------------------------------------------
