@@ -48,7 +48,16 @@ SIZES = {
     "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
     "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
 }
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM peak
+# datasheet HBM peaks, bytes/s, by a word of the device name (the roofline's denominator)
+HBM_PEAKS = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def hbm_peak() -> float:
+    """The GPU's memory-bandwidth peak: $NANOGPTQ_HBM_GBS if set, else by name, else the H100's."""
+    if os.environ.get("NANOGPTQ_HBM_GBS"):
+        return float(os.environ["NANOGPTQ_HBM_GBS"]) * 1e9
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((peak for key, peak in HBM_PEAKS.items() if key in name), HBM_PEAKS["H100"])
 
 
 @dataclass
@@ -303,7 +312,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
     row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
     if gpu:
         row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-        row["hbm_roofline"] = row["weight_bytes"] * decode / HBM_BYTES_PER_S
+        row["hbm_roofline"] = row["weight_bytes"] * decode / hbm_peak()
     else:
         row["rss_delta_bytes"] = rss_bytes() - rss0
     del model
@@ -406,6 +415,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "hbm_peak_bytes_s": hbm_peak() if gpu else None,
         **{k: v for k, v in vars(args).items() if k not in ("json",)},
     }
     rows: list[dict] = []

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode import HBM_BYTES_PER_S  # benchmarks/ is on sys.path when run as a script
-from gemv import L2_BYTES, time_call
+from decode import hbm_peak  # benchmarks/ is on sys.path when run as a script
+from gemv import l2_bytes, time_call
 
 import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
 
@@ -62,7 +62,7 @@ def main() -> None:
         # one (k, v) per layer of a model whose caches are three times the L2 cache
         caches = [
             [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-            for _ in range(-(-3 * L2_BYTES // cache_bytes))
+            for _ in range(-(-3 * l2_bytes() // cache_bytes))
         ]
         q = torch.randn(1, args.heads, 1, args.head_dim, device="cuda", dtype=torch.bfloat16)
         pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
@@ -90,7 +90,7 @@ def main() -> None:
                     "form": label,
                     "us": s * 1e6,
                     "GB_s": cache_bytes / s / 1e9,
-                    "roofline": cache_bytes / s / HBM_BYTES_PER_S,
+                    "roofline": cache_bytes / s / hbm_peak(),
                     "err": err,
                 }
                 rows.append(row)

@@ -6,7 +6,7 @@
 Each variant's layer (in copies that overflow the L2 cache) is called R times inside one CUDA graph
 (launch overhead excluded, as in a decoded model replayed from a graph); the graph is replayed --repeats
 times and the median per-call time is reported with the bytes the kernel reads (weights, scales, zero
-points) per second and as a fraction of the H100's 3.35 TB/s. Variants: bf16 F.linear (cuBLAS), the
+points) per second and as a fraction of the GPU's HBM peak (decode.hbm_peak). Variants: bf16 F.linear (cuBLAS), the
 Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric), and PyTorch's stock int8 weight-only
 (eager F.linear on the int8 matrix, then scales) and int4 tinygemm (`_weight_int4pack_mm`).
 Writes results/gemv_<gpu>.json.
@@ -22,12 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode import HBM_BYTES_PER_S, random_quant_linear  # benchmarks/ is on sys.path when run as a script
+from decode import hbm_peak, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import QuantLinear
 from nanogptq.quant.triton_gemv import PAIRS
 
-L2_BYTES = 50 * 2**20  # H100 SXM
+
+def l2_bytes() -> int:
+    """The GPU's L2 cache size (50 MB on the H100 SXM, 60 MB on the H200)."""
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
 
 
 # name: (bits, group size, symmetric, kernel), None for the bf16 matrix
@@ -105,6 +108,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gemv.py measures GPU kernels: no CUDA device found")
     gpu = torch.cuda.get_device_name()
+    peak = hbm_peak()
+    print(f"{gpu}: HBM peak {peak / 1e12:.2f} TB/s, L2 {l2_bytes() / 2**20:.0f} MiB")
     rows = []
     print("| shape | variant | us/call | GB/s | HBM roofline | x bf16 |")
     print("|---|---|---|---|---|---|")
@@ -117,7 +122,7 @@ def main() -> None:
             # enough copies of the layer, called in turn, that their bytes exceed the L2 cache three times
             # over: a decoded model reads each weight once per token, from HBM
             first = make_layer(n, k, spec)
-            more = -(-3 * L2_BYTES // bytes_read(first)) - 1
+            more = -(-3 * l2_bytes() // bytes_read(first)) - 1
             copies = [first] + [make_layer(n, k, spec) for _ in range(more)]
             turn = itertools.cycle(copies)
 
@@ -140,18 +145,19 @@ def main() -> None:
                 "us": t * 1e6,
                 "bytes": bytes_read(reads),
                 "GB_s": gbs / 1e9,
-                "roofline": gbs / HBM_BYTES_PER_S,
+                "roofline": gbs / peak,
                 "x_bf16": base / t if base else None,
             }
             rows.append(row)
             ratio = "-" if row["x_bf16"] is None else f"{row['x_bf16']:.2f}"
             print(
-                f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / HBM_BYTES_PER_S:.0%} | {ratio} |",
+                f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / peak:.0%} | {ratio} |",
                 flush=True,
             )
     out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
+    info = {"gpu": gpu, "hbm_peak_bytes_s": peak, "torch": torch.__version__, "args": vars(args)}
+    out.write_text(json.dumps({**info, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

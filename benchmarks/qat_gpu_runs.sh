@@ -11,6 +11,7 @@
 # ternary, in the same 5,000 steps), written to $RES/qat_tinystories_transition.json.
 set -uo pipefail
 PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import nanogptq without an install
 R=${RUNS:-runs/qat}
 STEPS=${STEPS:-5000}
 SPLIT=${SPLIT:-tail}
@@ -32,15 +33,22 @@ if [ -n "${PTQ_BASELINE:-}" ]; then
 fi
 if [ "${SWEEP:-}" = transition ]; then
   wo="--qat-config configs/qat/weights_only.json"
+  woc="--qat-config configs/qat/weights_only_channel.json"
   train tinystories fp32 $fp &
+  train tinystories fp32_lr3e-3 --lr 3e-3 --min-lr 3e-4 &
   train tinystories weights_only_bitnet $bitnet $wo &
-  for start in 0.25 0.5 0.75 0.9; do train tinystories wo_start$start $bitnet $wo --qat-start $start & done
-  train tinystories wo_start0.5_ramp0.2 $bitnet $wo --qat-start 0.5 --qat-ramp 0.2 &
-  train tinystories wo_start0.5_fp_lr $fp $wo --qat-start 0.5 &
+  train tinystories weights_only_channel $bitnet $woc &
+  for start in 0.5 0.75; do
+    train tinystories wo_start$start $bitnet $wo --qat-start $start &
+    train tinystories woc_start$start $bitnet $woc --qat-start $start &
+  done
+  train tinystories wo_start0.5_lr5e-3 $wo --lr 5e-3 --min-lr 5e-4 --lr-schedule bitnet --qat-start 0.5 &
+  train tinystories wo_nonorm_start0.5 $bitnet --qat-config configs/qat/weights_only_nonorm.json --qat-start 0.5 &
   train tinystories all_act8_start0.5 $bitnet --qat-config configs/qat/all_act8.json --qat-start 0.5 &
   wait
-  $PY benchmarks/summarize_runs.py $R/tinystories/{fp32,weights_only_bitnet,wo_start0.25,wo_start0.5,wo_start0.75} \
-    $R/tinystories/{wo_start0.9,wo_start0.5_ramp0.2,wo_start0.5_fp_lr,all_act8_start0.5} \
+  runs=(fp32 weights_only_bitnet weights_only_channel wo_start0.5 wo_start0.75 woc_start0.5 woc_start0.75
+        wo_start0.5_lr5e-3 wo_nonorm_start0.5 all_act8_start0.5 fp32_lr3e-3)
+  $PY benchmarks/summarize_runs.py "${runs[@]/#/$R/tinystories/}" \
     --device cuda --out $RES/qat_tinystories_transition.json 2>&1 | tail -14
   exit 0
 fi

@@ -314,9 +314,12 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     ref = x @ m.dequantize().T
     ys = [gemv(x, m.qweight, m.scales, z, bits, gs)]  # the custom op
     ys += [launch(x, m.qweight, m.scales, z, bits, gs, PAIRS, {"BLOCK_N": 2, "GPI": 4, "ACC3": False})]
+    ys += [launch(x, m.qweight, m.scales, z, bits, gs, PAIRS, {"BLOCK_N": 4, "GPI": 2, "ACC3": False,
+                                                              "PREFETCH": True})]
     if bits == 4:
         halves = to_halves(m.qweight, K, gs)
-        for cfg in (INTERPRETER_CONFIG, {"BLOCK_N": 2, "GPI": 1, "ACC3": True}):
+        for cfg in (INTERPRETER_CONFIG, {"BLOCK_N": 2, "GPI": 1, "ACC3": True},
+                    {"BLOCK_N": 2, "GPI": 2, "ACC3": False, "PREFETCH": True}):
             ys += [launch(x, halves, m.scales, z, bits, gs, HALVES, cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()

@@ -36,7 +36,7 @@ from nanogptq.quant.qat import (
 from nanogptq.train import TrainConfig, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "qat"
-SHIPPED = ["weights_only", "weights_attn_act", "all_act8", "extreme", "extreme_absmean"]
+SHIPPED = ["weights_only", "weights_attn_act", "all_act8", "extreme", "extreme_absmean", "weights_only_channel"]
 
 
 def small_model(**kw) -> GPT:
@@ -55,6 +55,33 @@ def test_absmean_ternary_values_and_scale():
     dq = ternary_dequant(w, 1e-5)
     assert set((dq / scale).round().unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert torch.allclose(dq, trits * scale)
+
+
+def test_per_channel_absmean_scale_per_output_row():
+    w = torch.randn(6, 40) * torch.logspace(-2, 0, 6)[:, None]  # rows of very different magnitudes
+    trits, scale = ternary_weight(w, 1e-5, per_channel=True)
+    assert scale.shape == (6, 1)
+    assert torch.allclose(scale[:, 0], w.abs().mean(dim=1) + 1e-5, rtol=1e-5)
+    assert torch.equal(trits, torch.where((w / scale).abs() < 0.5, 0.0, torch.sign(w)))
+    # one scale for the whole matrix zeroes the small rows entirely; per row they keep their signs
+    per_tensor, _ = ternary_weight(w, 1e-5)
+    assert (per_tensor[0] == 0).all() and (trits[0] != 0).sum() > 10
+    layer = BitLinear(40, 6, weight_scale="channel")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        t = TernaryLinear.from_bitlinear(layer)
+        assert t.scale.shape == (6,)
+        x = torch.randn(3, 40)
+        assert torch.equal(t(x), layer(x))
+
+
+def test_scheduled_quantizer_under_bf16_autocast():
+    layer = BitLinear(16, 8, act_bits=8)
+    set_qat_strength(layer, 0.5)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU training's eval passes
+        y = layer(x.bfloat16())
+    assert torch.isfinite(y).all()
 
 
 def test_ste_gradient_equals_gradient_wrt_quantized_weight():

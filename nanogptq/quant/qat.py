@@ -8,7 +8,8 @@ BitLinear keeps full-precision latent weights and, in every forward pass (the pa
     x_q <- round(clip(x * Qb / max|x|)) * max|x| / Qb  per token, Qb = 2^(b-1) - 1 (b=8: 127), if act_bits
            (act_scale "absmean", for 4 bits and below: the step is mean|x| / sqrt(Qb) and the tails clip,
            the absmean rule BitNet a4.8 uses for 4-bit activations, instead of max|x| / Qb)
-    s   <- mean|W| + eps;  W_q <- clip(round(W / s), -1, 1) * s   per tensor ("absmean")
+    s   <- mean|W| + eps;  W_q <- clip(round(W / s), -1, 1) * s   per tensor ("absmean"; weight_scale
+           "channel": one s per output row, mean over the row, a finer variant BitNet does not use)
     y   <- x_q W_q^T
 Rounding has no useful gradient, so both quantizers use the straight-through estimator: the forward
 pass sees q(x), the backward pass treats q as the identity (x + (q(x) - x).detach(), as in the paper's
@@ -41,6 +42,7 @@ from nanogptq.quant.config import BLOCK_LINEARS
 NORMS = ("rms", "layer", "none")
 ATTN_ACTS = (None, "int8", "int4", "ternary")
 ACT_SCALES = ("absmax", "absmean")
+WEIGHT_SCALES = ("tensor", "channel")
 TRITS_PER_BYTE = 5
 EXPORT_FORMAT = 1
 
@@ -57,6 +59,7 @@ class QATConfig:
     attn_act: str | None = None  # q and k per token and head: None, "int8", "int4" or "ternary"
     head_act_bits: int | None = None  # per-token quantization of the (float, tied) lm_head's input
     act_scale: str = "absmax"  # the step of act_bits and head_act_bits: "absmax" or "absmean" (clips)
+    weight_scale: str = "tensor"  # the absmean ternary scale: per "tensor" (BitNet) or per output "channel"
     eps: float = 1e-5  # floor of every quantization scale (BitNet's code clamps at 1e-5)
 
     def __post_init__(self):
@@ -73,6 +76,8 @@ class QATConfig:
             raise ValueError(f"qat norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.act_scale not in ACT_SCALES:
             raise ValueError(f"qat act_scale must be absmax or absmean, got {self.act_scale!r}")
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"qat weight_scale must be tensor or channel, got {self.weight_scale!r}")
         if self.attn_act not in ATTN_ACTS:
             raise ValueError(f"qat attn_act must be null, int8, int4 or ternary, got {self.attn_act!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
@@ -109,11 +114,15 @@ def load_qat_config(path: str | Path) -> QATConfig:
 # quantizers (forward values) and the straight-through estimator
 
 
-def ternary_weight(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmean ternarization: trits clip(round(w / s), -1, 1) (float) and scale s = mean|w| + eps."""
+def ternary_weight(w: torch.Tensor, eps: float, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarization: trits clip(round(w / s), -1, 1) (float) and scale s = mean|w| + eps, over
+    the whole matrix (a 0-d s) or, per_channel, over each output row (s of shape (out, 1))."""
     # one reduction kernel for mean|w|, no |w| temporary; +eps (BitNet's clamp(min=eps) differs only
     # for an all-zero matrix, where both give zero trits)
-    scale = torch.linalg.vector_norm(w, 1) / w.numel() + eps
+    if per_channel:
+        scale = torch.linalg.vector_norm(w, 1, dim=1, keepdim=True) / w.shape[1] + eps
+    else:
+        scale = torch.linalg.vector_norm(w, 1) / w.numel() + eps
     return (w / scale).round().clamp(-1, 1), scale
 
 
@@ -145,16 +154,19 @@ def ste(x: torch.Tensor, quant: Callable[[torch.Tensor], torch.Tensor],
     """
     if not (x.requires_grad and torch.is_grad_enabled()):
         # no gradient wanted: the exact q(x) (x + (q(x) - x) can be an ulp off); lerp is exact at 0 and 1
-        return quant(x) if strength is None else torch.lerp(x, quant(x), strength.to(x.dtype))
+        if strength is None:
+            return quant(x)
+        q = quant(x)  # may be fp32 for a bf16 x under autocast (its reductions run in fp32)
+        return torch.lerp(x.to(q.dtype), q, strength.to(q.dtype))
     with torch.no_grad():
         delta = quant(x).sub_(x)
         if strength is not None:
-            delta.mul_(strength.to(x.dtype))
+            delta.mul_(strength.to(delta.dtype))
     return x + delta
 
 
-def ternary_dequant(w: torch.Tensor, eps: float) -> torch.Tensor:
-    trits, scale = ternary_weight(w, eps)
+def ternary_dequant(w: torch.Tensor, eps: float, per_channel: bool = False) -> torch.Tensor:
+    trits, scale = ternary_weight(w, eps, per_channel)
     return trits * scale
 
 
@@ -180,18 +192,20 @@ class BitLinear(nn.Linear):
     """nn.Linear with full-precision latent weights that computes with absmean-ternary weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", device=None, dtype=None):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor",
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
+        self.per_channel = weight_scale == "channel"
         self.register_buffer("strength", None, persistent=False)  # see set_qat_strength
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale, self.strength)
-        w = ste(self.weight, lambda t: ternary_dequant(t, self.eps), self.strength)
+        w = ste(self.weight, lambda t: ternary_dequant(t, self.eps, self.per_channel), self.strength)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, act_bits={self.act_bits}, norm={self.norm}"
+        return f"{super().extra_repr()}, act_bits={self.act_bits}, norm={self.norm}, per_channel={self.per_channel}"
 
 
 class ActQuant(nn.Module):
@@ -261,8 +275,9 @@ def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     """Swap the chosen block linears for BitLinear (sharing their weights) and install the activation
     quantizers, in place; sets `model.qat_config` (the checkpoint's "qat" entry)."""
     for name, layer in _block_linears(model, config).items():
+        # on the meta device: no init, the old tensors move in
         bit = BitLinear(layer.in_features, layer.out_features, layer.bias is not None, config.act_bits,
-                        config.norm, config.eps, config.act_scale, device="meta")  # no init: the old tensors move in
+                        config.norm, config.eps, config.act_scale, config.weight_scale, device="meta")
         bit.weight = layer.weight  # the same Parameter: a float checkpoint's weights fine-tune as is
         if layer.bias is not None:
             bit.bias = layer.bias
@@ -325,30 +340,32 @@ def ternary_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class TernaryLinear(nn.Module):
-    """Packed ternary weights (`qweight`, 5 trits a byte) and a per-tensor fp32 `scale`.
+    """Packed ternary weights (`qweight`, 5 trits a byte) and fp32 `scale`s, one per tensor (shape (1,)) or
+    one per output row (shape (out,), weight_scale "channel").
 
     The reference path unpacks on every call, then matmuls, caching nothing; input normalization and
     activation quantization are BitLinear's, so outputs equal the trained BitLinear's.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax"):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
+        self.per_channel = weight_scale == "channel"
         n = in_features * out_features
         self.register_buffer("qweight", torch.zeros(math.ceil(n / TRITS_PER_BYTE), dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(out_features if self.per_channel else 1, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> TernaryLinear:
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.act_bits, layer.norm,
-                layer.eps, layer.act_scale)
+                layer.eps, layer.act_scale, "channel" if layer.per_channel else "tensor")
         with torch.no_grad():
-            trits, scale = ternary_weight(layer.weight.detach().float(), layer.eps)
+            trits, scale = ternary_weight(layer.weight.detach().float(), layer.eps, layer.per_channel)
             m.qweight = ternary_pack(trits).to(layer.weight.device)
-            m.scale = scale.reshape(1).to(layer.weight.device)
+            m.scale = scale.reshape(-1).to(layer.weight.device)
             if layer.bias is not None:
                 m.bias = nn.Parameter(layer.bias.detach().clone())
         return m
@@ -359,7 +376,7 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
-        w = self.trits().float() * self.scale  # in fp32 as in BitLinear, so the values are identical
+        w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
         return F.linear(x, w.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -380,7 +397,8 @@ def export_ternary(model: nn.Module) -> nn.Module:
 def ternary_meta(model: nn.Module, qat: dict) -> dict:
     """The exported checkpoint's "quantization" entry."""
     layers = [n for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
-    return {"method": "ternary", "bits": 1.58, "group_size": 0, "format": EXPORT_FORMAT,
+    group_size = -1 if qat.get("weight_scale") == "channel" else 0  # quant.config's codes: -1 per row, 0 per tensor
+    return {"method": "ternary", "bits": 1.58, "group_size": group_size, "format": EXPORT_FORMAT,
             "packing": "base3-5-per-byte", "bits_per_weight": 8 / TRITS_PER_BYTE,
             "quantized_layers": layers, "qat": qat}
 
@@ -393,7 +411,8 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
         if type(layer) is not nn.Linear:
             raise ValueError(f"ternary layer {name!r} is a {type(layer).__name__} here, not nn.Linear")
         model.set_submodule(name, TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None,
-                                                config.act_bits, config.norm, config.eps, config.act_scale))
+                                                config.act_bits, config.norm, config.eps, config.act_scale,
+                                                config.weight_scale))
     _install_activation_quant(model, config)
     return model
 

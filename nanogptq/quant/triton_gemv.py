@@ -32,18 +32,26 @@ INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
 def _configs(bits: int) -> list[triton.Config]:
     """Tiles (BLOCK_N rows x GPI tile groups) per step. A 4-bit tile group holds half the bytes of an
     8-bit one, so 4 bits get larger tiles (more bytes in flight); per-element accumulators (ACC3) only
-    where they fit in registers."""
+    where they fit in registers; PREFETCH (the next step's loads issued before this step's arithmetic)
+    for mid-sized tiles."""
     if bits == 8:
         tiles = [(1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2), (16, 4)]
     else:
         tiles = [(1, 16), (2, 16), (4, 8), (4, 16), (8, 4), (8, 8), (16, 4), (4, 32), (8, 16), (16, 8), (32, 4)]
-    return [
+    configs = [
         triton.Config({"BLOCK_N": bn, "GPI": gpi, "ACC3": acc3}, num_warps=w)
         for bn, gpi in tiles
         for w in (4, 8)
         for acc3 in (True, False)
         if not (acc3 and bn * gpi > 64)
     ]
+    # register double-buffering (PREFETCH) for the mid-sized tiles, whose two steps fit in registers
+    configs += [
+        triton.Config({"BLOCK_N": bn, "GPI": gpi, "ACC3": False, "PREFETCH": True}, num_warps=4)
+        for bn, gpi in tiles
+        if bn * gpi in (16, 32)
+    ]
+    return configs
 
 
 # 4-bit byte layouts: PAIRS is pack.py's (the even column in the low nibble, the odd one in the high
@@ -52,6 +60,69 @@ def _configs(bits: int) -> list[triton.Config]:
 # contiguous loads in the layout the weights already have
 PAIRS, HALVES = 1, 2
 _PAIRS, _HALVES = tl.constexpr(PAIRS), tl.constexpr(HALVES)  # the kernel may read only constexpr globals
+
+
+@triton.jit
+def _load_tile(x_row, w_ptr, s_ptr, z_ptr, rn, nmask, g, rb, K, NG, SG_DIV, stride_wn, stride_sn, stride_zn,
+               BITS: tl.constexpr, G: tl.constexpr, HAS_Z: tl.constexpr, LAYOUT: tl.constexpr,
+               BLOCK_N: tl.constexpr, GPI: tl.constexpr):
+    """One step's loads: codes (BLOCK_N, GPI, GB) as int32, scales and zero points (BLOCK_N, GPI), and
+    the activations the codes multiply (xa for 8 bits and low nibbles, xb for high nibbles / PAIRS)."""
+    PER: tl.constexpr = 8 // BITS  # codes per byte
+    GB: tl.constexpr = G // PER  # bytes per row of a tile group
+    byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
+    if LAYOUT == _HALVES:
+        bmask = (g < NG)[:, None] & (rb < GB)[None, :]  # the rows are padded to whole tile groups
+    else:
+        bmask = byte * PER < K
+    w_ptrs = w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :]
+    w = tl.load(w_ptrs, mask=nmask[:, None, None] & bmask[None], other=0).to(tl.int32)
+    sg = g // SG_DIV
+    gmask = nmask[:, None] & (g < NG)[None, :]
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.float32)
+    else:
+        z = tl.full((BLOCK_N, GPI), 2 ** (BITS - 1), tl.float32)
+    if BITS == 8:
+        xa = tl.load(x_row + byte, mask=byte < K, other=0.0).to(tl.float32)
+        xb = xa
+    elif LAYOUT == _HALVES:
+        c_lo = g[:, None] * G + rb[None, :]  # (GPI, GB): both loads contiguous, no reshuffle
+        c_hi = c_lo + GB
+        xa = tl.load(x_row + c_lo, mask=c_lo < K, other=0.0).to(tl.float32)
+        xb = tl.load(x_row + c_hi, mask=c_hi < K, other=0.0).to(tl.float32)
+    else:
+        c = g[:, None] * G + tl.arange(0, G)[None, :]
+        xb = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+        xa = xb
+    return w, s, z, xa, xb
+
+
+@triton.jit
+def _accumulate(acc, w, s, z, xa, xb, BITS: tl.constexpr, G: tl.constexpr, LAYOUT: tl.constexpr,
+                BLOCK_N: tl.constexpr, GPI: tl.constexpr, ACC3: tl.constexpr):
+    # codes to floats without int->float conversions (a quarter-rate instruction): OR-ing a code
+    # c < 2^23 into the mantissa of 2^23 (0x4B000000) gives the float 2^23 + c exactly, so one
+    # subtraction of 2^23 + z yields c - z
+    off = (z + 8388608.0)[:, :, None]
+    if BITS == 8:
+        part = ((w | 0x4B000000).to(tl.float32, bitcast=True) - off) * xa[None, :, :]
+    else:
+        q_lo = ((w & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
+        q_hi = ((w >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - off
+        if LAYOUT == _HALVES:
+            part = q_lo * xa[None, :, :] + q_hi * xb[None, :, :]
+        else:
+            # interleave the nibbles back into column order: (BLOCK_N, GPI, GB, 2) -> (BLOCK_N, GPI, G)
+            q = tl.reshape(tl.join(q_lo, q_hi), (BLOCK_N, GPI, G))
+            part = q * xb[None, :, :]
+    # the scale once per group after the reduction (ACC3 off), or per element (ACC3 on)
+    if ACC3:
+        acc += part * s[:, :, None]
+    else:
+        acc += tl.sum(part, axis=2) * s
+    return acc
 
 
 @triton.jit
@@ -78,9 +149,10 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     GPI: tl.constexpr,
     ACC3: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
-    PER: tl.constexpr = 8 // BITS  # codes per byte
-    GB: tl.constexpr = G // PER  # bytes per row of a tile group
+    PER: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = G // PER
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
@@ -93,50 +165,21 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, GPI, AW), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
-    for g0 in range(0, NG, GPI):
-        g = g0 + rg
-        byte = g[:, None] * GB + rb[None, :]  # (GPI, GB)
-        if LAYOUT == _HALVES:
-            bmask = (g < NG)[:, None] & (rb < GB)[None, :]  # the rows are padded to whole tile groups
-        else:
-            bmask = byte * PER < K
-        w_ptrs = w_ptr + rn[:, None, None] * stride_wn + byte[None, :, :]
-        w = tl.load(w_ptrs, mask=nmask[:, None, None] & bmask[None], other=0)
-        sg = g // SG_DIV
-        gmask = nmask[:, None] & (g < NG)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.float32)
-        else:
-            z = tl.full((BLOCK_N, GPI), 2 ** (BITS - 1), tl.float32)
-        # codes to floats without int->float conversions (a quarter-rate instruction): OR-ing a code
-        # c < 2^23 into the mantissa of 2^23 (0x4B000000) gives the float 2^23 + c exactly, so one
-        # subtraction of 2^23 + z yields c - z
-        off = (z + 8388608.0)[:, :, None]
-        wi = w.to(tl.int32)
-        if BITS == 8:
-            xv = tl.load(x_row + byte, mask=byte < K, other=0.0).to(tl.float32)
-            part = ((wi | 0x4B000000).to(tl.float32, bitcast=True) - off) * xv[None, :, :]
-        else:
-            q_lo = ((wi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - off
-            q_hi = ((wi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - off
-            if LAYOUT == _HALVES:
-                c_lo = g[:, None] * G + rb[None, :]  # (GPI, GB): both loads contiguous, no reshuffle
-                c_hi = c_lo + GB
-                x_lo = tl.load(x_row + c_lo, mask=c_lo < K, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + c_hi, mask=c_hi < K, other=0.0).to(tl.float32)
-                part = q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]
-            else:
-                # interleave the nibbles back into column order: (BLOCK_N, GPI, GB, 2) -> (BLOCK_N, GPI, G)
-                q = tl.reshape(tl.join(q_lo, q_hi), (BLOCK_N, GPI, G))
-                c = g[:, None] * G + tl.arange(0, G)[None, :]
-                xv = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
-                part = q * xv[None, :, :]
-        # the scale once per group after the reduction (ACC3 off), or per element (ACC3 on)
-        if ACC3:
-            acc += part * s[:, :, None]
-        else:
-            acc += tl.sum(part, axis=2) * s
+    if PREFETCH:
+        # register double-buffering: the next step's loads are in flight while this step's codes are
+        # unpacked, twice the bytes in flight per program (a GEMV is bound by them, not by arithmetic)
+        w, s, z, xa, xb = _load_tile(x_row, w_ptr, s_ptr, z_ptr, rn, nmask, rg, rb, K, NG, SG_DIV, stride_wn,
+                                     stride_sn, stride_zn, BITS, G, HAS_Z, LAYOUT, BLOCK_N, GPI)
+        for g0 in range(GPI, NG + GPI, GPI):  # the last step's loads are all masked off
+            w2, s2, z2, xa2, xb2 = _load_tile(x_row, w_ptr, s_ptr, z_ptr, rn, nmask, g0 + rg, rb, K, NG, SG_DIV,
+                                              stride_wn, stride_sn, stride_zn, BITS, G, HAS_Z, LAYOUT, BLOCK_N, GPI)
+            acc = _accumulate(acc, w, s, z, xa, xb, BITS, G, LAYOUT, BLOCK_N, GPI, ACC3)
+            w, s, z, xa, xb = w2, s2, z2, xa2, xb2
+    else:
+        for g0 in range(0, NG, GPI):
+            w, s, z, xa, xb = _load_tile(x_row, w_ptr, s_ptr, z_ptr, rn, nmask, g0 + rg, rb, K, NG, SG_DIV,
+                                         stride_wn, stride_sn, stride_zn, BITS, G, HAS_Z, LAYOUT, BLOCK_N, GPI)
+            acc = _accumulate(acc, w, s, z, xa, xb, BITS, G, LAYOUT, BLOCK_N, GPI, ACC3)
     if ACC3:
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:
