@@ -11,20 +11,22 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+# result files are named by the GPU (h100, h200, ...)
+GPU=$($PY -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)
 if [ "$PART" = all ] || [ "$PART" = 1 ]; then
   timeout 330 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
-  timeout 100 $PY benchmarks/gemv.py --json "$OUT/gemv_h100.json"
-  timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_h100.json"
+  timeout 100 $PY benchmarks/gemv.py --json "$OUT/gemv_$GPU.json"
+  timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_$GPU.json"
 fi
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
-  timeout 230 $DECODE --sizes 7b --variants bf16 int8 int4 stock-int4 --json "$OUT/decode_cuda_7b.json" | grep -v '^{'
-  timeout 150 $DECODE --sizes gpt2-xl --variants bf16 int8 int4 w8a8 stock-int4 --json "$OUT/decode_cuda_xl.json" \
+  timeout 230 $DECODE --sizes 7b --variants bf16 int8 int4 stock-int4 --json "$OUT/decode_cuda_7b_$GPU.json" | grep -v '^{'
+  timeout 150 $DECODE --sizes gpt2-xl --variants bf16 int8 int4 w8a8 stock-int4 --json "$OUT/decode_cuda_xl_$GPU.json" \
     | grep -v '^{'
-  timeout 100 $DECODE --sizes small --variants fp32 bf16 int8 int4 w8a8 --json "$OUT/decode_cuda_small.json" \
+  timeout 100 $DECODE --sizes small --variants fp32 bf16 int8 int4 w8a8 --json "$OUT/decode_cuda_small_$GPU.json" \
     | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
-  timeout 80 $DECODE --sizes 7b --variants w8a8 --json "$OUT/decode_cuda_7b_w8a8.json" | grep -v '^{'
+  timeout 80 $DECODE --sizes 7b --variants w8a8 --json "$OUT/decode_cuda_7b_w8a8_$GPU.json" | grep -v '^{'
   # the same 7 B steps with PyTorch's attention instead of the split-cache kernel
-  timeout 120 $DECODE --sizes 7b --variants bf16 int8 --sdpa --json "$OUT/decode_cuda_7b_sdpa.json" | grep -v '^{'
+  timeout 120 $DECODE --sizes 7b --variants bf16 int8 --sdpa --json "$OUT/decode_cuda_7b_sdpa_$GPU.json" | grep -v '^{'
 fi

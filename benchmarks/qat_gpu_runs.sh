@@ -7,8 +7,8 @@
 # DATASETS=tinystories runs one of the two). With
 # PTQ_BASELINE set, the PTQ sweep of that checkpoint runs alongside. With SWEEP=1, TinyStories also trains
 # weights-only at other peak learning rates and weight decays, and fp32 at the BitNet lr (is a gap the lr's?).
-# With SWEEP=transition, TinyStories trains only fp32 and 16-to-1.58-bit runs (--qat-start: float first, then
-# ternary, in the same 5,000 steps), written to $RES/qat_tinystories_transition.json.
+# With SWEEP=transition (or transition2), TinyStories trains only fp32 and 16-to-1.58-bit runs (--qat-start:
+# float first, then ternary, in the same 5,000 steps), written to $RES/qat_tinystories_transition[2].json.
 set -uo pipefail
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import nanogptq without an install
@@ -31,25 +31,40 @@ if [ -n "${PTQ_BASELINE:-}" ]; then
   timeout ${SWEEP_TIME:-300} $PY benchmarks/ptq_sweep.py "$PTQ_BASELINE" --out results/ptq_small_shakespeare \
     --device cuda > $R/ptq_sweep.log 2>&1 &
 fi
-if [ "${SWEEP:-}" = transition ]; then
-  wo="--qat-config configs/qat/weights_only.json"
-  woc="--qat-config configs/qat/weights_only_channel.json"
-  train tinystories fp32 $fp &
-  train tinystories fp32_lr3e-3 --lr 3e-3 --min-lr 3e-4 &
-  train tinystories weights_only_bitnet $bitnet $wo &
-  train tinystories weights_only_channel $bitnet $woc &
-  for start in 0.5 0.75; do
-    train tinystories wo_start$start $bitnet $wo --qat-start $start &
-    train tinystories woc_start$start $bitnet $woc --qat-start $start &
+sweep() {  # OUTPUT_NAME "run_name flags..." ...: TinyStories runs at once, then their summary
+  local out=$1 spec name runs=(); shift
+  for spec in "$@"; do
+    name=${spec%% *}
+    # shellcheck disable=SC2086  # the flags split into words
+    train tinystories $name ${spec#* } &
+    runs+=("$R/tinystories/$name")
   done
-  train tinystories wo_start0.5_lr5e-3 $wo --lr 5e-3 --min-lr 5e-4 --lr-schedule bitnet --qat-start 0.5 &
-  train tinystories wo_nonorm_start0.5 $bitnet --qat-config configs/qat/weights_only_nonorm.json --qat-start 0.5 &
-  train tinystories all_act8_start0.5 $bitnet --qat-config configs/qat/all_act8.json --qat-start 0.5 &
   wait
-  runs=(fp32 weights_only_bitnet weights_only_channel wo_start0.5 wo_start0.75 woc_start0.5 woc_start0.75
-        wo_start0.5_lr5e-3 wo_nonorm_start0.5 all_act8_start0.5 fp32_lr3e-3)
-  $PY benchmarks/summarize_runs.py "${runs[@]/#/$R/tinystories/}" \
-    --device cuda --out $RES/qat_tinystories_transition.json 2>&1 | tail -14
+  $PY benchmarks/summarize_runs.py "${runs[@]}" --device cuda --out "$RES/$out.json" 2>&1 | tail -14
+}
+wo="--qat-config configs/qat/weights_only.json"
+woc="--qat-config configs/qat/weights_only_channel.json"
+wocn="--qat-config configs/qat/weights_only_channel_nonorm.json"
+if [ "${SWEEP:-}" = transition ]; then
+  sweep qat_tinystories_transition "fp32 $fp" "weights_only_bitnet $bitnet $wo" "weights_only_channel $bitnet $woc" \
+    "wo_start0.5 $bitnet $wo --qat-start 0.5" "wo_start0.75 $bitnet $wo --qat-start 0.75" \
+    "woc_start0.5 $bitnet $woc --qat-start 0.5" "woc_start0.75 $bitnet $woc --qat-start 0.75" \
+    "wo_start0.5_lr5e-3 $wo --lr 5e-3 --min-lr 5e-4 --lr-schedule bitnet --qat-start 0.5" \
+    "wo_nonorm_start0.5 $bitnet --qat-config configs/qat/weights_only_nonorm.json --qat-start 0.5" \
+    "all_act8_start0.5 $bitnet --qat-config configs/qat/all_act8.json --qat-start 0.5" \
+    "fp32_lr3e-3 --lr 3e-3 --min-lr 3e-4"
+  exit 0
+fi
+if [ "${SWEEP:-}" = transition2 ]; then  # per-channel scales, no input norm, where and how to switch
+  sweep qat_tinystories_transition2 "fp32 $fp" \
+    "wocn_start0.5 $bitnet $wocn --qat-start 0.5" "wocn_start0.4 $bitnet $wocn --qat-start 0.4" \
+    "wocn_start0.6 $bitnet $wocn --qat-start 0.6" "wocn_start0.5_ramp0.1 $bitnet $wocn --qat-start 0.5 --qat-ramp 0.1" \
+    "wocn_start0.5_lr4e-3 $wocn --lr 4e-3 --min-lr 4e-4 --lr-schedule bitnet --qat-start 0.5" \
+    "wocn_start0.5_wd $wocn --lr 3e-3 --min-lr 3e-4 --qat-start 0.5" \
+    "wocn_start0.5_minlr1e-4 $wocn --lr 3e-3 --min-lr 1e-4 --lr-schedule bitnet --qat-start 0.5" \
+    "wocn_start0.5_restart $bitnet $wocn --qat-start 0.5 --qat-restart" \
+    "woc_start0.5_restart $bitnet $woc --qat-start 0.5 --qat-restart" \
+    "wocn_start0.5_restart_lr2e-3 $wocn --lr 2e-3 --min-lr 2e-4 --lr-schedule bitnet --qat-start 0.5 --qat-restart"
   exit 0
 fi
 for ds in ${DATASETS:-shakespeare tinystories}; do

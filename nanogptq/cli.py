@@ -29,6 +29,7 @@ TRAIN_HELP = {
     "qat_config": "quantization-aware training config (JSON), e.g. configs/qat/weights_only.json",
     "qat_start": "with --qat-config: train this fraction of the steps in float first (16-to-1.58-bit training)",
     "qat_ramp": "with --qat-config: then phase the quantization in linearly over this fraction of the steps",
+    "qat_restart": "with --qat-start: end the float phase's schedule at the switch and start warm-up + cosine anew",
     "lr_schedule": "cosine, or bitnet (cosine with weight decay dropped halfway)",
     "grad_accum": "micro-batches per optimizer step",
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",

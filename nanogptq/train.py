@@ -57,6 +57,7 @@ class TrainConfig:
     qat_config: str | None = None
     qat_start: float = 0.0  # fraction of max_steps trained in float before the QAT quantizers switch on
     qat_ramp: float = 0.0  # then the fraction over which their strength rises linearly from 0 to 1
+    qat_restart: bool = False  # the float phase's cosine ends at the switch; warm-up + cosine begin anew there
     max_time: float | None = None  # seconds; stop (and save) when the wall-clock budget is spent
     time_schedule: bool = False  # with max_time: the cosine also follows the clock (see lr_at)
     progress: bool = True
@@ -78,6 +79,8 @@ class TrainConfig:
         if not (0 <= self.qat_start and 0 <= self.qat_ramp and self.qat_start + self.qat_ramp < 1):
             raise ValueError("--qat-start and --qat-ramp must be non-negative fractions of the run with "
                              f"qat-start + qat-ramp < 1, got {self.qat_start} and {self.qat_ramp}")
+        if self.qat_restart and not self.qat_start:
+            raise ValueError("--qat-restart needs --qat-start (the step where the schedule restarts)")
         if self.resume and self.init_from:
             raise ValueError("--resume and --init-from exclude each other")
 
@@ -92,10 +95,17 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
 
     With time_schedule and max_time, the decay is at whichever is further along, steps or the clock
     (elapsed / max_time): a machine too slow to reach max_steps in its budget still ends at min_lr.
+    With qat_restart the run is two such schedules, [0, switch) in float and [switch, max_steps) quantized,
+    as if the QAT phase were a fine-tuning run of its own (the --init-from workflow in one run).
     """
+    begin, end = 0, cfg.max_steps
+    if cfg.qat_restart:
+        switch = round(cfg.qat_start * cfg.max_steps)
+        begin, end = (0, switch) if step < switch else (switch, cfg.max_steps)
+    step -= begin
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - begin - cfg.warmup_steps))
     if cfg.time_schedule and cfg.max_time:
         progress = max(progress, min(1.0, elapsed / cfg.max_time))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

@@ -276,7 +276,22 @@ def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tm
         evaluate_checkpoint(run / "best", None, "cpu", progress=False)["val_loss"], abs=1e-4)
 
 
+def test_qat_restart_runs_two_schedules():
+    from nanogptq.train import lr_at
+
+    cfg = TrainConfig(max_steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=5, qat_config="x.json", qat_start=0.4,
+                      qat_restart=True)
+    cfg.validate()
+    one = TrainConfig(max_steps=40, lr=1e-3, min_lr=1e-4, warmup_steps=5)  # the float phase alone
+    two = TrainConfig(max_steps=60, lr=1e-3, min_lr=1e-4, warmup_steps=5)  # the quantized phase alone
+    assert [lr_at(s, cfg) for s in range(40)] == [lr_at(s, one) for s in range(40)]
+    assert [lr_at(s, cfg) for s in range(40, 100)] == [lr_at(s, two) for s in range(60)]
+    assert lr_at(39, cfg) == pytest.approx(1e-4, rel=0.05) and lr_at(44, cfg) == pytest.approx(1e-3, rel=0.2)
+
+
 def test_qat_schedule_flags_are_checked():
+    with pytest.raises(ValueError, match="needs --qat-start"):
+        TrainConfig(qat_config="x.json", qat_restart=True).validate()
     with pytest.raises(ValueError, match="need --qat-config"):
         TrainConfig(qat_start=0.5).validate()
     with pytest.raises(ValueError, match=r"qat-start \+ qat-ramp < 1"):
