@@ -330,6 +330,21 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits, group_size, in_f", [(8, -1, 1600), (4, 128, 4096), (4, 128, 1600), (4, 64, 1600)])
+def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f):
+    """The register-prefetch (PREFETCH) tiles compiled for the GPU, each against the reference."""
+    from nanogptq.quant.triton_gemv import HALVES, launch
+
+    m = layer(272, in_f, bits, group_size, False, "triton", device="cuda")
+    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+    for bn, gpi in ((4, 4), (2, 16), (8, 4)):
+        cfg = {"BLOCK_N": bn, "GPI": gpi, "ACC3": False, "PREFETCH": True}
+        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, HALVES, cfg)
+        assert rel_err(y, reference(m, x)) < BF16_TOL, cfg
+
+
+@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("B, H, L, D, pos", [(1, 32, 584, 128, 583), (1, 6, 256, 32, 0), (2, 4, 100, 64, 57)])
 def test_cuda_decode_attention_matches_sdpa(B, H, L, D, pos):
     from nanogptq.attention_triton import decode_attention
