@@ -11,6 +11,10 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   PTQ_BASELINE=runs/small-shakespeare/best bash benchmarks/qat_gpu_runs.sh   # 2-3. PTQ sweep + QAT ablation
   SPLIT=chunks bash benchmarks/qat_gpu_runs.sh                     # 3. the ablation on the chunk split
   RES=results/qat_b64 BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh   # 3. the batch-64 ablation
+  DATASETS=tinystories SWEEP=1 BATCH=64 MAX_TIME=420 RES=results/qat_b64 bash benchmarks/qat_gpu_runs.sh  # 3. lr sweep
+  for sweep in transition transition2; do   # 3. 16-to-1.58-bit training on TinyStories
+    SWEEP=$sweep BATCH=64 MAX_TIME=400 RES=results/qat_b64 bash benchmarks/qat_gpu_runs.sh
+  done
   $PY benchmarks/qat_step_time.py --preset small                   # 3. QAT step-time slowdown
   $PY benchmarks/qat_step_time.py --preset shakespeare
   $PY benchmarks/gptq_layer.py                                     # 2. GPTQ on a 4096 x 4096 layer
