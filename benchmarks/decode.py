@@ -39,7 +39,14 @@ import torch
 import torch.nn as nn
 
 from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
-from nanogptq.quant import QuantConfig, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
+from nanogptq.quant import (
+    QuantConfig,
+    QuantEmbedding,
+    QuantizedWeight,
+    QuantLinear,
+    free_packed_buffers,
+    quantize,
+)
 from nanogptq.quant.linear import AUTO_ORDER, auto_kernel
 
 SIZES = {
@@ -303,6 +310,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
         ref = last_logits(model, prompt, torch.float32)  # the reference kernel, in fp32
         cast_float_params(model, dtype)
         row["kernels"] = "+".join(set_kernels(model, v.kernels))
+        row["freed_layers"] = free_packed_buffers(model)  # as `sample` and the demo load: layouts only
     row["err"] = 0.0 if ref is None else rel_err(last_logits(model, prompt, dtype), ref)
     row["weight_bytes"] = weight_bytes(model)
     row["resident_bytes"] = resident_bytes(model)
@@ -323,7 +331,7 @@ def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
     """A trained checkpoint as saved: its own kernels ("auto" unless --ckpt-kernel), fp32 activations."""
     from nanogptq.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path, device=device, kernel=kernel)
+    ckpt = load_checkpoint(path, device=device, kernel=kernel, keep_packed=False)
     model = ckpt.model
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
     row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None}

@@ -83,7 +83,7 @@ def _method(described: dict) -> str:
 def load_variants(paths: list[Path], device: str, compile: bool = False) -> list[Variant]:
     variants: list[Variant] = []
     for path in paths:
-        ckpt = load_checkpoint(path, device=device)
+        ckpt = load_checkpoint(path, device=device, keep_packed=False)  # generation only
         if compile:
             compile_blocks(ckpt.model)
         key = ckpt.name

@@ -144,7 +144,10 @@ def build_model(meta: dict, kernel: str = "auto") -> GPT:
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel: str = "auto") -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel: str = "auto",
+                    keep_packed: bool = True) -> Checkpoint:
+    """A checkpoint folder as a model on `device`; quantized layers run `kernel`. keep_packed=False (for
+    generation only) frees the stored codes that a kernel's own layout replaced."""
     path = _existing(Path(path))
     meta = read_meta(path)
     weights = path / WEIGHTS
@@ -164,7 +167,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
     if meta.get("quantization"):
         from nanogptq.quant import finalize_quantized_model
 
-        finalize_quantized_model(model)  # builds each kernel's weight layout from the packed weights
+        finalize_quantized_model(model, keep_packed)  # builds each kernel's layout from the packed weights
     return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
 
 

@@ -203,6 +203,54 @@ def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
         assert rel_err(fast(idx[:, :1], input_pos=first)[0], ref(idx[:, :1], input_pos=first)[0]) < 2 * BF16_TOL
 
 
+@pytest.mark.parametrize("kernel, bits, group_size", [("int4pack", 4, 64), ("int8pack", 8, -1), ("w8a8", 8, -1)])
+def test_free_packed_keeps_outputs_and_frees_the_codes(kernel, bits, group_size):
+    m = layer(64, 256, bits, group_size, False, kernel, bias=True)
+    x1, x40 = torch.randn(1, 256), torch.randn(40, 256)  # decode and prefill paths
+    before = (m(x1), m(x40))
+    size = sum(b.numel() * b.element_size() for b in m.buffers())
+    assert m.free_packed() and m.qweight is None and m.qzeros is None
+    assert torch.equal(m(x1), before[0]) and torch.equal(m(x40), before[1])
+    assert sum(b.numel() * b.element_size() for b in m.buffers()) < size - 64 * 256 * bits // 8 + 1
+    for action in (m.state_dict, m.dequantize_stored, m.prepare_kernel):
+        with pytest.raises(RuntimeError, match="inference only"):
+            action()
+
+
+def test_free_packed_keeps_what_the_kernel_reads():
+    assert not layer(32, 64, 4, 32, False, "dequant").free_packed()
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (4, -1), (4, 0), (8, -1), (8, 0)])
+def test_triton_layout_weight_equals_the_stored_grid(bits, group_size):
+    """Prefill on the Triton kernel dequantizes from its own layout: the same weights as stored (checked
+    on CPU with the layout built by hand, as prepare_triton builds it on CUDA)."""
+    from nanogptq.quant.pack import to_halves, unpack
+
+    m = layer(48, 200, bits, group_size, group_size != 64, "dequant")
+    m.t_tile = (min(group_size, 256) if group_size > 0 else 128) if bits == 4 else 256
+    m.t_qweight = m.qweight if bits == 8 else to_halves(m.qweight, 200, m.t_tile)
+    m.z_codes = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
+    assert torch.equal(K.triton_layout_weight(m), m.dequantize_stored())
+
+
+def test_checkpoint_for_generation_frees_codes_but_not_the_embedding_head(tmp_path):
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
+    q = quantize(tiny_gpt(), cfg, None, progress=False)
+    meta = {"model": q.config.to_dict(),
+            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
+            "quantization": quant_meta(q, cfg)}
+    path = save_checkpoint(tmp_path / "q", q, meta)
+    full, lean = load_checkpoint(path).model, load_checkpoint(path, keep_packed=False).model
+    blocks = [m for m in lean.transformer.h.modules() if isinstance(m, QuantLinear)]
+    assert all(m.packed_freed for m in blocks) and not lean.lm_head.packed_freed  # the embedding reads it
+    resident = [sum(b.numel() * b.element_size() for b in model.buffers()) for model in (full, lean)]
+    assert resident[1] < 0.75 * resident[0]
+    prompt = torch.randint(0, 40, (1, 5))
+    assert torch.equal(full.generate(prompt, 12, temperature=0.8, seed=3),
+                       lean.generate(prompt, 12, temperature=0.8, seed=3))
+
+
 # ---- CUDA: run on a GPU only ----
 
 

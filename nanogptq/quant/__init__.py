@@ -15,6 +15,7 @@ from pathlib import Path
 from nanogptq.quant.apply import (
     bits_per_weight,
     finalize_quantized_model,
+    free_packed_buffers,
     prepare_quantized_model,
     quant_meta,
     quantize,
@@ -35,6 +36,7 @@ __all__ = [
     "QuantizedWeight",
     "bits_per_weight",
     "finalize_quantized_model",
+    "free_packed_buffers",
     "gptq_quantize_weight",
     "prepare_quantized_model",
     "quant_meta",

@@ -197,12 +197,23 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "a
     return model
 
 
-def finalize_quantized_model(model: nn.Module) -> nn.Module:
-    """After loading and .to(device): resolve kernels and build their layouts (and rotations)."""
+def finalize_quantized_model(model: nn.Module, keep_packed: bool = True) -> nn.Module:
+    """After loading and .to(device): resolve kernels and build their layouts (and rotations); with
+    keep_packed=False, then free the stored codes that a layout replaced (inference only)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare_kernel()
+    if not keep_packed:
+        free_packed_buffers(model)
     return model
+
+
+def free_packed_buffers(model: nn.Module) -> int:
+    """QuantLinear.free_packed on every layer but the one a QuantEmbedding reads its rows from (the
+    embedding lookup needs the stored codes); returns how many layers were freed."""
+    embedding_heads = {id(m.head) for m in model.modules() if isinstance(m, QuantEmbedding)}
+    return sum(m.free_packed() for m in model.modules()
+               if isinstance(m, QuantLinear) and id(m) not in embedding_heads)
 
 
 def quantized_weight_of(layer: QuantLinear) -> QuantizedWeight:
@@ -252,6 +263,6 @@ def bits_per_weight(model: nn.Module) -> float:
         n = m.in_features * m.out_features
         weights += n
         bits += n * m.bits + m.scales.numel() * 16
-        bits += 0 if m.qzeros is None else m.scales.numel() * m.bits
+        bits += 0 if m.symmetric else m.scales.numel() * m.bits  # (qzeros may be freed, see free_packed)
         bits += 0 if m.g_idx is None else m.g_idx.numel() * 32
     return bits / weights if weights else 32.0

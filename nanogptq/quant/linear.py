@@ -13,6 +13,10 @@ is a forward function plus an optional `prepare` that builds its own weight layo
 as non-persistent buffers (so .to(device) moves them and checkpoints never see them). "dequant" (dequantize,
 then F.linear, caching nothing) is the exact reference every fast kernel in kernels.py is tested against;
 "auto" takes the first of AUTO_ORDER that supports the layer on its device and falls back to "dequant".
+
+A kernel's layout is a second copy of the weights. For inference only, `free_packed()` drops the stored
+codes where the layout replaced them (a 4-bit model then holds 4-bit weights once, not twice); such a layer
+still runs its kernel but can no longer be saved, dequantized or switched to another kernel.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if g_idx else None)
         self.register_buffer("rot_seed", torch.zeros(1, dtype=torch.int64) if rotate else None)
         self.register_buffer("rot", None, persistent=False)  # U, built by prepare_kernel
+        self.packed_freed = False
 
     @classmethod
     def from_quantized(
@@ -137,8 +142,14 @@ class QuantLinear(nn.Module):
             m.rot_seed = torch.tensor([rot_seed], dtype=torch.int64, device=m.qweight.device)
         return m
 
+    def _need_packed(self, what: str) -> None:
+        if self.packed_freed:
+            raise RuntimeError(f"cannot {what}: this QuantLinear was loaded for inference only (its stored "
+                               "codes were freed); load the checkpoint again with keep_packed=True")
+
     def dequantize_stored(self) -> torch.Tensor:
         """Float32 weight as stored (in the rotated basis when rotate is on)."""
+        self._need_packed("dequantize the stored weights")
         codes = unpack(self.qweight, self.bits, self.in_features)
         zeros = None if self.qzeros is None else unpack(self.qzeros, self.bits, self.scales.shape[1])
         return dequantize_weight(codes, self.scales, zeros, self.bits, self.group_size, self.g_idx)
@@ -156,6 +167,7 @@ class QuantLinear(nn.Module):
 
     def prepare_kernel(self) -> None:
         """Resolve "auto" for the current device and build the kernel's layout (call after .to(device))."""
+        self._need_packed("build a kernel layout")
         if self.kernel == "auto":
             device = self.qweight.device
             self.kernel = auto_kernel(self, device)
@@ -164,6 +176,20 @@ class QuantLinear(nn.Module):
         for name in LAYOUT_BUFFERS & self._buffers.keys():  # a previously chosen kernel's layout
             del self._buffers[name]
         KERNELS[self.kernel].prepare(self)
+
+    def free_packed(self) -> bool:
+        """Drop the stored codes (qweight, qzeros) if the kernel reads its own copy instead; returns whether
+        it did. Inference only: see the module docstring."""
+        layout = [getattr(self, n, None) for n in KERNELS[self.kernel].reads]
+        if "qweight" in KERNELS[self.kernel].reads or any(t is self.qweight for t in layout):
+            return False  # the kernel reads the stored codes themselves (dequant, 8-bit Triton)
+        self.qweight = self.qzeros = None
+        self.packed_freed = True
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._need_packed("save it")  # a checkpoint without its codes would load as garbage
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rot_seed is not None:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanogptq.quant import pack
+
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
 
@@ -211,13 +213,9 @@ def supports(bits: int, group_size: int) -> bool:
 
 
 def to_halves(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """pack.py's 4-bit rows (N, cdiv(K, 2)) re-laid as HALVES: (N, NG * G / 2), zero codes padding the
-    last tile group (the kernel masks their activations)."""
-    G, _ = tile_group(group_size, in_features, 4)
-    n_groups = triton.cdiv(in_features, G)
-    codes = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).flatten(1)[:, :in_features]
-    codes = torch.nn.functional.pad(codes, (0, n_groups * G - in_features)).view(-1, n_groups, 2, G // 2)
-    return (codes[:, :, 0] | (codes[:, :, 1] << 4)).flatten(1).contiguous()
+    """pack.py's 4-bit rows (N, cdiv(K, 2)) re-laid as HALVES with this kernel's tile group: (N, NG * G / 2),
+    zero codes padding the last tile group (the kernel masks their activations)."""
+    return pack.to_halves(qweight, in_features, tile_group(group_size, in_features, 4)[0])
 
 
 def launch(
