@@ -362,6 +362,31 @@ def test_export_checkpoint_round_trip(tmp_path, text_file):
     assert size < (run / "last" / "model.safetensors").stat().st_size / 4
 
 
+@pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
+@pytest.mark.parametrize("rows", [1, 40])  # the decode (int8pack GEMV) and prefill (bf16 GEMM) paths
+def test_ternary_int8_kernel_matches_the_reference(weight_scale, rows):
+    torch.manual_seed(0)
+    layer = BitLinear(96, 64, bias=True, act_bits=8, weight_scale=weight_scale)
+    nn.init.normal_(layer.bias)
+    t = TernaryLinear.from_bitlinear(layer)
+    x = torch.randn(rows, 3, 96)
+    with torch.no_grad():
+        ref = t(x)  # kernel "dequant": what export and eval use
+        t.kernel = "auto"
+        t.prepare_kernel()
+        assert t.kernel == "int8pack" and t.w_int8.dtype == torch.int8
+        assert set(t.w_int8.unique().tolist()) <= {-1, 0, 1}
+        y = t(x)
+    assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 activations
+
+
+def test_ternary_kernel_names():
+    with pytest.raises(ValueError, match="unknown ternary kernel"):
+        TernaryLinear(8, 8, kernel="int4pack")
+    with pytest.raises(RuntimeError, match="before prepare_kernel"):
+        TernaryLinear(8, 8, kernel="int8pack")(torch.randn(1, 8))
+
+
 def test_export_ternary_needs_bitlinears():
     with pytest.raises(ValueError, match="no BitLinear"):
         export_ternary(small_model())
@@ -387,6 +412,9 @@ def test_exported_checkpoint_loads_like_any_other(tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "ternary"
     x = torch.randint(0, 12, (2, 16))
     ref = load_checkpoint(tmp_path / "qat").model(x)[0]
-    exported = load_checkpoint(out)
+    exported = load_checkpoint(out, kernel="dequant")  # as eval loads it: the exact reference path
     torch.testing.assert_close(exported.model(x)[0], ref, atol=1e-5, rtol=1e-5)
     assert 1.6 <= bits_per_weight(exported.model) < 1.62
+    fast = load_checkpoint(out).model  # as sample and the demo load it: the int8 kernel
+    assert {m.kernel for m in fast.modules() if isinstance(m, TernaryLinear)} == {"int8pack"}
+    assert ((fast(x)[0] - ref).norm() / ref.norm()).item() < 2e-2

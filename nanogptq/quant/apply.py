@@ -166,7 +166,7 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "a
     """Swap in empty QuantLinear/QuantEmbedding modules shaped like the checkpoint's, for load_model."""
     check_kernel(kernel)
     if quant_meta.get("method") == "ternary":  # exported QAT checkpoints
-        return prepare_ternary_model(model, quant_meta)
+        return prepare_ternary_model(model, quant_meta, kernel)
     cfg = QuantConfig.from_dict({k: v for k, v in quant_meta.items() if k not in META_EXTRAS})
     for name in quant_meta.get("quantized_layers", []):
         layer = model.get_submodule(name)
@@ -201,7 +201,7 @@ def finalize_quantized_model(model: nn.Module, keep_packed: bool = True) -> nn.M
     """After loading and .to(device): resolve kernels and build their layouts (and rotations); with
     keep_packed=False, then free the stored codes that a layout replaced (inference only)."""
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, TernaryLinear)):
             m.prepare_kernel()
     if not keep_packed:
         free_packed_buffers(model)

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanogptq.model import check_keys
+from nanogptq.quant import kernels as K
 from nanogptq.quant.config import BLOCK_LINEARS
 
 NORMS = ("rms", "layer", "none")
@@ -44,6 +45,7 @@ ATTN_ACTS = (None, "int8", "int4", "ternary")
 ACT_SCALES = ("absmax", "absmean")
 WEIGHT_SCALES = ("tensor", "channel")
 TRITS_PER_BYTE = 5
+TERNARY_KERNELS = ("auto", "dequant", "int8pack")
 EXPORT_FORMAT = 1
 
 
@@ -343,13 +345,21 @@ class TernaryLinear(nn.Module):
     """Packed ternary weights (`qweight`, 5 trits a byte) and fp32 `scale`s, one per tensor (shape (1,)) or
     one per output row (shape (out,), weight_scale "channel").
 
-    The reference path unpacks on every call, then matmuls, caching nothing; input normalization and
-    activation quantization are BitLinear's, so outputs equal the trained BitLinear's.
+    Input normalization and activation quantization are BitLinear's. The reference kernel ("dequant")
+    unpacks on every call, then matmuls, caching nothing, so outputs equal the trained BitLinear's (eval
+    uses it). "int8pack" lays the trits out once as an int8 matrix with the scale per row and runs
+    QuantLinear's int8 weight-only kernel on it (kernels.int8pack_forward: `_weight_int8pack_mm` with bf16
+    activations on CPU, int8 -> bf16 F.linear on CUDA); "auto", what sample and the demo load with, picks
+    it. Like QuantLinear: `kernel` is resolved and the layout built by `prepare_kernel` after .to(device).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor"):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor",
+                 kernel: str = "dequant"):
         super().__init__()
+        if kernel not in TERNARY_KERNELS:
+            raise ValueError(f"unknown ternary kernel {kernel!r}; choose from {', '.join(TERNARY_KERNELS)}")
+        self.kernel = kernel
         self.in_features, self.out_features = in_features, out_features
         self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
         self.per_channel = weight_scale == "channel"
@@ -374,14 +384,34 @@ class TernaryLinear(nn.Module):
         return ternary_unpack(self.qweight, self.in_features * self.out_features).view(
             self.out_features, self.in_features)
 
+    def prepare_kernel(self) -> None:
+        """Resolve "auto" and build the kernel's int8 layout from the packed trits (nothing re-quantized)."""
+        for name in ("w_int8", "w_scales", "w_corr", "w_ones"):
+            self._buffers.pop(name, None)
+        self.kernel = "int8pack" if self.kernel == "auto" else self.kernel
+        if self.kernel == "int8pack":
+            device = self.qweight.device
+            # exactly the grid int8pack_forward expects: w = w_int8 * w_scales, no zero-point term
+            self.register_buffer("w_int8", self.trits(), persistent=False)
+            self.register_buffer("w_scales", self.scale.float().expand(self.out_features).contiguous(),
+                                 persistent=False)
+            self.register_buffer("w_corr", None, persistent=False)
+            self.register_buffer("w_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=device),
+                                 persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
-        w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
-        return F.linear(x, w.to(x.dtype), self.bias)
+        if self.kernel == "dequant":
+            w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
+            return F.linear(x, w.to(x.dtype), self.bias)
+        if "w_int8" not in self._buffers:
+            raise RuntimeError(f"TernaryLinear with kernel {self.kernel!r} used before prepare_kernel()")
+        y = K.int8pack_forward(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, act_bits={self.act_bits}, norm={self.norm}")
+                f"bias={self.bias is not None}, act_bits={self.act_bits}, norm={self.norm}, kernel={self.kernel}")
 
 
 def export_ternary(model: nn.Module) -> nn.Module:
@@ -403,8 +433,10 @@ def ternary_meta(model: nn.Module, qat: dict) -> dict:
             "quantized_layers": layers, "qat": qat}
 
 
-def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
-    """Swap empty TernaryLinear modules (and the activation quantizers) into a fresh GPT, for load_model."""
+def prepare_ternary_model(model: nn.Module, quant_meta: dict, kernel: str = "dequant") -> nn.Module:
+    """Swap empty TernaryLinear modules (and the activation quantizers) into a fresh GPT, for load_model.
+    A QuantLinear kernel name that ternary layers lack (int4pack, ...) gives them the exact "dequant" one."""
+    kernel = kernel if kernel in TERNARY_KERNELS else "dequant"
     config = QATConfig.from_dict(quant_meta["qat"], source="checkpoint quantization.qat")
     for name in quant_meta["quantized_layers"]:
         layer = model.get_submodule(name)
@@ -412,7 +444,7 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
             raise ValueError(f"ternary layer {name!r} is a {type(layer).__name__} here, not nn.Linear")
         model.set_submodule(name, TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None,
                                                 config.act_bits, config.norm, config.eps, config.act_scale,
-                                                config.weight_scale))
+                                                config.weight_scale, kernel))
     _install_activation_quant(model, config)
     return model
 
