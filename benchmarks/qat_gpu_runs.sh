@@ -79,12 +79,11 @@ has() { [[ " ${DATASETS:-shakespeare tinystories} " == *" $1 "* ]]; }
 has shakespeare && train shakespeare weights_only_fp_lr $fp --qat-config configs/qat/weights_only.json &
 sweep=()
 if [ -n "${SWEEP:-}" ]; then
-  wo="--qat-config configs/qat/weights_only.json --lr-schedule bitnet"
   train tinystories fp32_lr3e-3 --lr 3e-3 --min-lr 3e-4 &
-  train tinystories wo_lr6e-3 $wo --lr 6e-3 --min-lr 6e-4 &
-  train tinystories wo_lr1e-2 $wo --lr 1e-2 --min-lr 1e-3 &
-  train tinystories wo_lr6e-3_wd0 $wo --lr 6e-3 --min-lr 6e-4 --weight-decay 0 &
-  train tinystories wo_lr3e-3_cosine --qat-config configs/qat/weights_only.json --lr 3e-3 --min-lr 3e-4 &
+  train tinystories wo_lr6e-3 $wo --lr-schedule bitnet --lr 6e-3 --min-lr 6e-4 &
+  train tinystories wo_lr1e-2 $wo --lr-schedule bitnet --lr 1e-2 --min-lr 1e-3 &
+  train tinystories wo_lr6e-3_wd0 $wo --lr-schedule bitnet --lr 6e-3 --min-lr 6e-4 --weight-decay 0 &
+  train tinystories wo_lr3e-3_cosine $wo --lr 3e-3 --min-lr 3e-4 &
   sweep=($R/tinystories/{fp32_lr3e-3,wo_lr6e-3,wo_lr1e-2,wo_lr6e-3_wd0,wo_lr3e-3_cosine})
 fi
 wait

@@ -238,9 +238,8 @@ def train(cfg: TrainConfig) -> Path:
         _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
 
     # 16-to-1.58-bit: lambda of the QAT quantizers follows the step (None: always fully quantized)
-    scheduled_qat = bool(cfg.qat_config and (cfg.qat_start or cfg.qat_ramp))
     strength = None
-    if scheduled_qat:
+    if cfg.qat_config and (cfg.qat_start or cfg.qat_ramp):
         from nanogptq.quant.qat import qat_strength, set_qat_strength
 
         strength = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
@@ -290,9 +289,11 @@ def train(cfg: TrainConfig) -> Path:
     elapsed = elapsed_before
     while step < cfg.max_steps:
         lr = lr_at(step, cfg, elapsed)
-        if scheduled_qat and strength != (s := qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)):
-            strength = s
-            set_qat_strength(raw_model, strength)
+        if strength is not None:
+            s = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
+            if s != strength:
+                strength = s
+                set_qat_strength(raw_model, strength)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr
             if i == 0:

@@ -73,13 +73,18 @@ def int8pack_supports(m: QuantLinear, device: torch.device) -> bool:
 
 def prepare_int8(m: QuantLinear) -> None:
     codes = unpack(m.qweight, 8, m.in_features)
-    s = _per_row(m, m.scales.float())
-    corr = _per_row(m, (128 - _zero_points(m)) * m.scales.float())
-    m.register_buffer("w_int8", (codes.to(torch.int16) - 128).to(torch.int8), persistent=False)
-    m.register_buffer("w_scales", s, persistent=False)  # fp32: fp16 -> bf16 would round the scales
-    m.register_buffer("w_corr", None if m.qzeros is None else corr, persistent=False)
+    corr = None if m.qzeros is None else _per_row(m, (128 - _zero_points(m)) * m.scales.float())
+    set_int8_layout(m, (codes.to(torch.int16) - 128).to(torch.int8), _per_row(m, m.scales.float()), corr)
+
+
+def set_int8_layout(m, w_int8: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor | None) -> None:
+    """The buffers int8pack_forward reads: w = w_int8 * scales (per row, fp32) + the zero term corr.
+    Shared by QuantLinear and the ternary TernaryLinear (trits are int8 codes too)."""
+    m.register_buffer("w_int8", w_int8, persistent=False)
+    m.register_buffer("w_scales", scales, persistent=False)  # fp32: fp16 -> bf16 would round the scales
+    m.register_buffer("w_corr", corr, persistent=False)
     # the CPU op applies its scales in the activation dtype (bf16); we apply ours in fp32 afterwards
-    ones = torch.ones(m.out_features, dtype=torch.bfloat16, device=m.qweight.device)
+    ones = torch.ones(m.out_features, dtype=torch.bfloat16, device=w_int8.device)
     m.register_buffer("w_ones", ones, persistent=False)
 
 

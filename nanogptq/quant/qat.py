@@ -291,7 +291,7 @@ def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
 
 def qat_strength(step: int, max_steps: int, start: float, ramp: float) -> float:
     """lambda at `step`: 0 for the first start * max_steps steps, then linear to 1 over ramp * max_steps."""
-    begin, length = start * max_steps, ramp * max_steps
+    begin, length = round(start * max_steps), ramp * max_steps
     if step < begin:
         return 0.0
     return 1.0 if step >= begin + length else (step - begin + 1) / (length + 1)
@@ -389,15 +389,8 @@ class TernaryLinear(nn.Module):
         for name in ("w_int8", "w_scales", "w_corr", "w_ones"):
             self._buffers.pop(name, None)
         self.kernel = "int8pack" if self.kernel == "auto" else self.kernel
-        if self.kernel == "int8pack":
-            device = self.qweight.device
-            # exactly the grid int8pack_forward expects: w = w_int8 * w_scales, no zero-point term
-            self.register_buffer("w_int8", self.trits(), persistent=False)
-            self.register_buffer("w_scales", self.scale.float().expand(self.out_features).contiguous(),
-                                 persistent=False)
-            self.register_buffer("w_corr", None, persistent=False)
-            self.register_buffer("w_ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=device),
-                                 persistent=False)
+        if self.kernel == "int8pack":  # w = trits * scale: an int8 grid with no zero-point term
+            K.set_int8_layout(self, self.trits(), self.scale.float().expand(self.out_features).contiguous(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
