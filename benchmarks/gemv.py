@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from decode import hbm_peak, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
-from nanogptq.quant import QuantLinear
-from nanogptq.quant.triton_gemv import PAIRS
+from nanogptq.quant import QuantLinear, triton_gemv
+from nanogptq.quant.triton_gemv import HALVES, PAIRS, to_halves
 
 
 def l2_bytes() -> int:
@@ -38,6 +38,7 @@ VARIANTS = {
     "bf16": None,
     "triton-int8": (8, -1, True, "triton"),
     "triton-int4-g128": (4, 128, False, "triton"),
+    "triton-int4-g128-halves": (4, 128, False, "triton-halves"),
     "triton-int4-g128-pairs": (4, 128, False, "triton-pairs"),
     "stock-int8": (8, -1, True, "int8pack"),
     "stock-int4-g128": (4, 128, False, "int4pack"),
@@ -48,22 +49,26 @@ def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear
     if spec is None:
         return torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     bits, group_size, symmetric, kernel = spec
-    if kernel == "triton-pairs":  # the 4-bit kernel reading the stored layout (nibble pairs), not HALVES
-        return PairsGEMV(random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton"))
+    if kernel in ("triton-pairs", "triton-halves"):  # earlier 4-bit layouts of the Triton GEMV, for comparison
+        m = random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton")
+        return OtherLayoutGEMV(m, HALVES if kernel == "triton-halves" else PAIRS)
     return random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel=kernel)
 
 
-class PairsGEMV:
-    def __init__(self, m: QuantLinear):
-        self.m = m
+class OtherLayoutGEMV:
+    """The Triton GEMV on the stored nibble pairs (PAIRS) or on HALVES, instead of the WORDS it runs on."""
+
+    def __init__(self, m: QuantLinear, layout: int):
+        self.m, self.layout = m, layout
+        self.codes = m.qweight if layout == PAIRS else to_halves(m.qweight, m.in_features, m.group_size)
         m.t_qweight = None  # unread here
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.m
-        return torch.ops.nanogptq.gemv(x, m.qweight, m.scales, m.z_codes, m.bits, m.group_size, PAIRS)
+        return torch.ops.nanogptq.gemv(x, self.codes, m.scales, m.z_codes, m.bits, m.group_size, self.layout)
 
     def read_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.m.qweight, self.m.scales, self.m.z_codes) if t is not None]
+        return [t for t in (self.codes, self.m.scales, self.m.z_codes) if t is not None]
 
 
 def bytes_read(m) -> int:
@@ -156,7 +161,10 @@ def main() -> None:
             )
     out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"gpu": gpu, "hbm_peak_bytes_s": peak, "torch": torch.__version__, "args": vars(args)}
+    tuned = triton_gemv.tuned_configs()
+    for key, cfg in tuned.items():
+        print(f"autotuned {key}: {cfg}")
+    info = {"gpu": gpu, "hbm_peak_bytes_s": peak, "torch": torch.__version__, "args": vars(args), "tuned": tuned}
     out.write_text(json.dumps({**info, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

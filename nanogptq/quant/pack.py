@@ -74,3 +74,27 @@ def from_halves(halves: torch.Tensor, n: int, tile: int) -> torch.Tensor:
     """Inverse of to_halves: uint8 codes (..., n)."""
     b = halves.view(*halves.shape[:-1], -1, tile // 2)
     return torch.stack((b & 0xF, b >> 4), dim=-2).flatten(-3)[..., :n]
+
+
+# WORDS: nibble j of a word of 8 codes sits at bits WORD_SHIFTS[j], so that masking a word with 0x000F000F
+# (or 0x00F000F0), after a shift by 0 or 8, yields two neighbouring codes in the two 16-bit halves: one
+# instruction turns them into a pair of fp16 values (the Triton GEMV's fast path, triton_gemv.py)
+WORD_SHIFTS = (0, 16, 4, 20, 8, 24, 12, 28)
+
+
+def to_words(packed: torch.Tensor, n: int, tile: int) -> torch.Tensor:
+    """4-bit rows (..., packed_len(n, 4)) re-laid as int32 WORDS of 8 codes, the last tile of `tile` codes
+    padded with zero codes. -> int32 (..., cdiv(n, tile) * tile / 8)."""
+    tiles = -(-n // tile)
+    codes = torch.nn.functional.pad(unpack(packed, 4, n), (0, tiles * tile - n)).to(torch.int64)
+    codes = codes.view(*packed.shape[:-1], -1, 8)
+    shifts = torch.tensor(WORD_SHIFTS, device=codes.device, dtype=torch.int64)
+    words = (codes << shifts).sum(-1)  # < 2^32: fits, then wraps into int32's range
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def from_words(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of to_words: uint8 codes (..., n)."""
+    shifts = torch.tensor(WORD_SHIFTS, device=words.device, dtype=torch.int32)
+    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # the arithmetic shift's sign bits are masked off
+    return codes.flatten(-2)[..., :n].to(torch.uint8)

@@ -29,6 +29,7 @@ from nanogptq.quant import pack
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
+INTERPRETER_WORDS_CONFIG = {"BLOCK_N": 4, "GPI": 2, "STAGES": 1}
 
 
 def _configs(bits: int) -> list[triton.Config]:
@@ -60,7 +61,7 @@ def _configs(bits: int) -> list[triton.Config]:
 # nibble), read as stored; HALVES, built at load time by `to_halves`, puts column j of each tile group in
 # the low nibble of byte j and column j + G/2 in its high nibble, so both nibbles' activations are
 # contiguous loads in the layout the weights already have
-PAIRS, HALVES = 1, 2
+PAIRS, HALVES, WORDS = 1, 2, 3
 _PAIRS, _HALVES = tl.constexpr(PAIRS), tl.constexpr(HALVES)  # the kernel may read only constexpr globals
 
 
@@ -189,7 +190,152 @@ def _gemv_kernel(
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+# ---- 4 bits in WORDS (pack.to_words): two codes per instruction ----
+#
+# Unpacking one code at a time costs about five instructions per weight (shift, mask, the mantissa trick's
+# OR and subtraction, the multiply-add), which at 4 bits is more time than reading the byte takes at HBM
+# speed. In WORDS, two neighbouring codes sit in the two 16-bit halves of a masked word, so one LOP3 makes
+# the fp16 pair (1024 + q_a, 1024 + q_b) (0x6400 is 1024 in fp16, whose unit in the last place is 1) and
+# packed fp16 instructions (two lanes each) subtract the zero point and multiply-add the activations:
+# about two instructions per weight. A word's 8 products are summed in fp16 (11-bit mantissa: exact codes,
+# activations rounded to fp16 from bf16), then in fp32 across words and groups.
+
+_DOT8_ASM = """
+{
+.reg .b32 a, b, c, d, t, k16, acc;
+.reg .f16 h0, h1;
+.reg .f32 f0, f1;
+lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 k16, 0x2C002C00;
+sub.f16x2 a, a, $6;
+fma.rn.f16x2 b, b, k16, $7;
+sub.f16x2 c, c, $6;
+fma.rn.f16x2 d, d, k16, $7;
+mul.rn.f16x2 acc, a, $2;
+fma.rn.f16x2 acc, b, $3, acc;
+fma.rn.f16x2 acc, c, $4, acc;
+fma.rn.f16x2 acc, d, $5, acc;
+mov.b32 {h0, h1}, acc;
+cvt.f32.f16 f0, h0;
+cvt.f32.f16 f1, h1;
+add.f32 $0, f0, f1;
+}
+"""
+# $1 word; $2..$5 fp16 activation pairs (x0, x1) .. (x6, x7); $6 = (1024 + z) twice, $7 = -(64 + z) twice
+# (b and d hold 1024 + 16 q: times 1/16 (0x2C00) is 64 + q). lop3's table 0xEA is (a & b) | c.
+
+# two bf16 activations (one int32) -> the same two in fp16: bf16 is the top half of an fp32
+_BF16X2_TO_F16X2_ASM = """
+{
+.reg .b32 lo, hi;
+shl.b32 lo, $1, 16;
+and.b32 hi, $1, 0xFFFF0000;
+cvt.rn.f16x2.f32 $0, hi, lo;
+}
+"""
+
+
+@triton.jit
+def _fp16_pairs(x32, X_BF16: tl.constexpr):
+    if X_BF16:
+        return tl.inline_asm_elementwise(_BF16X2_TO_F16X2_ASM, "=r,r", [x32], dtype=tl.int32, is_pure=True, pack=1)
+    return x32
+
+
+@triton.jit
+def _gemv4_words_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    N,
+    K,
+    NG,  # tile groups: cdiv(K, 8 * WG)
+    SG_DIV,  # tile groups per scale group
+    stride_xm,
+    stride_wn,  # in words
+    stride_sn,
+    stride_zn,
+    stride_ym,
+    WG: tl.constexpr,  # words per tile group
+    HAS_Z: tl.constexpr,
+    X_BF16: tl.constexpr,  # activations are bf16 (else fp16)
+    FAST: tl.constexpr,  # the packed-fp16 inline assembly (GPU); off: the same sum in plain fp32 (interpreter)
+    BLOCK_N: tl.constexpr,
+    GPI: tl.constexpr,
+    STAGES: tl.constexpr = 1,
+):
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rg = tl.arange(0, GPI)
+    rw = tl.arange(0, WG)
+    acc = tl.zeros((BLOCK_N, GPI, WG), dtype=tl.float32)  # per word, reduced once at the end
+    for g0 in tl.range(0, NG, GPI, num_stages=STAGES):
+        g = g0 + rg
+        word = g[:, None] * WG + rw[None, :]  # (GPI, WG)
+        wmask = nmask[:, None, None] & (g < NG)[None, :, None]
+        w = tl.load(w_ptr + rn[:, None, None] * stride_wn + word[None], mask=wmask, other=0)
+        sg = g // SG_DIV
+        gmask = nmask[:, None] & (g < NG)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + sg[None, :], mask=gmask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rn[:, None] * stride_zn + sg[None, :], mask=gmask, other=0).to(tl.int32)
+        else:
+            z = tl.full((BLOCK_N, GPI), 8, tl.int32)
+        xmask = word * 8 < K  # K % 8 == 0: a word's activations are all in or all padding
+        if FAST:
+            x32 = (x_ptr + m * stride_xm).to(tl.pointer_type(tl.int32)) + word * 4
+            x01 = _fp16_pairs(tl.load(x32, mask=xmask, other=0), X_BF16)
+            x23 = _fp16_pairs(tl.load(x32 + 1, mask=xmask, other=0), X_BF16)
+            x45 = _fp16_pairs(tl.load(x32 + 2, mask=xmask, other=0), X_BF16)
+            x67 = _fp16_pairs(tl.load(x32 + 3, mask=xmask, other=0), X_BF16)
+            zz = ((z + 0x6400) * 0x10001)[:, :, None]  # fp16 bits of 1024 + z, in both halves
+            nz = ((z * 16 + 0xD400) * 0x10001)[:, :, None]  # fp16 bits of -(64 + z): 64's ulp is 1/16
+            part = tl.inline_asm_elementwise(
+                _DOT8_ASM, "=r,r,r,r,r,r,r,r", [w, x01[None], x23[None], x45[None], x67[None], zz, nz],
+                dtype=tl.float32, is_pure=True, pack=1,
+            )
+        else:
+            x_row = x_ptr + m * stride_xm + word * 8
+            zf = z.to(tl.float32)[:, :, None]
+            part = tl.zeros((BLOCK_N, GPI, WG), dtype=tl.float32)
+            for j in tl.static_range(8):
+                shift = (j % 2) * 16 + (j // 2) * 4  # pack.WORD_SHIFTS[j]
+                q = ((w >> shift) & 0xF).to(tl.float32)
+                part += (q - zf) * tl.load(x_row + j, mask=xmask, other=0.0).to(tl.float32)[None]
+        acc += part * s[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _words_configs() -> list[triton.Config]:
+    """Tiles (BLOCK_N rows x GPI tile groups) and software-pipelining depth. Each tile needs enough loads
+    in flight per multiprocessor to cover HBM latency (Little's law: about 30 KB on an H200)."""
+    tiles = [(1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2)]
+    return [
+        triton.Config({"BLOCK_N": bn, "GPI": gpi, "STAGES": st}, num_warps=w)
+        for bn, gpi in tiles
+        for w in (2, 4)
+        for st in (1, 3)
+    ]
+
+
+_gemv4_words_tuned = triton.autotune(configs=_words_configs(), key=["N", "K", "WG"])(_gemv4_words_kernel)
+
+
 _gemv_tuned = {bits: triton.autotune(configs=_configs(bits), key=["N", "K", "G"])(_gemv_kernel) for bits in (4, 8)}
+
+
+def tuned_configs() -> dict[str, str]:
+    """The tile the autotuner picked per kernel and (N, K, group) key so far, for benchmark reports."""
+    tuners = {"int4-words": _gemv4_words_tuned, **{f"int{b}": t for b, t in _gemv_tuned.items()}}
+    return {f"{name} {key[:3]}": str(cfg) for name, t in tuners.items() for key, cfg in t.cache.items()}
 
 
 def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
@@ -205,11 +351,17 @@ def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
     return G, triton.cdiv(in_features, G)
 
 
-def supports(bits: int, group_size: int) -> bool:
-    """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work."""
-    if bits not in (4, 8):
+def supports(bits: int, group_size: int, in_features: int) -> bool:
+    """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work.
+    4-bit WORDS hold 8 codes of one row: in_features must be a multiple of 8."""
+    if bits not in (4, 8) or (bits == 4 and in_features % 8):
         return False
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
+
+
+def to_words(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """pack.py's 4-bit rows re-laid as int32 WORDS padded to whole tile groups: (N, NG * G / 8)."""
+    return pack.to_words(qweight, in_features, tile_group(group_size, in_features, 4)[0])
 
 
 def to_halves(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
@@ -228,9 +380,9 @@ def launch(
     layout: int = PAIRS,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """The kernel on explicit tensors; `config` (BLOCK_N, GPI, ACC3) skips the autotuner, as Triton's CPU
+    """The kernel on explicit tensors; `config` (the autotuner's keys) skips the autotuner, as Triton's CPU
     interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU) needs. 4-bit weights are in
-    `layout` (PAIRS: as stored, HALVES: from `to_halves`)."""
+    `layout` (PAIRS: as stored, HALVES: from `to_halves`, WORDS: int32 from `to_words`)."""
     M, K = x.shape
     N = qweight.shape[0]
     G, sg_div = tile_group(group_size, K, bits)
@@ -241,21 +393,17 @@ def launch(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), M)
 
+    common = (x, qweight, scales, scales if zeros is None else zeros, y, N, K, triton.cdiv(K, G), sg_div,
+              x.stride(0), qweight.stride(0), stride_sn, stride_zn, y.stride(0))  # zeros: unused when HAS_Z is off
+    if bits == 4 and layout == WORDS:
+        fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
+        (_gemv4_words_kernel if config else _gemv4_words_tuned)[grid](
+            *common, WG=G // 8, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16, FAST=fast,
+            **(config or {}),
+        )
+        return y
     (_gemv_kernel if config else _gemv_tuned[bits])[grid](
-        x,
-        qweight,
-        scales,
-        scales if zeros is None else zeros,  # an unused pointer when HAS_Z is off
-        y,
-        N,
-        K,
-        triton.cdiv(K, G),
-        sg_div,
-        x.stride(0),
-        qweight.stride(0),
-        stride_sn,
-        stride_zn,
-        y.stride(0),
+        *common,
         BITS=bits,
         G=G,
         HAS_Z=zeros is not None,
@@ -278,8 +426,10 @@ def gemv(
 ) -> torch.Tensor:
     """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
     (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot autotune
-    return launch(x, qweight, scales, zeros, bits, group_size, layout, INTERPRETER_CONFIG if interpreted else None)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot autotune
+        config = INTERPRETER_WORDS_CONFIG if (bits == 4 and layout == WORDS) else INTERPRETER_CONFIG
+        return launch(x, qweight, scales, zeros, bits, group_size, layout, config)
+    return launch(x, qweight, scales, zeros, bits, group_size, layout)
 
 
 @gemv.register_fake
