@@ -56,7 +56,7 @@ def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear
 
 
 class OtherLayoutGEMV:
-    """The Triton GEMV on the stored nibble pairs (PAIRS) or on HALVES, instead of the WORDS it runs on."""
+    """The Triton GEMV on the stored nibble pairs (PAIRS) or on HALVES, instead of the QUADS it runs on."""
 
     def __init__(self, m: QuantLinear, layout: int):
         self.m, self.layout = m, layout

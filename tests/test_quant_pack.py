@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptq.quant.pack import from_halves, pack, packed_len, to_halves, unpack
+from nanogptq.quant.pack import from_halves, from_quads, pack, packed_len, to_halves, to_quads, unpack
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,3 +56,24 @@ def test_halves_layout_round_trip(rows, n, tile, seed):
     b = halves.view(rows, tiles, tile // 2)  # byte j of a tile: code j low, code j + tile / 2 high
     assert torch.equal(b & 0xF, padded[..., : tile // 2]) and torch.equal(b >> 4, padded[..., tile // 2 :])
     assert torch.equal(from_halves(halves, n, tile), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(quads=st.integers(1, 3), n=st.integers(1, 300), tile=st.sampled_from([16, 32, 64, 128, 256]),
+       seed=st.integers(0, 2**31))
+def test_quads_layout_round_trip(quads, n, tile, seed):
+    codes = torch.randint(0, 16, (4 * quads, n), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    words = to_quads(pack(codes, 4), n, tile)
+    tiles = -(-n // tile)
+    assert words.shape == (quads, tiles * tile // 2) and words.dtype == torch.int32
+    padded = torch.nn.functional.pad(codes, (0, tiles * tile - n))
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for r in range(4):  # code (row 4i + r, column 2p + c) at bits 16 c + 4 r
+        for c in range(2):
+            assert torch.equal((w >> (16 * c + 4 * r)) & 0xF, padded[r::4, c::2].to(torch.int64))
+    assert torch.equal(from_quads(words, n), codes)
+
+
+def test_quads_need_whole_quads_of_rows():
+    with pytest.raises(ValueError, match="multiple of 4 rows"):
+        to_quads(pack(torch.zeros(6, 8, dtype=torch.uint8), 4), 8, 16)

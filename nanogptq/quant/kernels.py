@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from nanogptq.quant.pack import from_words, unpack
+from nanogptq.quant.pack import from_quads, unpack
 from nanogptq.quant.rtn import dequantize_weight
 
 if TYPE_CHECKING:
@@ -219,29 +219,29 @@ def triton_supports(m: QuantLinear, device: torch.device) -> bool:
     if device.type != "cuda" or m.g_idx is not None:  # act-order groups are not runs of columns
         return False
     tg = _triton_gemv()
-    return tg is not None and tg.supports(m.bits, m.group_size, m.in_features)
+    return tg is not None and tg.supports(m.bits, m.group_size, m.out_features, m.in_features)
 
 
 def prepare_triton(m: QuantLinear) -> None:
     tg = _triton_gemv()  # registers torch.ops.nanogptq.gemv
     zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
     m.register_buffer("z_codes", zeros, persistent=False)
-    # 8 bits: the stored codes as they are; 4 bits: re-laid as int32 words that unpack two codes at a time
-    codes = m.qweight if m.bits == 8 else tg.to_words(m.qweight, m.in_features, m.group_size)
+    # 8 bits: the stored codes as they are; 4 bits: re-laid as QUADS, whose words unpack two codes at a time
+    codes = m.qweight if m.bits == 8 else tg.to_quads(m.qweight, m.in_features, m.group_size)
     m.register_buffer("t_qweight", codes, persistent=False)
 
 
 def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
     """The float32 weight from the Triton layout alone (the same values as dequantize_stored), so prefill
     needs no copy of the stored codes."""
-    codes = m.t_qweight if m.bits == 8 else from_words(m.t_qweight, m.in_features)
+    codes = m.t_qweight if m.bits == 8 else from_quads(m.t_qweight, m.in_features)
     return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
 
 def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        layout = _triton_gemv().WORDS
+        layout = _triton_gemv().QUADS
         y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, layout)
     else:  # prefill: dequantize, then cuBLAS
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))

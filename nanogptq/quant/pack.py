@@ -76,25 +76,30 @@ def from_halves(halves: torch.Tensor, n: int, tile: int) -> torch.Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-2).flatten(-3)[..., :n]
 
 
-# WORDS: nibble j of a word of 8 codes sits at bits WORD_SHIFTS[j], so that masking a word with 0x000F000F
-# (or 0x00F000F0), after a shift by 0 or 8, yields two neighbouring codes in the two 16-bit halves: one
-# instruction turns them into a pair of fp16 values (the Triton GEMV's fast path, triton_gemv.py)
-WORD_SHIFTS = (0, 16, 4, 20, 8, 24, 12, 28)
+# QUADS: one int32 holds a 2 x 4 block, columns 2p, 2p + 1 of rows 4i .. 4i + 3, code (row 4i + r, column
+# 2p + c) at bits 16 c + 4 r. Masking the word with 0x000F000F << 4r (after a shift by 8 for r >= 2) leaves one
+# row's two codes in the two 16-bit halves, so one instruction makes them a pair of fp16 values that meet the
+# activation pair (x_2p, x_2p+1) as it lies in memory (the Triton GEMV's fast path, triton_gemv.py)
 
 
-def to_words(packed: torch.Tensor, n: int, tile: int) -> torch.Tensor:
-    """4-bit rows (..., packed_len(n, 4)) re-laid as int32 WORDS of 8 codes, the last tile of `tile` codes
-    padded with zero codes. -> int32 (..., cdiv(n, tile) * tile / 8)."""
+def _quad_shifts(device) -> torch.Tensor:
+    return 16 * torch.arange(2, device=device) + 4 * torch.arange(4, device=device)[:, None]  # (r, c)
+
+
+def to_quads(packed: torch.Tensor, n: int, tile: int) -> torch.Tensor:
+    """4-bit rows (N, packed_len(n, 4)), N a multiple of 4, re-laid as QUADS; each row's last tile of `tile`
+    codes padded with zero codes. -> int32 (N / 4, cdiv(n, tile) * tile / 2)."""
+    rows = packed.shape[0]
+    if rows % 4:
+        raise ValueError(f"QUADS need a multiple of 4 rows, got {rows}")
     tiles = -(-n // tile)
     codes = torch.nn.functional.pad(unpack(packed, 4, n), (0, tiles * tile - n)).to(torch.int64)
-    codes = codes.view(*packed.shape[:-1], -1, 8)
-    shifts = torch.tensor(WORD_SHIFTS, device=codes.device, dtype=torch.int64)
-    words = (codes << shifts).sum(-1)  # < 2^32: fits, then wraps into int32's range
+    codes = codes.view(rows // 4, 4, -1, 2).permute(0, 2, 1, 3)  # (quad, pair, r, c)
+    words = (codes << _quad_shifts(codes.device)).sum((-2, -1))  # < 2^32: fits, then wraps into int32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
-def from_words(words: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of to_words: uint8 codes (..., n)."""
-    shifts = torch.tensor(WORD_SHIFTS, device=words.device, dtype=torch.int32)
-    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # the arithmetic shift's sign bits are masked off
-    return codes.flatten(-2)[..., :n].to(torch.uint8)
+def from_quads(quads: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of to_quads: uint8 codes (N, n)."""
+    codes = (quads[..., None, None] >> _quad_shifts(quads.device).to(torch.int32)) & 0xF  # sign bits masked off
+    return codes.permute(0, 2, 1, 3).reshape(4 * quads.shape[0], -1)[:, :n].to(torch.uint8)
