@@ -17,9 +17,9 @@ Decoding uses the model's own static KV cache, so every step has the same shapes
 replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unless --no-graph, and with
 --compile each transformer block is also compiled by torch.compile first (regional compilation: the 32-48
 identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
-int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV at 8 bits (also the int4
-model's 8-bit head) and tinygemm at 4 bits; for comparison in the same run, "int4-...-triton" runs the
-Triton GEMV at 4 bits and the "stock-" variants PyTorch's own ops alone (their 8-bit head on int8pack).
+int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV (at 4 bits on the QUADS
+layout; the int4 model's head at 8 bits); for comparison in the same run, the "stock-" variants run
+PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack).
 """
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
     # (the last group is shorter), but one group size per row keeps the variants comparable.
     g4 = 128 if cfg.n_embd % 128 == 0 else 64
     # asymmetric int4: the quantizer's default, and the zero point costs the kernels nothing
-    # int8 and int4 take the kernels `--kernel auto` picks (AUTO_ORDER): on the GPU the Triton GEMV at 8 bits
-    # (the int4 model's 8-bit head too) and tinygemm at 4 bits
+    # int8 and int4 take the kernels `--kernel auto` picks (AUTO_ORDER): on the GPU the Triton GEMV
     out = [
         Variant("fp32", None),
         Variant("bf16", None),
@@ -90,10 +89,9 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
         Variant(f"int4-g{g4}", 4, AUTO_ORDER, group_size=g4, symmetric=False),
         Variant("w8a8", 8, ("w8a8", "int8pack", "dequant")),  # the head falls back where _int_mm can't
     ]
-    if gpu:  # the Triton GEMV at 4 bits, and PyTorch's own ops alone, for comparison
+    if gpu:  # PyTorch's own ops alone, for comparison
         out.insert(3, Variant("stock-int8", 8, ("int8pack", "dequant")))
-        out.insert(5, Variant(f"int4-g{g4}-triton", 4, ("triton", "dequant"), g4, False))
-        out.insert(6, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
+        out.insert(5, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
     return out
 
 

@@ -167,11 +167,11 @@ def test_switching_kernels_drops_the_old_layout():
 
 def test_auto_choice_for_cuda_layers():
     """What "auto" resolves to on a CUDA device (the choice only reads the layer and the device type, so
-    it is checked here without a GPU): Triton for 8 bits where Triton is installed, tinygemm for 4 bits."""
+    it is checked here without a GPU): Triton where Triton is installed, else PyTorch's ops."""
     has_triton = K._triton_gemv() is not None
     gpu = torch.device("cuda")
     assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), gpu) == ("triton" if has_triton else "int8pack")
-    assert auto_kernel(layer(64, 256, 4, 128, False, "dequant"), gpu) == "int4pack"
+    assert auto_kernel(layer(64, 256, 4, 128, False, "dequant"), gpu) == ("triton" if has_triton else "int4pack")
     assert auto_kernel(layer(64, 1600, 4, 128, False, "dequant"), gpu) == ("triton" if has_triton else "dequant")
     assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), CPU) == "int8pack"  # never Triton on the CPU
 
@@ -311,7 +311,7 @@ def test_cuda_triton_gemv_matches_dequant(bits, group_size, in_f, symmetric, row
 @pytest.mark.gpu
 def test_cuda_auto_picks_triton_and_falls_back():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
-    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "int4pack"  # tinygemm first at 4 bits
+    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"  # QUADS beat tinygemm
     assert layer(64, 1600, 4, 128, False, "auto", device="cuda").kernel == "triton"  # 128 does not divide 1600
     assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
 
@@ -386,21 +386,24 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
 @pytest.mark.parametrize("bits, group_size, in_f", [(8, -1, 1600), (4, 128, 4096), (4, 128, 1600), (4, 64, 1600)])
 def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f):
     """The register-prefetch (PREFETCH) tiles compiled for the GPU, each against the reference."""
-    from nanogptq.quant.triton_gemv import HALVES, launch
+    from nanogptq.quant.triton_gemv import HALVES, launch, to_halves
 
     m = layer(272, in_f, bits, group_size, False, "triton", device="cuda")
+    codes = m.t_qweight if bits == 8 else to_halves(m.qweight, in_f, group_size)
     x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
     for bn, gpi in ((4, 4), (2, 16), (8, 4)):
         cfg = {"BLOCK_N": bn, "GPI": gpi, "ACC3": False, "PREFETCH": True}
-        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, HALVES, cfg)
+        y = launch(x, codes, m.scales, m.z_codes, bits, group_size, HALVES, cfg)
         assert rel_err(y, reference(m, x)) < BF16_TOL, cfg
 
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("group_size, in_f, symmetric", [(128, 4096, False), (128, 1600, True), (64, 1600, False),
-                                                         (-1, 256, False), (32, 104, True)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "group_size, in_f, symmetric, dtype",
+    [(128, 4096, False, torch.bfloat16), (64, 1600, True, torch.bfloat16), (-1, 256, False, torch.float16),
+     (32, 104, True, torch.bfloat16)],
+)
 def test_cuda_quads_gemv_every_tuned_config_matches_dequant(group_size, in_f, symmetric, dtype):
     """The packed-fp16 assembly path of the 4-bit QUADS kernel, in every tile the autotuner may pick."""
     from nanogptq.quant.triton_gemv import QUADS, _quads_configs, launch

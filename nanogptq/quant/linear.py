@@ -62,9 +62,10 @@ KERNELS: dict[str, Kernel] = {
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
-# "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H100 (README):
-# tinygemm beats our Triton GEMV at 4 bits, the Triton GEMV beats everything stock at 8 bits.
-AUTO_ORDER = ("int4pack", "triton", "int8pack", "dequant")
+# "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H200 (README):
+# the Triton GEMV beats tinygemm at 4 bits (QUADS layout) and everything stock at 8 bits; on the CPU, where
+# Triton does not run, int4pack and int8pack.
+AUTO_ORDER = ("triton", "int4pack", "int8pack", "dequant")
 
 
 def auto_kernel(m: QuantLinear, device: torch.device, order: tuple[str, ...] = AUTO_ORDER) -> str:

@@ -4,14 +4,19 @@ For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g =
 
     y[n] = sum_k x[k] (q[n, k] - z[n, g]) s[n, g]
 
-with the codes dequantized in registers (fp32) and never written back. At 8 bits q is
-`QuantLinear.qweight` itself (one code per byte); at 4 bits it is the same bytes re-laid once at load
-(HALVES, below: pack.py's pairs of neighbouring columns make the kernel shuffle activations, which
-measured 1.5x slower), so the bytes read per token are the checkpoint's bytes either way. Codes become
-floats by the mantissa trick (no int-to-float instruction, see the kernel). Each program owns BLOCK_N
-output rows and walks K in GPI groups of G columns per step; batch-1 decoding is memory bound, so the job
-is to keep enough bytes in flight, and the autotuner picks the tile per (N, K, G). Accumulation is fp32;
-x and y are in the activation dtype (bf16 on the GPU).
+with the codes dequantized in registers and never written back; the bytes read per token are the
+checkpoint's bytes. Two kernels:
+
+  8 bits   `_gemv_kernel` on `QuantLinear.qweight` itself (one code per byte). Codes become fp32 by the
+           mantissa trick (no int-to-float instruction); each program owns BLOCK_N output rows and walks K
+           in GPI groups of G columns per step. It also reads two 4-bit byte layouts (PAIRS as stored,
+           HALVES), kept as the benchmark's baselines for the kernel below (1.5x slower on the H200).
+  4 bits   `_gemv4_quads_kernel` on QUADS (pack.to_quads, built once at load): two codes per instruction
+           into packed fp16 arithmetic (inline PTX), with weights and activations in one register layout.
+
+Batch-1 decoding is memory bound, so the job is keeping enough bytes in flight; the autotuner picks the tile
+per shape. Accumulation is fp32 (the 4-bit kernel's innermost sums fp16); x and y are in the activation
+dtype (bf16 on the GPU).
 
 The kernel is registered as the custom op `nanogptq::gemv` (opaque to torch.compile, which calls it as it
 is; a CUDA graph captures it like any other kernel).
