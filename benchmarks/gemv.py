@@ -38,6 +38,7 @@ VARIANTS = {
     "bf16": None,
     "triton-int8": (8, -1, True, "triton"),
     "triton-int4-g128": (4, 128, False, "triton"),
+    "triton-int8-bytes": (8, -1, True, "triton-pairs"),
     "triton-int4-g128-halves": (4, 128, False, "triton-halves"),
     "triton-int4-g128-pairs": (4, 128, False, "triton-pairs"),
     "stock-int8": (8, -1, True, "int8pack"),
@@ -56,7 +57,8 @@ def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear
 
 
 class OtherLayoutGEMV:
-    """The Triton GEMV on the stored nibble pairs (PAIRS) or on HALVES, instead of the QUADS it runs on."""
+    """The first Triton GEMV (`_gemv_kernel`) on the stored codes (PAIRS: bytes at 8 bits, nibble pairs at
+    4) or on HALVES, instead of the INTERLEAVED words QuantLinear's kernel runs on."""
 
     def __init__(self, m: QuantLinear, layout: int):
         self.m, self.layout = m, layout

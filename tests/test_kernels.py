@@ -225,11 +225,11 @@ def test_free_packed_keeps_what_the_kernel_reads():
 def test_triton_layout_weight_equals_the_stored_grid(bits, group_size):
     """Prefill on the Triton kernel dequantizes from its own layout: the same weights as stored (checked
     on CPU with the layout built by hand, as prepare_triton builds it on CUDA)."""
-    from nanogptq.quant.pack import to_quads, unpack
+    from nanogptq.quant.pack import to_interleaved, unpack
 
     m = layer(48, 200, bits, group_size, group_size != 64, "dequant")
     tile = min(group_size, 256) if group_size > 0 else 128
-    m.t_qweight = m.qweight if bits == 8 else to_quads(m.qweight, 200, tile)
+    m.t_qweight = to_interleaved(m.qweight, 200, tile, bits)
     m.z_codes = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
     assert torch.equal(K.triton_layout_weight(m), m.dequantize_stored())
 
@@ -311,7 +311,7 @@ def test_cuda_triton_gemv_matches_dequant(bits, group_size, in_f, symmetric, row
 @pytest.mark.gpu
 def test_cuda_auto_picks_triton_and_falls_back():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
-    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"  # QUADS beat tinygemm
+    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"  # it beats tinygemm
     assert layer(64, 1600, 4, 128, False, "auto", device="cuda").kernel == "triton"  # 128 does not divide 1600
     assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
 
@@ -351,8 +351,8 @@ def test_triton_gemv_in_the_interpreter():
 import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
 from nanogptq.quant.pack import unpack
-from nanogptq.quant.triton_gemv import (HALVES, INTERPRETER_CONFIG, PAIRS, QUADS, gemv, launch, to_halves,
-                                         to_quads)
+from nanogptq.quant.triton_gemv import (HALVES, INTERLEAVED, INTERPRETER_CONFIG, PAIRS, gemv, launch, to_halves,
+                                         to_interleaved)
 for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
                          (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 104), (4, 0, False, 200)]:
     W = torch.randn(24, K) * 0.05
@@ -370,10 +370,10 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
         for cfg in (INTERPRETER_CONFIG, {"BLOCK_N": 2, "GPI": 1, "ACC3": True},
                     {"BLOCK_N": 2, "GPI": 2, "ACC3": False, "PREFETCH": True}):
             ys += [launch(x, halves, m.scales, z, bits, gs, HALVES, cfg)]
-        quads = to_quads(m.qweight, K, gs)  # the interpreter runs the fp32 twin of the packed-fp16 assembly
-        ys += [gemv(x, quads, m.scales, z, bits, gs, QUADS)]
-        for cfg in ({"BLOCK_Q": 1, "GPI": 1, "R": 1, "STAGES": 1}, {"BLOCK_Q": 4, "GPI": 4, "R": 4, "STAGES": 2}):
-            ys += [launch(x, quads, m.scales, z, bits, gs, QUADS, cfg)]
+    words = to_interleaved(m.qweight, K, gs, bits)  # the interpreter runs the fp32 twin of the packed-fp16 asm
+    ys += [gemv(x, words, m.scales, z, bits, gs, INTERLEAVED)]
+    for cfg in ({"BLOCK_W": 1, "GPI": 1, "R": 1, "STAGES": 1}, {"BLOCK_W": 4, "GPI": 4, "R": 4, "STAGES": 2}):
+        ys += [launch(x, words, m.scales, z, bits, gs, INTERLEAVED, cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (bits, gs, sym, K, err)
@@ -400,22 +400,23 @@ def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f)
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "group_size, in_f, symmetric, dtype",
-    [(128, 4096, False, torch.bfloat16), (64, 1600, True, torch.bfloat16), (-1, 256, False, torch.float16),
-     (32, 104, True, torch.bfloat16)],
+    "bits, group_size, in_f, symmetric, dtype",
+    [(4, 128, 4096, False, torch.bfloat16), (4, 64, 1600, True, torch.bfloat16), (4, -1, 256, False, torch.float16),
+     (4, 32, 104, True, torch.bfloat16), (8, -1, 1600, True, torch.bfloat16), (8, -1, 768, False, torch.float16)],
 )
-def test_cuda_quads_gemv_every_tuned_config_matches_dequant(group_size, in_f, symmetric, dtype):
-    """The packed-fp16 assembly path of the 4-bit QUADS kernel, in every tile the autotuner may pick."""
-    from nanogptq.quant.triton_gemv import QUADS, _quads_configs, launch
+def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_size, in_f, symmetric, dtype):
+    """The packed-fp16 assembly path of the INTERLEAVED kernel, in every tile the autotuner may pick."""
+    from nanogptq.quant.triton_gemv import INTERLEAVED, _rows_configs, launch, tile_group
 
-    m = layer(272, in_f, 4, group_size, symmetric, "triton", device="cuda")
+    m = layer(272, in_f, bits, group_size, symmetric, "triton", device="cuda")
     x = torch.randn(1, in_f, device="cuda", dtype=dtype)
     ref = reference(m, x)
-    pg = (min(group_size, 256) if group_size > 0 else 128) // 2
-    for c in _quads_configs():
+    pg = tile_group(group_size, in_f, bits)[0] // 2
+    for c in _rows_configs():
         if pg % c.kwargs["R"]:
             continue
-        y = launch(x, m.t_qweight, m.scales, m.z_codes, 4, group_size, QUADS, {**c.kwargs, "num_warps": c.num_warps})
+        cfg = {**c.kwargs, "num_warps": c.num_warps}
+        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, INTERLEAVED, cfg)
         assert rel_err(y, ref) < BF16_TOL, c
 
 

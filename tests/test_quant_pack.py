@@ -5,7 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptq.quant.pack import from_halves, from_quads, pack, packed_len, to_halves, to_quads, unpack
+from nanogptq.quant.pack import (
+    from_halves,
+    from_interleaved,
+    pack,
+    packed_len,
+    rows_per_word,
+    to_halves,
+    to_interleaved,
+    unpack,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,21 +68,25 @@ def test_halves_layout_round_trip(rows, n, tile, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(quads=st.integers(1, 3), n=st.integers(1, 300), tile=st.sampled_from([16, 32, 64, 128, 256]),
-       seed=st.integers(0, 2**31))
-def test_quads_layout_round_trip(quads, n, tile, seed):
-    codes = torch.randint(0, 16, (4 * quads, n), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
-    words = to_quads(pack(codes, 4), n, tile)
+@given(words=st.integers(1, 3), n=st.integers(1, 300), tile=st.sampled_from([16, 32, 64, 128, 256]),
+       bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**31))
+def test_interleaved_layout_round_trip(words, n, tile, bits, seed):
+    rpw = rows_per_word(bits)
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rpw * words, n), generator=gen).to(torch.uint8)
+    w = to_interleaved(pack(codes, bits), n, tile, bits)
     tiles = -(-n // tile)
-    assert words.shape == (quads, tiles * tile // 2) and words.dtype == torch.int32
-    padded = torch.nn.functional.pad(codes, (0, tiles * tile - n))
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    for r in range(4):  # code (row 4i + r, column 2p + c) at bits 16 c + 4 r
+    assert w.shape == (words, tiles * tile // 2) and w.dtype == torch.int32
+    padded = torch.nn.functional.pad(codes, (0, tiles * tile - n)).to(torch.int64)
+    w64 = w.to(torch.int64) & 0xFFFFFFFF
+    for r in range(rpw):  # code (row r of the word, column 2p + c) at bits 16 c + bits r
         for c in range(2):
-            assert torch.equal((w >> (16 * c + 4 * r)) & 0xF, padded[r::4, c::2].to(torch.int64))
-    assert torch.equal(from_quads(words, n), codes)
+            assert torch.equal((w64 >> (16 * c + bits * r)) & (2**bits - 1), padded[r::rpw, c::2])
+    assert torch.equal(from_interleaved(w, n, bits), codes)
 
 
-def test_quads_need_whole_quads_of_rows():
+def test_interleaved_needs_whole_words_of_rows():
     with pytest.raises(ValueError, match="multiple of 4 rows"):
-        to_quads(pack(torch.zeros(6, 8, dtype=torch.uint8), 4), 8, 16)
+        to_interleaved(pack(torch.zeros(6, 8, dtype=torch.uint8), 4), 8, 16, 4)
+    with pytest.raises(ValueError, match="4 or 8 bit"):
+        rows_per_word(3)

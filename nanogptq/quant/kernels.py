@@ -14,8 +14,8 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
               GPTQ act-order groups (g_idx) are runs of columns in the order GPTQ visited them: the layout
               stores the columns in that order and the activations are gathered into it per call.
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
-    triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) on `qweight`'s bytes (4 bits re-laid at
-              load as QUADS, which unpack two codes per instruction), for decode-sized inputs (up to
+    triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) on the codes re-laid at load as
+              INTERLEAVED words, which unpack two codes per instruction, for decode-sized inputs (up to
               CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to the activation dtype and use
               cuBLAS. "auto" picks it first on CUDA: on the H200, 7 B-shaped linears at batch 1, it runs
               2.0-2.2x bf16 at 4 bits (tinygemm 1.6-1.9x) and 1.5x at 8 bits (the stock int8 op 0.2x).
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from nanogptq.quant.pack import from_quads, unpack
+from nanogptq.quant.pack import from_interleaved, unpack
 from nanogptq.quant.rtn import dequantize_weight
 
 if TYPE_CHECKING:
@@ -226,22 +226,22 @@ def prepare_triton(m: QuantLinear) -> None:
     tg = _triton_gemv()  # registers torch.ops.nanogptq.gemv
     zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
     m.register_buffer("z_codes", zeros, persistent=False)
-    # 8 bits: the stored codes as they are; 4 bits: re-laid as QUADS, whose words unpack two codes at a time
-    codes = m.qweight if m.bits == 8 else tg.to_quads(m.qweight, m.in_features, m.group_size)
+    # re-laid as INTERLEAVED words, which unpack two codes per instruction
+    codes = tg.to_interleaved(m.qweight, m.in_features, m.group_size, m.bits)
     m.register_buffer("t_qweight", codes, persistent=False)
 
 
 def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
     """The float32 weight from the Triton layout alone (the same values as dequantize_stored), so prefill
     needs no copy of the stored codes."""
-    codes = m.t_qweight if m.bits == 8 else from_quads(m.t_qweight, m.in_features)
+    codes = from_interleaved(m.t_qweight, m.in_features, m.bits)
     return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
 
 def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        layout = _triton_gemv().QUADS
+        layout = _triton_gemv().INTERLEAVED
         y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, layout)
     else:  # prefill: dequantize, then cuBLAS
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))

@@ -63,7 +63,7 @@ KERNELS: dict[str, Kernel] = {
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H200 (README):
-# the Triton GEMV beats tinygemm at 4 bits (QUADS layout) and everything stock at 8 bits; on the CPU, where
+# the Triton GEMV beats tinygemm at 4 bits and everything stock at 8 bits; on the CPU, where
 # Triton does not run, int4pack and int8pack.
 AUTO_ORDER = ("triton", "int4pack", "int8pack", "dequant")
 

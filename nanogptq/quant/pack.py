@@ -76,30 +76,38 @@ def from_halves(halves: torch.Tensor, n: int, tile: int) -> torch.Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-2).flatten(-3)[..., :n]
 
 
-# QUADS: one int32 holds a 2 x 4 block, columns 2p, 2p + 1 of rows 4i .. 4i + 3, code (row 4i + r, column
-# 2p + c) at bits 16 c + 4 r. Masking the word with 0x000F000F << 4r (after a shift by 8 for r >= 2) leaves one
-# row's two codes in the two 16-bit halves, so one instruction makes them a pair of fp16 values that meet the
-# activation pair (x_2p, x_2p+1) as it lies in memory (the Triton GEMV's fast path, triton_gemv.py)
+# INTERLEAVED: one int32 holds columns 2p, 2p + 1 of 32 / (2 bits) rows (4 rows at 4 bits, 2 at 8), code
+# (row r of the word's rows, column 2p + c) at bits 16 c + bits r. One instruction then turns one row's two
+# codes into the two 16-bit halves of a pair of fp16 values (4 bits: a mask, after a shift by 8 for rows 2
+# and 3; 8 bits: a byte permute), which meet the activation pair (x_2p, x_2p+1) as it lies in memory: the
+# Triton GEMV's layout (triton_gemv.py).
 
 
-def _quad_shifts(device) -> torch.Tensor:
-    return 16 * torch.arange(2, device=device) + 4 * torch.arange(4, device=device)[:, None]  # (r, c)
+def rows_per_word(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"the interleaved layout holds 4 or 8 bit codes, got {bits}")
+    return 16 // bits
 
 
-def to_quads(packed: torch.Tensor, n: int, tile: int) -> torch.Tensor:
-    """4-bit rows (N, packed_len(n, 4)), N a multiple of 4, re-laid as QUADS; each row's last tile of `tile`
-    codes padded with zero codes. -> int32 (N / 4, cdiv(n, tile) * tile / 2)."""
-    rows = packed.shape[0]
-    if rows % 4:
-        raise ValueError(f"QUADS need a multiple of 4 rows, got {rows}")
+def _interleave_shifts(bits: int, device) -> torch.Tensor:
+    return 16 * torch.arange(2, device=device) + bits * torch.arange(rows_per_word(bits), device=device)[:, None]
+
+
+def to_interleaved(packed: torch.Tensor, n: int, tile: int, bits: int) -> torch.Tensor:
+    """Rows (N, packed_len(n, bits)) re-laid as INTERLEAVED words, N a multiple of rows_per_word(bits), each
+    row's last tile of `tile` codes padded with zero codes. -> int32 (N / rows_per_word, cdiv(n, tile) * tile / 2)."""
+    rows, rpw = packed.shape[0], rows_per_word(bits)
+    if rows % rpw:
+        raise ValueError(f"{bits}-bit interleaved words need a multiple of {rpw} rows, got {rows}")
     tiles = -(-n // tile)
-    codes = torch.nn.functional.pad(unpack(packed, 4, n), (0, tiles * tile - n)).to(torch.int64)
-    codes = codes.view(rows // 4, 4, -1, 2).permute(0, 2, 1, 3)  # (quad, pair, r, c)
-    words = (codes << _quad_shifts(codes.device)).sum((-2, -1))  # < 2^32: fits, then wraps into int32
+    codes = torch.nn.functional.pad(unpack(packed, bits, n), (0, tiles * tile - n)).to(torch.int64)
+    codes = codes.view(rows // rpw, rpw, -1, 2).permute(0, 2, 1, 3)  # (word row, pair, r, c)
+    words = (codes << _interleave_shifts(bits, codes.device)).sum((-2, -1))  # < 2^32, wraps into int32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
-def from_quads(quads: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of to_quads: uint8 codes (N, n)."""
-    codes = (quads[..., None, None] >> _quad_shifts(quads.device).to(torch.int32)) & 0xF  # sign bits masked off
-    return codes.permute(0, 2, 1, 3).reshape(4 * quads.shape[0], -1)[:, :n].to(torch.uint8)
+def from_interleaved(words: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of to_interleaved: uint8 codes (N, n)."""
+    shifts = _interleave_shifts(bits, words.device).to(torch.int32)
+    codes = (words[..., None, None] >> shifts) & ((1 << bits) - 1)  # the sign bits are masked off
+    return codes.permute(0, 2, 1, 3).reshape(rows_per_word(bits) * words.shape[0], -1)[:, :n].to(torch.uint8)

@@ -7,12 +7,11 @@ For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g =
 with the codes dequantized in registers and never written back; the bytes read per token are the
 checkpoint's bytes. Two kernels:
 
-  8 bits   `_gemv_kernel` on `QuantLinear.qweight` itself (one code per byte). Codes become fp32 by the
-           mantissa trick (no int-to-float instruction); each program owns BLOCK_N output rows and walks K
-           in GPI groups of G columns per step. It also reads two 4-bit byte layouts (PAIRS as stored,
-           HALVES), kept as the benchmark's baselines for the kernel below (1.5x slower on the H200).
-  4 bits   `_gemv4_quads_kernel` on QUADS (pack.to_quads, built once at load): two codes per instruction
-           into packed fp16 arithmetic (inline PTX), with weights and activations in one register layout.
+  `_gemv_rows_kernel`, 4 and 8 bits, on INTERLEAVED words (pack.to_interleaved, built once at load): two
+           codes per instruction into packed fp16 arithmetic (inline PTX), weights and activations in one
+           register layout. What QuantLinear's "triton" kernel runs.
+  `_gemv_kernel`, the first version, kept as the benchmark's baseline: codes as stored (8 bits; 4-bit
+           PAIRS) or re-laid as HALVES, made fp32 one at a time by the mantissa trick.
 
 Batch-1 decoding is memory bound, so the job is keeping enough bytes in flight; the autotuner picks the tile
 per shape. Accumulation is fp32 (the 4-bit kernel's innermost sums fp16); x and y are in the activation
@@ -34,7 +33,7 @@ from nanogptq.quant import pack
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "GPI": 2, "ACC3": True}
-INTERPRETER_QUADS_CONFIG = {"BLOCK_Q": 2, "GPI": 2, "R": 2, "STAGES": 1}
+INTERPRETER_ROWS_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
 
 
 def _configs(bits: int) -> list[triton.Config]:
@@ -66,7 +65,7 @@ def _configs(bits: int) -> list[triton.Config]:
 # nibble), read as stored; HALVES, built at load time by `to_halves`, puts column j of each tile group in
 # the low nibble of byte j and column j + G/2 in its high nibble, so both nibbles' activations are
 # contiguous loads in the layout the weights already have
-PAIRS, HALVES, QUADS = 1, 2, 3
+PAIRS, HALVES, INTERLEAVED = 1, 2, 3
 _PAIRS, _HALVES = tl.constexpr(PAIRS), tl.constexpr(HALVES)  # the kernel may read only constexpr globals
 
 
@@ -195,40 +194,63 @@ def _gemv_kernel(
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-# ---- 4 bits in QUADS (pack.to_quads): two codes per instruction ----
+# ---- INTERLEAVED (pack.to_interleaved): two codes per instruction, at 4 and 8 bits ----
 #
 # Unpacking one code at a time costs about five instructions per weight (shift, mask, the mantissa trick's
 # OR and subtraction, the multiply-add), which at 4 bits is more time than reading the byte takes at HBM
-# speed. A QUADS word holds columns 2p, 2p + 1 of four rows; masked, one row's two codes sit in the two
-# 16-bit halves, so one LOP3 makes the fp16 pair (1024 + q_a, 1024 + q_b) (0x6400 is 1024 in fp16, whose
-# unit in the last place is 1), and packed fp16 instructions (two lanes each) subtract the zero point and
-# multiply-add the activation pair (x_2p, x_2p+1), which is one int32 of the activation row: under two
-# instructions per weight. The weights and the activations are read with the same index tensor, so Triton
-# gives both one register layout (no shuffle through shared memory). Each lane sums R products in fp16
-# (exact codes; activations rounded from bf16 to fp16's 11 bits), then the group's scale applies in fp32.
+# speed. An INTERLEAVED word holds columns 2p, 2p + 1 of RPW rows (4 at 4 bits, 2 at 8); one instruction
+# puts one row's two codes into the low 10 bits of a pair of fp16 values whose exponent makes them
+# 1024 + q (0x6400 is 1024 in fp16, whose unit in the last place is 1; at 4 bits a LOP3 mask-and-OR, rows 1
+# and 3 coming out as 1024 + 16 q; at 8 bits a PRMT byte permute). One packed fp16 multiply-add per row
+# then gives the exact (q - z) / 2^bits (the pair scaled so that it lies in [4, 8) or [64, 128), where
+# every such multiple is representable), and one more multiplies it into the activation pair (x_2p,
+# x_2p+1), which is one int32 of the activation row: about 1.5 instructions per weight, two lanes each.
+# Weights and activations are read with one index tensor, so Triton gives both one register layout (no
+# shuffle through shared memory), in 16-byte loads. Each lane sums R products in fp16 (exact codes over
+# 2^bits: the sums stay near the activations' size; activations rounded from bf16 to fp16's 11 bits), then
+# the group's scale (times 2^bits) applies in fp32.
 
-_QUAD_ASM = tl.constexpr("""
+_ROWS4_ASM = tl.constexpr("""
 {
-.reg .b32 a, b, c, d, t, k16;
+.reg .b32 a, b, c, d, t, k16, k256;
 lop3.b32 a, $4, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 b, $4, 0x00F000F0, 0x64006400, 0xEA;
 shr.u32 t, $4, 8;
 lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;
 mov.b32 k16, 0x2C002C00;
-sub.f16x2 a, a, $6;
-fma.rn.f16x2 b, b, k16, $7;
-sub.f16x2 c, c, $8;
-fma.rn.f16x2 d, d, k16, $9;
+mov.b32 k256, 0x1C001C00;
+fma.rn.f16x2 a, a, k16, $6;
+fma.rn.f16x2 b, b, k256, $7;
+fma.rn.f16x2 c, c, k16, $8;
+fma.rn.f16x2 d, d, k256, $9;
 fma.rn.f16x2 $0, a, $5, $10;
 fma.rn.f16x2 $1, b, $5, $11;
 fma.rn.f16x2 $2, c, $5, $12;
 fma.rn.f16x2 $3, d, $5, $13;
 }
 """)
-# $0..$3 the four rows' fp16-pair accumulators out, $10..$13 in; $4 the word; $5 the activation pair in
-# fp16; $6, $8 = 1024 + z of rows 0 and 2, $7, $9 = -(64 + z) of rows 1 and 3 (their masks leave 16 q, so
-# times 1/16 = 0x2C00 it is 64 + q), each in both halves. lop3's table 0xEA is (a & b) | c.
+# 4 bits: $0..$3 the four rows' fp16-pair accumulators out, $10..$13 in; $4 the word; $5 the activation
+# pair in fp16; $6..$9 the rows' -(1024 + z) / 16 (rows 0, 2: (1024 + q) / 16 = 64 + q / 16) or
+# -(1024 + 16 z) / 256 (rows 1, 3) in both halves. lop3's table 0xEA is (a & b) | c; 0x2C00 = 1/16,
+# 0x1C00 = 1/256.
+
+_ROWS8_ASM = tl.constexpr("""
+{
+.reg .b32 a, b, magic, k256;
+mov.b32 magic, 0x64646464;
+mov.b32 k256, 0x1C001C00;
+prmt.b32 a, $2, magic, 0x4240;
+prmt.b32 b, $2, magic, 0x4341;
+fma.rn.f16x2 a, a, k256, $4;
+fma.rn.f16x2 b, b, k256, $5;
+fma.rn.f16x2 $0, a, $3, $6;
+fma.rn.f16x2 $1, b, $3, $7;
+}
+""")
+# 8 bits: $0, $1 the two rows' accumulators out, $6, $7 in; $2 the word (bytes: row 0 col 0, row 1 col 0,
+# row 0 col 1, row 1 col 1); $3 the activation pair; $4, $5 the rows' -(1024 + z) / 256. prmt's selector
+# 0x4240 takes bytes 0 and 2 of the word with 0x64 above each: (1024 + q_a, 1024 + q_b).
 
 # two bf16 activations (one int32) -> the same two in fp16: bf16 is the top half of an fp32
 _BF16X2_TO_F16X2_ASM = tl.constexpr("""
@@ -253,21 +275,36 @@ add.f32 $0, fl, fh;
 
 
 @triton.jit
-def _lane_sum(h):
-    """fp16 pairs (int32 bits) -> the fp32 sum of each pair."""
-    return tl.inline_asm_elementwise(_F16X2_SUM_ASM, "=r,r", [h], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _quad_row(acc, h, s, FAST: tl.constexpr):
-    """One row's group total (fp16 pairs when FAST, else already fp32) times its scale, into acc."""
+def _row_total(acc, h, s, FAST: tl.constexpr):
+    """One row's lane sums (fp16 pairs when FAST, else already fp32) times its scale, into acc."""
     if FAST:
-        h = _lane_sum(h)
+        h = tl.inline_asm_elementwise(_F16X2_SUM_ASM, "=r,r", [h], dtype=tl.float32, is_pure=True, pack=1)
     return acc + h * s
 
 
 @triton.jit
-def _gemv4_quads_kernel(
+def _offset(z, r: tl.constexpr, BITS: tl.constexpr):
+    """fp16 bits, in both halves, of -(the unpacked 1024 + z) times the row's multiplier (see the asm)."""
+    if BITS == 8:
+        v = 0xC400 + z  # -(4 + z / 256): 4's unit in the last place is 1/256
+    elif r % 2 == 0:
+        v = 0xD400 + z  # -(64 + z / 16): 64's unit in the last place is 1/16
+    else:
+        v = 0xC400 + z * 16  # -(4 + z / 16)
+    return v * 0x10001
+
+
+@triton.jit
+def _pair_dot(w, r: tl.constexpr, z, xa, xb, BITS: tl.constexpr):
+    """The fp32 twin of one row's asm: sum over the pair of (q - z) x / 2^bits (the interpreter's path)."""
+    mask: tl.constexpr = (1 << BITS) - 1
+    qa = ((w >> (BITS * r)) & mask) - z
+    qb = ((w >> (16 + BITS * r)) & mask) - z
+    return (qa.to(tl.float32) * xa + qb.to(tl.float32) * xb) * (1.0 / (1 << BITS))
+
+
+@triton.jit
+def _gemv_rows_kernel(
     x_ptr,
     x32_ptr,  # FAST: the activations viewed as int32 pairs (a pointer cast would lose its alignment)
     w_ptr,
@@ -279,119 +316,128 @@ def _gemv4_quads_kernel(
     NG,  # tile groups: cdiv(K, 2 * PG)
     SG_DIV,  # tile groups per scale group
     stride_xm,
-    stride_wq,  # in words, per quad of rows
+    stride_ww,  # in words, per word row (RPW rows)
     stride_sn,
     stride_zn,
     stride_ym,
+    BITS: tl.constexpr,
     PG: tl.constexpr,  # column pairs (words) per tile group
     HAS_Z: tl.constexpr,
     X_BF16: tl.constexpr,  # activations are bf16 (else fp16)
     FAST: tl.constexpr,  # the packed-fp16 inline assembly (GPU); off: the same sums in fp32 (interpreter)
-    BLOCK_Q: tl.constexpr,  # quads of rows per program
+    BLOCK_W: tl.constexpr,  # word rows per program
     GPI: tl.constexpr,  # tile groups per step
     R: tl.constexpr,  # words per lane per tile group (a lane sums R products in fp16 before the scale)
     STAGES: tl.constexpr = 1,
 ):
+    RPW: tl.constexpr = 16 // BITS  # rows per word: 4 or 2 (rows 2 and 3 exist at 4 bits only)
     C: tl.constexpr = PG // R
     m = tl.program_id(1)
-    rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = rq * 4 < N
+    rw = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row = rw * RPW
+    rmask = row < N
     rg = tl.arange(0, GPI)
     rc = tl.arange(0, C)
-    acc0 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
     x_row = x_ptr + m * stride_xm
     x32 = x32_ptr + m * (stride_xm // 2)
-    same = (rq * 0)[:, None, None]  # adds nothing, but gives the activation loads the weights' (3-d) shape
+    same = (rw * 0)[:, None, None]  # adds nothing, but gives the activation loads the weights' (3-d) shape
     for g0 in tl.range(0, NG, GPI, num_stages=STAGES):
         g = g0 + rg
         sg = g // SG_DIV
-        gmask = qmask[:, None] & (g < NG)[None, :]
-        row = rq[:, None] * 4
-        s_at = s_ptr + row * stride_sn + sg[None, :]
-        z_at = z_ptr + row * stride_zn + sg[None, :]
-        s0 = tl.load(s_at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
-        s1 = tl.load(s_at + stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
-        s2 = tl.load(s_at + 2 * stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
-        s3 = tl.load(s_at + 3 * stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        gmask = rmask[:, None] & (g < NG)[None, :]
+        s_at = s_ptr + row[:, None] * stride_sn + sg[None, :]
+        z_at = z_ptr + row[:, None] * stride_zn + sg[None, :]
+        # the scales times 2^bits undo the asm's scaled codes
+        s0 = tl.load(s_at, mask=gmask, other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
+        s1 = tl.load(s_at + stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
+        s2 = tl.load(s_at + 2 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
+        s3 = tl.load(s_at + 3 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
         if HAS_Z:
             z0 = tl.load(z_at, mask=gmask, other=0).to(tl.int32)[:, :, None]
             z1 = tl.load(z_at + stride_zn, mask=gmask, other=0).to(tl.int32)[:, :, None]
-            z2 = tl.load(z_at + 2 * stride_zn, mask=gmask, other=0).to(tl.int32)[:, :, None]
-            z3 = tl.load(z_at + 3 * stride_zn, mask=gmask, other=0).to(tl.int32)[:, :, None]
+            z2 = tl.load(z_at + 2 * stride_zn, mask=gmask & (RPW > 2), other=0).to(tl.int32)[:, :, None]
+            z3 = tl.load(z_at + 3 * stride_zn, mask=gmask & (RPW > 2), other=0).to(tl.int32)[:, :, None]
         else:
-            z0 = tl.full((BLOCK_Q, GPI, 1), 8, tl.int32)
+            z0 = tl.full((BLOCK_W, GPI, 1), 1 << (BITS - 1), tl.int32)
             z1, z2, z3 = z0, z0, z0
         if FAST:
-            h0 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.int32)  # fp16 pairs (+0, +0)
+            h0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.int32)  # fp16 pairs (+0, +0)
             h1, h2, h3 = h0, h0, h0
-            zz0 = (z0 + 0x6400) * 0x10001  # fp16 bits of 1024 + z, in both halves
-            nz1 = (z1 * 16 + 0xD400) * 0x10001  # fp16 bits of -(64 + z): 64's ulp is 1/16
-            zz2 = (z2 + 0x6400) * 0x10001
-            nz3 = (z3 * 16 + 0xD400) * 0x10001
+            o0, o1 = _offset(z0, 0, BITS), _offset(z1, 1, BITS)
+            o2, o3 = _offset(z2, 2, BITS), _offset(z3, 3, BITS)
         else:
-            h0 = tl.zeros((BLOCK_Q, GPI, C), dtype=tl.float32)
+            h0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
             h1, h2, h3 = h0, h0, h0
         for i in tl.static_range(R):
             pair = g[None, :, None] * PG + i * C + rc[None, None, :]  # (1, GPI, C)
-            wmask = qmask[:, None, None] & (g < NG)[None, :, None]
-            w = tl.load(w_ptr + rq[:, None, None] * stride_wq + pair, mask=wmask, other=0)
+            wmask = rmask[:, None, None] & (g < NG)[None, :, None]
+            w = tl.load(w_ptr + rw[:, None, None] * stride_ww + pair, mask=wmask, other=0)
             xmask = (pair < K // 2) & wmask  # K is even: a pair is all in or all padding
             if FAST:
                 xp = tl.load(x32 + pair + same, mask=xmask, other=0)
                 if X_BF16:
                     xp = tl.inline_asm_elementwise(_BF16X2_TO_F16X2_ASM, "=r,r", [xp], dtype=tl.int32,
                                                    is_pure=True, pack=1)
-                h0, h1, h2, h3 = tl.inline_asm_elementwise(
-                    _QUAD_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-                    [w, xp, zz0, nz1, zz2, nz3, h0, h1, h2, h3],
-                    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-                )
+                if BITS == 4:
+                    h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                        _ROWS4_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [w, xp, o0, o1, o2, o3, h0, h1, h2, h3],
+                        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+                    )
+                else:
+                    h0, h1 = tl.inline_asm_elementwise(
+                        _ROWS8_ASM, "=r,=r,r,r,r,r,r,r", [w, xp, o0, o1, h0, h1],
+                        dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+                    )
             else:
                 xa = tl.load(x_row + pair * 2 + same, mask=xmask, other=0.0).to(tl.float32)
                 xb = tl.load(x_row + pair * 2 + 1 + same, mask=xmask, other=0.0).to(tl.float32)
-                h0 += (((w >> 0) & 0xF) - z0).to(tl.float32) * xa + (((w >> 16) & 0xF) - z0).to(tl.float32) * xb
-                h1 += (((w >> 4) & 0xF) - z1).to(tl.float32) * xa + (((w >> 20) & 0xF) - z1).to(tl.float32) * xb
-                h2 += (((w >> 8) & 0xF) - z2).to(tl.float32) * xa + (((w >> 24) & 0xF) - z2).to(tl.float32) * xb
-                h3 += (((w >> 12) & 0xF) - z3).to(tl.float32) * xa + (((w >> 28) & 0xF) - z3).to(tl.float32) * xb
-        acc0 = _quad_row(acc0, h0, s0, FAST)
-        acc1 = _quad_row(acc1, h1, s1, FAST)
-        acc2 = _quad_row(acc2, h2, s2, FAST)
-        acc3 = _quad_row(acc3, h3, s3, FAST)
-    y_at = y_ptr + m * stride_ym + rq * 4
+                h0 += _pair_dot(w, 0, z0, xa, xb, BITS)
+                h1 += _pair_dot(w, 1, z1, xa, xb, BITS)
+                if BITS == 4:
+                    h2 += _pair_dot(w, 2, z2, xa, xb, BITS)
+                    h3 += _pair_dot(w, 3, z3, xa, xb, BITS)
+        acc0 = _row_total(acc0, h0, s0, FAST)
+        acc1 = _row_total(acc1, h1, s1, FAST)
+        if BITS == 4:
+            acc2 = _row_total(acc2, h2, s2, FAST)
+            acc3 = _row_total(acc3, h3, s3, FAST)
+    y_at = y_ptr + m * stride_ym + row
     ty = y_ptr.dtype.element_ty
-    tl.store(y_at, tl.sum(tl.sum(acc0, axis=2), axis=1).to(ty), mask=qmask)
-    tl.store(y_at + 1, tl.sum(tl.sum(acc1, axis=2), axis=1).to(ty), mask=qmask)
-    tl.store(y_at + 2, tl.sum(tl.sum(acc2, axis=2), axis=1).to(ty), mask=qmask)
-    tl.store(y_at + 3, tl.sum(tl.sum(acc3, axis=2), axis=1).to(ty), mask=qmask)
+    tl.store(y_at, tl.sum(tl.sum(acc0, axis=2), axis=1).to(ty), mask=rmask)
+    tl.store(y_at + 1, tl.sum(tl.sum(acc1, axis=2), axis=1).to(ty), mask=rmask)
+    if BITS == 4:
+        tl.store(y_at + 2, tl.sum(tl.sum(acc2, axis=2), axis=1).to(ty), mask=rmask)
+        tl.store(y_at + 3, tl.sum(tl.sum(acc3, axis=2), axis=1).to(ty), mask=rmask)
 
 
-def _quads_configs() -> list[triton.Config]:
-    """(BLOCK_Q, GPI, R, warps): tiles of 4 (2 warps) or 8 (4 warps) 16-byte loads per thread and step, so
+def _rows_configs() -> list[triton.Config]:
+    """(BLOCK_W, GPI, R, warps): tiles of 4 (2 warps) or 8 (4 warps) 16-byte loads per thread and step, so
     each multiprocessor keeps enough bytes in flight to cover HBM latency (Little's law: about 30 KB on an
     H200); R words per lane before the fp16 sums are scaled. Every C = PG / R lane tile holds whole loads
     for PG = 64 (g128)."""
     tiles = [(1, 8, 1, 4), (2, 4, 1, 4), (1, 16, 2, 4), (4, 4, 2, 4), (4, 8, 4, 4), (8, 4, 4, 4), (2, 16, 4, 4),
              (1, 4, 1, 2), (1, 8, 2, 2), (2, 8, 4, 2), (4, 4, 4, 2), (2, 4, 2, 2)]
     return [
-        triton.Config({"BLOCK_Q": bq, "GPI": gpi, "R": r, "STAGES": st}, num_warps=w)
-        for bq, gpi, r, w in tiles
+        triton.Config({"BLOCK_W": bw, "GPI": gpi, "R": r, "STAGES": st}, num_warps=w)
+        for bw, gpi, r, w in tiles
         for st in (1, 2)
     ]
 
 
-def _prune_quads(configs, named_args, **kwargs):
+def _prune_rows(configs, named_args, **kwargs):
     """R must divide the tile group's column pairs (small groups have few)."""
     pg = named_args.get("PG", kwargs.get("PG"))
     kept = [c for c in configs if pg % c.kwargs["R"] == 0]
-    return kept or [triton.Config({"BLOCK_Q": 1, "GPI": 4, "R": 1, "STAGES": 1}, num_warps=2)]
+    return kept or [triton.Config({"BLOCK_W": 1, "GPI": 4, "R": 1, "STAGES": 1}, num_warps=2)]
 
 
-_gemv4_quads_tuned = triton.autotune(
-    configs=_quads_configs(), key=["N", "K", "PG"], prune_configs_by={"early_config_prune": _prune_quads}
-)(_gemv4_quads_kernel)
+_gemv_rows_tuned = triton.autotune(
+    configs=_rows_configs(), key=["N", "K", "PG", "BITS"], prune_configs_by={"early_config_prune": _prune_rows}
+)(_gemv_rows_kernel)
 
 
 _gemv_tuned = {bits: triton.autotune(configs=_configs(bits), key=["N", "K", "G"])(_gemv_kernel) for bits in (4, 8)}
@@ -399,7 +445,7 @@ _gemv_tuned = {bits: triton.autotune(configs=_configs(bits), key=["N", "K", "G"]
 
 def tuned_configs() -> dict[str, str]:
     """The tile the autotuner picked per kernel and (N, K, group) key so far, for benchmark reports."""
-    tuners = {"int4-quads": _gemv4_quads_tuned, **{f"int{b}": t for b, t in _gemv_tuned.items()}}
+    tuners = {"interleaved": _gemv_rows_tuned, **{f"int{b}": t for b, t in _gemv_tuned.items()}}
     return {f"{name} {key[:3]}": str(cfg) for name, t in tuners.items() for key, cfg in t.cache.items()}
 
 
@@ -412,21 +458,23 @@ def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
     if group_size > 0:
         G = min(group_size, MAX_TILE_GROUP)
         return G, group_size // G
-    G = 128 if bits == 4 else 256
+    G = 128  # at 8 bits too: larger tiles of the interleaved kernel outgrow its registers
     return G, triton.cdiv(in_features, G)
 
 
 def supports(bits: int, group_size: int, out_features: int, in_features: int) -> bool:
     """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work.
-    4-bit QUADS hold 4 rows x 2 columns per word: out_features a multiple of 4, in_features even."""
-    if bits not in (4, 8) or (bits == 4 and (out_features % 4 or in_features % 2)):
+    INTERLEAVED words hold 2 columns of 4 (4 bits) or 2 (8 bits) rows: out_features a multiple of those
+    rows, in_features even."""
+    if bits not in (4, 8) or out_features % pack.rows_per_word(bits) or in_features % 2:
         return False
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
-def to_quads(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """pack.py's 4-bit rows re-laid as int32 QUADS padded to whole tile groups: (N / 4, NG * G / 2)."""
-    return pack.to_quads(qweight, in_features, tile_group(group_size, in_features, 4)[0])
+def to_interleaved(qweight: torch.Tensor, in_features: int, group_size: int, bits: int) -> torch.Tensor:
+    """pack.py's rows re-laid as INTERLEAVED int32 words padded to whole tile groups:
+    (N / rows_per_word, NG * G / 2)."""
+    return pack.to_interleaved(qweight, in_features, tile_group(group_size, in_features, bits)[0], bits)
 
 
 def to_halves(qweight: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
@@ -436,7 +484,7 @@ def to_halves(qweight: torch.Tensor, in_features: int, group_size: int) -> torch
 
 
 def out_features(qweight: torch.Tensor, bits: int, layout: int) -> int:
-    return qweight.shape[0] * (4 if bits == 4 and layout == QUADS else 1)  # a QUADS row holds 4 rows
+    return qweight.shape[0] * (pack.rows_per_word(bits) if layout == INTERLEAVED else 1)
 
 
 def launch(
@@ -451,7 +499,7 @@ def launch(
 ) -> torch.Tensor:
     """The kernel on explicit tensors; `config` (the autotuner's keys) skips the autotuner, as Triton's CPU
     interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU) needs. 4-bit weights are in
-    `layout` (PAIRS: as stored, HALVES: from `to_halves`, QUADS: int32 from `to_quads`)."""
+    `layout` (PAIRS: as stored, HALVES: from `to_halves`, INTERLEAVED: int32 from `to_interleaved`, 4 and 8 bits)."""
     M, K = x.shape
     N = out_features(qweight, bits, layout)
     G, sg_div = tile_group(group_size, K, bits)
@@ -464,15 +512,17 @@ def launch(
 
     common = (x, qweight, scales, scales if zeros is None else zeros, y, N, K, triton.cdiv(K, G), sg_div,
               x.stride(0), qweight.stride(0), stride_sn, stride_zn, y.stride(0))  # zeros: unused when HAS_Z is off
-    if bits == 4 and layout == QUADS:
+    if layout == INTERLEAVED:
         fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
-        def quads_grid(meta):
-            return (triton.cdiv(N, 4 * meta["BLOCK_Q"]), M)
+        rpw = pack.rows_per_word(bits)
+
+        def rows_grid(meta):
+            return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)
 
         x32 = x.view(torch.int32) if fast else x  # unread when not fast
-        (_gemv4_quads_kernel if config else _gemv4_quads_tuned)[quads_grid](
-            x, x32, *common[1:], PG=G // 2, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16, FAST=fast,
-            **(config or {}),
+        (_gemv_rows_kernel if config else _gemv_rows_tuned)[rows_grid](
+            x, x32, *common[1:], BITS=bits, PG=G // 2, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16,
+            FAST=fast, **(config or {}),
         )
         return y
     (_gemv_kernel if config else _gemv_tuned[bits])[grid](
@@ -500,7 +550,7 @@ def gemv(
     """x (M, K) in the activation dtype, qweight (N, packed K) uint8, scales (rows, n_groups) fp16, zeros
     (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a per-tensor grid. -> (M, N)."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot autotune
-        config = INTERPRETER_QUADS_CONFIG if (bits == 4 and layout == QUADS) else INTERPRETER_CONFIG
+        config = INTERPRETER_ROWS_CONFIG if layout == INTERLEAVED else INTERPRETER_CONFIG
         return launch(x, qweight, scales, zeros, bits, group_size, layout, config)
     return launch(x, qweight, scales, zeros, bits, group_size, layout)
 
