@@ -389,7 +389,7 @@ def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f)
     from nanogptq.quant.triton_gemv import HALVES, launch, to_halves
 
     m = layer(272, in_f, bits, group_size, False, "triton", device="cuda")
-    codes = m.t_qweight if bits == 8 else to_halves(m.qweight, in_f, group_size)
+    codes = m.qweight if bits == 8 else to_halves(m.qweight, in_f, group_size)  # the first kernel's layouts
     x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
     for bn, gpi in ((4, 4), (2, 16), (8, 4)):
         cfg = {"BLOCK_N": bn, "GPI": gpi, "ACC3": False, "PREFETCH": True}
