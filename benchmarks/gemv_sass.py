@@ -1,0 +1,93 @@
+"""The interleaved GEMV's machine code, without a GPU: compile it for sm_90 through Triton (its own ptxas and
+cuobjdump), then count the instructions in the main loop per weight, and check for register spills and for
+shared-memory shuffles (barriers) inside the loop.
+
+    python benchmarks/gemv_sass.py                 # the tiles the H200's autotuner picked (results JSON)
+    python benchmarks/gemv_sass.py --all           # every tile of the autotuner, at 4 and 8 bits
+
+Counts are static (one pass of the loop body), not a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nanogptq.quant import triton_gemv as tg
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ALIGNED = ["x_ptr", "x32_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ww", "stride_sn",
+           "stride_zn", "stride_ym"]  # what Triton's launcher specializes as multiples of 16 for these shapes
+
+
+def signature(x_dtype: str) -> dict[str, str]:
+    ints = ["N", "K", "NG", "SG_DIV", "stride_xm", "stride_ww", "stride_sn", "stride_zn", "stride_ym"]
+    consts = ["BITS", "PG", "HAS_Z", "X_BF16", "FAST", "BLOCK_W", "GPI", "R", "STAGES"]
+    ptrs = {"x_ptr": x_dtype, "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": x_dtype}
+    return {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(consts, "constexpr")}
+
+
+def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config) -> tuple[str, str]:
+    """(ptxas's report, the SASS) of one specialization."""
+    sig = signature("*bf16")
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
+    consts = {"BITS": bits, "PG": pg, "HAS_Z": has_z, "X_BF16": True, "FAST": True, **cfg.kwargs}
+    src = ASTSource(fn=tg._gemv_rows_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        ptx.write_text(k.asm["ptx"])
+        report = subprocess.run([BIN / "ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True,
+                                text=True, check=True).stderr
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return report, sass
+
+
+def loop_ops(sass: str) -> dict[str, int]:
+    """Opcode counts between the main loop's head and its backward branch."""
+    lines = sass.splitlines()
+    addr = [int(m.group(1), 16) if (m := re.search(r"/\*([0-9a-f]{4})\*/", line)) else None for line in lines]
+    back = next(i for i, line in enumerate(lines)
+                if (m := re.search(r"BRA 0x([0-9a-f]+) ;", line)) and int(m.group(1), 16) < (addr[i] or 0))
+    head = int(re.search(r"BRA 0x([0-9a-f]+)", lines[back]).group(1), 16)
+    ops: dict[str, int] = {}
+    for line, a in zip(lines, addr, strict=True):
+        if a is not None and head <= a <= addr[back] and (m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)):
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return ops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--all", action="store_true", help="every autotuner tile, not only the H200's picks")
+    args = p.parse_args()
+    picked = [(1, 16, 2, 4), (1, 8, 2, 2)]  # (BLOCK_W, GPI, R, warps): results/gemv_interleaved_h200.json
+    configs = tg._rows_configs() if args.all else [
+        triton.Config({"BLOCK_W": bw, "GPI": gpi, "R": r, "STAGES": 1}, num_warps=w) for bw, gpi, r, w in picked]
+    print("| bits | tile | registers | spills | loop instructions | per weight | barriers in loop |")
+    print("|---|---|---|---|---|---|---|")
+    for bits in (4, 8):
+        for cfg in configs:
+            report, sass = compile_sass(bits, 64, True, cfg)
+            ops = loop_ops(sass)
+            c = cfg.kwargs
+            # weights per thread per loop pass: the tile's words / threads x codes per word
+            words = c["BLOCK_W"] * c["GPI"] * 64 // (32 * cfg.num_warps)
+            weights = words * 32 // bits
+            regs = re.search(r"Used (\d+) registers", report).group(1)
+            spills = "none" if "0 bytes spill stores" in report else "yes"
+            n = sum(ops.values())
+            tile = f"{c['BLOCK_W']}x{c['GPI']} R{c['R']} S{c['STAGES']} w{cfg.num_warps}"
+            print(f"| {bits} | {tile} | {regs} | {spills} | {n} | {n / weights:.1f} | {ops.get('BAR', 0)} |")
+
+
+if __name__ == "__main__":
+    main()
