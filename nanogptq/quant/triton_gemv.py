@@ -456,9 +456,10 @@ _gemv_tuned = {bits: triton.autotune(configs=_configs(bits), key=["N", "K", "G"]
 
 
 def tuned_configs() -> dict[str, str]:
-    """The tile the autotuner picked per kernel and (N, K, group) key so far, for benchmark reports."""
-    tuners = {"interleaved": _gemv_rows_tuned, **{f"int{b}": t for b, t in _gemv_tuned.items()}}
-    return {f"{name} {key[:3]}": str(cfg) for name, t in tuners.items() for key, cfg in t.cache.items()}
+    """The tile the autotuner picked per kernel and key (N, K, group; and bits for the interleaved kernel)
+    so far, for benchmark reports."""
+    tuners = {"interleaved": (_gemv_rows_tuned, 4), **{f"int{b}": (t, 3) for b, t in _gemv_tuned.items()}}
+    return {f"{name} {key[:n]}": str(cfg) for name, (t, n) in tuners.items() for key, cfg in t.cache.items()}
 
 
 def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
