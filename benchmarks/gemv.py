@@ -7,8 +7,10 @@ Each variant's layer (in copies that overflow the L2 cache) is called R times in
 (launch overhead excluded, as in a decoded model replayed from a graph); the graph is replayed --repeats
 times and the median per-call time is reported with the bytes the kernel reads (weights, scales, zero
 points) per second and as a fraction of the GPU's HBM peak (decode.hbm_peak). Variants: bf16 F.linear (cuBLAS), the
-Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric), and PyTorch's stock int8 weight-only
-(eager F.linear on the int8 matrix, then scales) and int4 tinygemm (`_weight_int4pack_mm`).
+Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric), the first Triton GEMV (gemv_first.py: "-bytes",
+"-halves", "-pairs"), and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales)
+and int4 tinygemm (`_weight_int4pack_mm`). Every quantized variant's output is checked against its
+dequantized weights first (the `err` column, relative L2), so a wrong kernel cannot post a time.
 Writes results/gemv_<gpu>.json.
 """
 
@@ -20,12 +22,12 @@ import json
 import statistics
 from pathlib import Path
 
+import gemv_first
 import torch
 import torch.nn.functional as F
 from decode import hbm_peak, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import QuantLinear, triton_gemv
-from nanogptq.quant.triton_gemv import HALVES, PAIRS, to_halves
 
 
 def l2_bytes() -> int:
@@ -52,25 +54,39 @@ def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear
     bits, group_size, symmetric, kernel = spec
     if kernel in ("triton-pairs", "triton-halves"):  # earlier 4-bit layouts of the Triton GEMV, for comparison
         m = random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton")
-        return OtherLayoutGEMV(m, HALVES if kernel == "triton-halves" else PAIRS)
+        return FirstKernelGEMV(m, gemv_first.HALVES if kernel == "triton-halves" else gemv_first.PAIRS)
     return random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel=kernel)
 
 
-class OtherLayoutGEMV:
-    """The first Triton GEMV (`_gemv_kernel`) on the stored codes (PAIRS: bytes at 8 bits, nibble pairs at
-    4) or on HALVES, instead of the INTERLEAVED words QuantLinear's kernel runs on."""
+class FirstKernelGEMV:
+    """The first Triton GEMV (gemv_first.py) on the stored codes (PAIRS: bytes at 8 bits, nibble pairs at
+    4) or on HALVES, instead of the interleaved words QuantLinear's kernel runs on."""
 
     def __init__(self, m: QuantLinear, layout: int):
         self.m, self.layout = m, layout
-        self.codes = m.qweight if layout == PAIRS else to_halves(m.qweight, m.in_features, m.group_size)
+        pairs = layout == gemv_first.PAIRS
+        self.codes = m.qweight if pairs else gemv_first.to_halves(m.qweight, m.in_features, m.group_size)
         m.t_qweight = None  # unread here
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.m
-        return torch.ops.nanogptq.gemv(x, self.codes, m.scales, m.z_codes, m.bits, m.group_size, self.layout)
+        return gemv_first.launch(x, self.codes, m.scales, m.z_codes, m.bits, m.group_size, self.layout)
 
     def read_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.m.scales, self.m.z_codes) if t is not None]
+
+
+MAX_ERR = 3e-2  # bf16 activations and outputs: a right kernel lands near 4e-3
+
+
+@torch.inference_mode()
+def rel_err(layer, x: torch.Tensor) -> float | None:
+    """Relative L2 error of a quantized layer's output against x times its dequantized weights in fp32."""
+    if isinstance(layer, torch.Tensor):
+        return None
+    m = layer.m if isinstance(layer, FirstKernelGEMV) else layer
+    y, ref = layer(x).float(), x.float() @ m.dequantize().to(x.device).T
+    return ((y - ref).norm() / ref.norm()).item()
 
 
 def bytes_read(m) -> int:
@@ -118,8 +134,8 @@ def main() -> None:
     peak = hbm_peak()
     print(f"{gpu}: HBM peak {peak / 1e12:.2f} TB/s, L2 {l2_bytes() / 2**20:.0f} MiB")
     rows = []
-    print("| shape | variant | us/call | GB/s | HBM roofline | x bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | variant | us/call | GB/s | HBM roofline | x bf16 | err |")
+    print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -139,9 +155,12 @@ def main() -> None:
 
             reads = first
             try:
+                err = rel_err(first, x)
+                if err is not None and not err < MAX_ERR:
+                    raise ValueError(f"output off the dequantized weights' by {err:.1e} (relative)")
                 t = time_call(fn, x, args.calls, args.repeats)
             except Exception as e:  # a kernel that fails on this GPU gets a row, not a crash
-                print(f"| {shape} | {name} | ERROR {type(e).__name__}: {str(e)[:120]} | | | |")
+                print(f"| {shape} | {name} | ERROR {type(e).__name__}: {str(e)[:120]} | | | | |")
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:300]})
                 continue
             base = t if name == "bf16" else base
@@ -154,11 +173,13 @@ def main() -> None:
                 "GB_s": gbs / 1e9,
                 "roofline": gbs / peak,
                 "x_bf16": base / t if base else None,
+                "err": err,
             }
             rows.append(row)
             ratio = "-" if row["x_bf16"] is None else f"{row['x_bf16']:.2f}"
             print(
-                f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / peak:.0%} | {ratio} |",
+                f"| {shape} | {name} | {t * 1e6:.1f} | {gbs / 1e9:.0f} | {gbs / peak:.0%} | {ratio} | "
+                f"{'-' if err is None else f'{err:.1e}'} |",
                 flush=True,
             )
     out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")

@@ -346,13 +346,13 @@ def run_in_triton_interpreter(code: str) -> None:
 
 
 def test_triton_gemv_in_the_interpreter():
-    """The Triton kernel's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
+    """The Triton kernel's indexing on CPU, through Triton's interpreter (where Triton is installed): the
+    interpreter runs the fp32 twin of the packed-fp16 assembly, with the same tiles, masks and groups."""
     code = """
 import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
 from nanogptq.quant.pack import unpack
-from nanogptq.quant.triton_gemv import (HALVES, INTERLEAVED, INTERPRETER_CONFIG, PAIRS, gemv, launch, to_halves,
-                                         to_interleaved)
+from nanogptq.quant.triton_gemv import gemv, launch, to_interleaved
 for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
                          (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 104), (4, 0, False, 200)]:
     W = torch.randn(24, K) * 0.05
@@ -361,40 +361,15 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     z = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
     x = torch.randn(2, K)
     ref = x @ m.dequantize().T
-    ys = [gemv(x, m.qweight, m.scales, z, bits, gs)]  # the custom op
-    ys += [launch(x, m.qweight, m.scales, z, bits, gs, PAIRS, {"BLOCK_N": 2, "GPI": 4, "ACC3": False})]
-    ys += [launch(x, m.qweight, m.scales, z, bits, gs, PAIRS, {"BLOCK_N": 4, "GPI": 2, "ACC3": False,
-                                                              "PREFETCH": True})]
-    if bits == 4:
-        halves = to_halves(m.qweight, K, gs)
-        for cfg in (INTERPRETER_CONFIG, {"BLOCK_N": 2, "GPI": 1, "ACC3": True},
-                    {"BLOCK_N": 2, "GPI": 2, "ACC3": False, "PREFETCH": True}):
-            ys += [launch(x, halves, m.scales, z, bits, gs, HALVES, cfg)]
-    words = to_interleaved(m.qweight, K, gs, bits)  # the interpreter runs the fp32 twin of the packed-fp16 asm
-    ys += [gemv(x, words, m.scales, z, bits, gs, INTERLEAVED)]
+    words = to_interleaved(m.qweight, K, gs, bits)
+    ys = [gemv(x, words, m.scales, z, bits, gs)]  # the custom op
     for cfg in ({"BLOCK_W": 1, "GPI": 1, "R": 1, "STAGES": 1}, {"BLOCK_W": 4, "GPI": 4, "R": 4, "STAGES": 2}):
-        ys += [launch(x, words, m.scales, z, bits, gs, INTERLEAVED, cfg)]
+        ys += [launch(x, words, m.scales, z, bits, gs, cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (bits, gs, sym, K, err)
 """
     run_in_triton_interpreter(code)
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits, group_size, in_f", [(8, -1, 1600), (4, 128, 4096), (4, 128, 1600), (4, 64, 1600)])
-def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f):
-    """The register-prefetch (PREFETCH) tiles compiled for the GPU, each against the reference."""
-    from nanogptq.quant.triton_gemv import HALVES, launch, to_halves
-
-    m = layer(272, in_f, bits, group_size, False, "triton", device="cuda")
-    codes = m.qweight if bits == 8 else to_halves(m.qweight, in_f, group_size)  # the first kernel's layouts
-    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-    for bn, gpi in ((4, 4), (2, 16), (8, 4)):
-        cfg = {"BLOCK_N": bn, "GPI": gpi, "ACC3": False, "PREFETCH": True}
-        y = launch(x, codes, m.scales, m.z_codes, bits, group_size, HALVES, cfg)
-        assert rel_err(y, reference(m, x)) < BF16_TOL, cfg
 
 
 @cuda
@@ -406,7 +381,7 @@ def test_cuda_triton_gemv_prefetch_configs_match_dequant(bits, group_size, in_f)
 )
 def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_size, in_f, symmetric, dtype):
     """The packed-fp16 assembly path of the INTERLEAVED kernel, in every tile the autotuner may pick."""
-    from nanogptq.quant.triton_gemv import INTERLEAVED, _rows_configs, launch, tile_group
+    from nanogptq.quant.triton_gemv import _rows_configs, launch, tile_group
 
     m = layer(272, in_f, bits, group_size, symmetric, "triton", device="cuda")
     x = torch.randn(1, in_f, device="cuda", dtype=dtype)
@@ -416,7 +391,7 @@ def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_si
         if pg % c.kwargs["R"]:
             continue
         cfg = {**c.kwargs, "num_warps": c.num_warps}
-        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, INTERLEAVED, cfg)
+        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, cfg)
         assert rel_err(y, ref) < BF16_TOL, c
 
 

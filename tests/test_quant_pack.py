@@ -6,12 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanogptq.quant.pack import (
-    from_halves,
     from_interleaved,
     pack,
     packed_len,
     rows_per_word,
-    to_halves,
     to_interleaved,
     unpack,
 )
@@ -51,20 +49,6 @@ def test_unpack_checks_length_and_bits():
         unpack(torch.zeros(1, 3, dtype=torch.uint8), 4, 9)
     with pytest.raises(ValueError, match="2, 3, 4 or 8"):
         pack(torch.zeros(1, 3, dtype=torch.uint8), 5)
-
-
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 4), n=st.integers(1, 300), tile=st.sampled_from([16, 32, 64, 128, 256]),
-       seed=st.integers(0, 2**31))
-def test_halves_layout_round_trip(rows, n, tile, seed):
-    codes = torch.randint(0, 16, (rows, n), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
-    halves = to_halves(pack(codes, 4), n, tile)
-    tiles = -(-n // tile)
-    assert halves.shape == (rows, tiles * tile // 2)
-    padded = torch.nn.functional.pad(codes, (0, tiles * tile - n)).view(rows, tiles, tile)
-    b = halves.view(rows, tiles, tile // 2)  # byte j of a tile: code j low, code j + tile / 2 high
-    assert torch.equal(b & 0xF, padded[..., : tile // 2]) and torch.equal(b >> 4, padded[..., tile // 2 :])
-    assert torch.equal(from_halves(halves, n, tile), codes)
 
 
 @settings(max_examples=40, deadline=None)

@@ -241,8 +241,7 @@ def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
 def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        layout = _triton_gemv().INTERLEAVED
-        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, layout)
+        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size)
     else:  # prefill: dequantize, then cuBLAS
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))
     return y.reshape(*x.shape[:-1], m.out_features)

@@ -60,22 +60,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
 
 
-def to_halves(packed: torch.Tensor, n: int, tile: int) -> torch.Tensor:
-    """4-bit rows (..., packed_len(n, 4)) re-laid as HALVES (the Triton GEMV's layout): in each tile of
-    `tile` codes, byte j holds code j (low nibble) and code j + tile / 2 (high nibble); the last tile is
-    padded with zero codes. -> uint8 (..., cdiv(n, tile) * tile / 2)."""
-    tiles = -(-n // tile)
-    codes = torch.nn.functional.pad(unpack(packed, 4, n), (0, tiles * tile - n))
-    codes = codes.view(*packed.shape[:-1], tiles, 2, tile // 2)
-    return (codes[..., 0, :] | (codes[..., 1, :] << 4)).flatten(-2).contiguous()
-
-
-def from_halves(halves: torch.Tensor, n: int, tile: int) -> torch.Tensor:
-    """Inverse of to_halves: uint8 codes (..., n)."""
-    b = halves.view(*halves.shape[:-1], -1, tile // 2)
-    return torch.stack((b & 0xF, b >> 4), dim=-2).flatten(-3)[..., :n]
-
-
 # INTERLEAVED: one int32 holds columns 2p, 2p + 1 of 32 / (2 bits) rows (4 rows at 4 bits, 2 at 8), code
 # (row r of the word's rows, column 2p + c) at bits 16 c + bits r. One instruction then turns one row's two
 # codes into the two 16-bit halves of a pair of fp16 values (4 bits: a mask, after a shift by 8 for rows 2
