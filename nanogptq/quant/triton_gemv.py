@@ -44,9 +44,10 @@ INTERPRETER_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
 # every such multiple is representable), and one more multiplies it into the activation pair (x_2p,
 # x_2p+1), which is one int32 of the activation row: about 1.5 instructions per weight, two lanes each.
 # Weights and activations are read with one index tensor, so Triton gives both one register layout (no
-# shuffle through shared memory), in 16-byte loads. Each lane sums R products in fp16 (exact codes over
-# 2^bits: the sums stay near the activations' size; activations rounded from bf16 to fp16's 11 bits), then
-# the group's scale (times 2^bits) applies in fp32.
+# shuffle through shared memory), in 16-byte loads. Each lane sums R products in fp16 and each thread then
+# adds its 4 neighbouring words' sums, still in fp16 (4 R products per row; exact codes over 2^bits keep
+# the sums near the activations' size; activations rounded from bf16 to fp16's 11 bits), before one
+# conversion to fp32 and the group's scale (times 2^bits).
 
 _ROWS4_ASM = tl.constexpr("""
 {
@@ -177,7 +178,7 @@ def _gemv_rows_kernel(
     FAST: tl.constexpr,  # the packed-fp16 inline assembly (GPU); off: the same sums in fp32 (interpreter)
     BLOCK_W: tl.constexpr,  # word rows per program
     GPI: tl.constexpr,  # tile groups per step
-    R: tl.constexpr,  # words per lane per tile group (a lane sums R products in fp16 before the scale)
+    R: tl.constexpr,  # words per lane per tile group (a thread sums 4 R products per row in fp16 before the scale)
     STAGES: tl.constexpr = 1,
 ):
     RPW: tl.constexpr = 16 // BITS  # rows per word: 4 or 2 (rows 2 and 3 exist at 4 bits only)
