@@ -23,22 +23,21 @@ from triton.compiler import ASTSource
 from nanogptq.quant import triton_gemv as tg
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-ALIGNED = ["x_ptr", "x32_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ww", "stride_sn",
-           "stride_zn", "stride_ym"]  # what Triton's launcher specializes as multiples of 16 for these shapes
+POINTERS = {"x_ptr": "*bf16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*bf16"}
+UNALIGNED = {"NG", "SG_DIV"}  # the other integers are multiples of 16 for these shapes, as Triton specializes them
 
 
-def signature(x_dtype: str) -> dict[str, str]:
-    ints = ["N", "K", "NG", "SG_DIV", "stride_xm", "stride_ww", "stride_sn", "stride_zn", "stride_ym"]
-    consts = ["BITS", "PG", "HAS_Z", "X_BF16", "FAST", "BLOCK_W", "GPI", "R", "STAGES"]
-    ptrs = {"x_ptr": x_dtype, "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": x_dtype}
-    return {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(consts, "constexpr")}
+def signature() -> dict[str, str]:
+    """The kernel's argument types, read off its own parameter list."""
+    params = tg._gemv_rows_kernel.params
+    return {p.name: "constexpr" if p.is_constexpr else POINTERS.get(p.name, "i32") for p in params}
 
 
 def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config) -> tuple[str, str]:
     """(ptxas's report, the SASS) of one specialization."""
-    sig = signature("*bf16")
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
+    sig = signature()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t != "constexpr" and n not in UNALIGNED}
     consts = {"BITS": bits, "PG": pg, "HAS_Z": has_z, "X_BF16": True, "FAST": True, **cfg.kwargs}
     src = ASTSource(fn=tg._gemv_rows_kernel, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})

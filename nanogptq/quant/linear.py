@@ -181,9 +181,8 @@ class QuantLinear(nn.Module):
     def free_packed(self) -> bool:
         """Drop the stored codes (qweight, qzeros) if the kernel reads its own copy instead; returns whether
         it did. Inference only: see the module docstring."""
-        layout = [getattr(self, n, None) for n in KERNELS[self.kernel].reads]
-        if "qweight" in KERNELS[self.kernel].reads or any(t is self.qweight for t in layout):
-            return False  # the kernel reads the stored codes themselves (dequant, 8-bit Triton)
+        if "qweight" in KERNELS[self.kernel].reads:
+            return False  # the kernel reads the stored codes themselves (dequant)
         self.qweight = self.qzeros = None
         self.packed_freed = True
         return True

@@ -120,11 +120,11 @@ def _hadd2(a, b):
 
 
 @triton.jit
-def _row_total(acc, h, s, FAST: tl.constexpr, BLOCK_W: tl.constexpr, GPI: tl.constexpr, C: tl.constexpr):
+def _row_total(acc, h, s, FAST: tl.constexpr):
     """One row's lane sums (fp16 pairs when FAST, else already fp32) times its scale, into acc. The lane
     sums of each thread's 4 neighbouring words (one 16-byte load) are added first, in fp16 when FAST, so
     the conversion to fp32 and the scaling happen once per 4 words."""
-    h4 = tl.reshape(h, (BLOCK_W, GPI, C // 4, 4))
+    h4 = tl.reshape(h, (h.shape[0], h.shape[1], h.shape[2] // 4, 4))
     if FAST:
         h = tl.reduce(h4, 3, _hadd2)
         h = tl.inline_asm_elementwise(_F16X2_SUM_ASM, "=r,r", [h], dtype=tl.float32, is_pure=True, pack=1)
@@ -202,11 +202,10 @@ def _gemv_rows_kernel(
         gmask = rmask[:, None] & (g < NG)[None, :]
         s_at = s_ptr + row[:, None] * stride_sn + sg[None, :]
         z_at = z_ptr + row[:, None] * stride_zn + sg[None, :]
-        # the scales times 2^bits undo the asm's scaled codes
-        s0 = tl.load(s_at, mask=gmask, other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
-        s1 = tl.load(s_at + stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
-        s2 = tl.load(s_at + 2 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
-        s3 = tl.load(s_at + 3 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None] * (1 << BITS)
+        s0 = tl.load(s_at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        s1 = tl.load(s_at + stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        s2 = tl.load(s_at + 2 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None]
+        s3 = tl.load(s_at + 3 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None]
         if HAS_Z:
             z0 = tl.load(z_at, mask=gmask, other=0).to(tl.int32)[:, :, None]
             z1 = tl.load(z_at + stride_zn, mask=gmask, other=0).to(tl.int32)[:, :, None]
@@ -223,9 +222,9 @@ def _gemv_rows_kernel(
         else:
             h0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.float32)
             h1, h2, h3 = h0, h0, h0
+        wmask = gmask[:, :, None]
         for i in tl.static_range(R):
             pair = g[None, :, None] * PG + i * C + rc[None, None, :]  # (1, GPI, C)
-            wmask = rmask[:, None, None] & (g < NG)[None, :, None]
             w = tl.load(w_ptr + rw[:, None, None] * stride_ww + pair, mask=wmask, other=0)
             xmask = (pair < K // 2) & wmask  # K is even: a pair is all in or all padding
             if FAST:
@@ -251,18 +250,19 @@ def _gemv_rows_kernel(
                 if BITS == 4:
                     h2 += _pair_dot(w, 2, z2, xa, xb, BITS)
                     h3 += _pair_dot(w, 3, z3, xa, xb, BITS)
-        acc0 = _row_total(acc0, h0, s0, FAST, BLOCK_W, GPI, C)
-        acc1 = _row_total(acc1, h1, s1, FAST, BLOCK_W, GPI, C)
+        acc0 = _row_total(acc0, h0, s0, FAST)
+        acc1 = _row_total(acc1, h1, s1, FAST)
         if BITS == 4:
-            acc2 = _row_total(acc2, h2, s2, FAST, BLOCK_W, GPI, C)
-            acc3 = _row_total(acc3, h3, s3, FAST, BLOCK_W, GPI, C)
+            acc2 = _row_total(acc2, h2, s2, FAST)
+            acc3 = _row_total(acc3, h3, s3, FAST)
     y_at = y_ptr + m * stride_ym + row
     ty = y_ptr.dtype.element_ty
-    tl.store(y_at, tl.sum(tl.sum(acc0, axis=2), axis=1).to(ty), mask=rmask)
-    tl.store(y_at + 1, tl.sum(tl.sum(acc1, axis=2), axis=1).to(ty), mask=rmask)
+    up: tl.constexpr = 1 << BITS  # undoes the codes' scaling by 2^-bits, once per output (exact: a power of 2)
+    tl.store(y_at, (tl.sum(tl.sum(acc0, axis=2), axis=1) * up).to(ty), mask=rmask)
+    tl.store(y_at + 1, (tl.sum(tl.sum(acc1, axis=2), axis=1) * up).to(ty), mask=rmask)
     if BITS == 4:
-        tl.store(y_at + 2, tl.sum(tl.sum(acc2, axis=2), axis=1).to(ty), mask=rmask)
-        tl.store(y_at + 3, tl.sum(tl.sum(acc3, axis=2), axis=1).to(ty), mask=rmask)
+        tl.store(y_at + 2, (tl.sum(tl.sum(acc2, axis=2), axis=1) * up).to(ty), mask=rmask)
+        tl.store(y_at + 3, (tl.sum(tl.sum(acc3, axis=2), axis=1) * up).to(ty), mask=rmask)
 
 
 def _rows_configs() -> list[triton.Config]:
@@ -281,9 +281,8 @@ def _rows_configs() -> list[triton.Config]:
 
 def _prune_rows(configs, named_args, **kwargs):
     """Each of the R lane tiles must hold whole 4-word loads: R divides PG / 4 (small groups have few pairs)."""
-    pg = named_args.get("PG", kwargs.get("PG"))
-    kept = [c for c in configs if (pg // 4) % c.kwargs["R"] == 0]
-    return kept or [triton.Config({"BLOCK_W": 1, "GPI": 4, "R": 1, "STAGES": 1}, num_warps=2)]
+    pg = named_args.get("PG", kwargs.get("PG"))  # at least 8 (groups of 16): the R = 1 tiles always stay
+    return [c for c in configs if (pg // 4) % c.kwargs["R"] == 0]
 
 
 _gemv_rows_tuned = triton.autotune(
