@@ -45,6 +45,7 @@ from nanogptq.quant import (
     QuantizedWeight,
     QuantLinear,
     free_packed_buffers,
+    fuse_mlp_gelu,
     quantize,
 )
 from nanogptq.quant.linear import AUTO_ORDER, auto_kernel
@@ -55,6 +56,7 @@ SIZES = {
     "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
     "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
 }
+ACT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # datasheet HBM peaks, bytes/s, by a word of the device name (the roofline's denominator)
 HBM_PEAKS = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
@@ -276,7 +278,7 @@ def profile_steps(step, tok: torch.Tensor, pos0: int, steps: int, device: torch.
 def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch.device) -> dict:
     size, cfg = name_cfg
     gpu = device.type == "cuda"
-    row = {"size": size, "variant": v.name}
+    row = {"size": size, "variant": v.name, "act_dtype": args.act_dtype if gpu and v.bits else None}
     rss0 = rss_bytes()
     model = random_model(cfg, device)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
@@ -286,9 +288,9 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
         model.to(dtype)
         row["kernels"] = "-"
     else:
-        # quantized weights; activations in bf16 on CUDA (the int4 op needs them), fp32 on CPU
-        # (the CPU kernels take bf16 internally where that is their fast path)
-        dtype = torch.bfloat16 if gpu else torch.float32
+        # quantized weights; activations in bf16 (or --act-dtype) on CUDA, fp32 on CPU (the CPU kernels
+        # take bf16 internally where that is their fast path)
+        dtype = ACT_DTYPES[args.act_dtype] if gpu else torch.float32
         use_random = args.quant == "random" or (args.quant == "auto" and cfg.n_embd >= 4096)
         t0 = time.perf_counter()
         if use_random:
@@ -308,6 +310,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
         ref = last_logits(model, prompt, torch.float32)  # the reference kernel, in fp32
         cast_float_params(model, dtype)
         row["kernels"] = "+".join(set_kernels(model, v.kernels))
+        fuse_mlp_gelu(model)  # as finalize_quantized_model does on load (quantize() has done it already)
         row["freed_layers"] = free_packed_buffers(model)  # as `sample` and the demo load: layouts only
     row["err"] = 0.0 if ref is None else rel_err(last_logits(model, prompt, dtype), ref)
     row["weight_bytes"] = weight_bytes(model)
@@ -363,9 +366,10 @@ def print_table(rows: list[dict], gpu: bool) -> None:
         )
         ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else None
         mem = r.get("peak_mem_bytes") if gpu else r.get("resident_bytes")
+        act = r.get("act_dtype")
         cells = [
             r["size"],
-            r["variant"],
+            r["variant"] + (f" ({act} act)" if act not in (None, "bf16") else ""),
             r["kernels"],
             fmt(r["decode_tok_s"], ".1f"),
             fmt(ratio, ".2f"),
@@ -400,6 +404,8 @@ def main() -> None:
         default=None,
         help="replay the decode step from a CUDA graph (default: on for CUDA; CUDA only)",
     )
+    p.add_argument("--act-dtype", choices=list(ACT_DTYPES), default="bf16",
+                   help="CUDA: the quantized variants' activation dtype (the float baseline stays bf16)")
     p.add_argument("--sdpa", action="store_true", help="decode steps on SDPA, not the split-cache Triton kernel")
     p.add_argument("--profile", type=int, default=0, help="profile this many decode steps, print the top kernels")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

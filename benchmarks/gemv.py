@@ -6,11 +6,12 @@
 Each variant's layer (in copies that overflow the L2 cache) is called R times inside one CUDA graph
 (launch overhead excluded, as in a decoded model replayed from a graph); the graph is replayed --repeats
 times and the median per-call time is reported with the bytes the kernel reads (weights, scales, zero
-points) per second and as a fraction of the GPU's HBM peak (decode.hbm_peak). Variants: bf16 F.linear (cuBLAS), the
-Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric), the first Triton GEMV (gemv_first.py: "-bytes",
-"-halves", "-pairs"), and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales)
-and int4 tinygemm (`_weight_int4pack_mm`). Every quantized variant's output is checked against its
-dequantized weights first (the `err` column, relative L2), so a wrong kernel cannot post a time.
+points) per second and as a fraction of the GPU's HBM peak (decode.hbm_peak). Variants: bf16 and fp16
+F.linear (cuBLAS), the Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric) on bf16 or (-fp16)
+fp16 activations, the first Triton GEMV (gemv_first.py: "-bytes", "-halves", "-pairs"), and PyTorch's stock
+int8 weight-only (eager F.linear on the int8 matrix, then scales) and int4 tinygemm (`_weight_int4pack_mm`).
+Every quantized variant's output is checked against its dequantized weights first (the `err` column,
+relative L2), so a wrong kernel cannot post a time.
 Writes results/gemv_<gpu>.json.
 """
 
@@ -35,11 +36,15 @@ def l2_bytes() -> int:
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
 
 
-# name: (bits, group size, symmetric, kernel), None for the bf16 matrix
+# name: (bits, group size, symmetric, kernel), None for the float matrix; names ending in fp16 run on fp16
+# activations (and weights, for the float one), the others on bf16
 VARIANTS = {
     "bf16": None,
+    "fp16": None,
     "triton-int8": (8, -1, True, "triton"),
     "triton-int4-g128": (4, 128, False, "triton"),
+    "triton-int8-fp16": (8, -1, True, "triton"),
+    "triton-int4-g128-fp16": (4, 128, False, "triton"),
     "triton-int8-bytes": (8, -1, True, "triton-pairs"),
     "triton-int4-g128-halves": (4, 128, False, "triton-halves"),
     "triton-int4-g128-pairs": (4, 128, False, "triton-pairs"),
@@ -48,9 +53,13 @@ VARIANTS = {
 }
 
 
-def make_layer(n: int, k: int, spec: tuple | None) -> torch.Tensor | QuantLinear:
+def act_dtype(name: str) -> torch.dtype:
+    return torch.float16 if name.endswith("fp16") else torch.bfloat16
+
+
+def make_layer(n: int, k: int, spec: tuple | None, dtype: torch.dtype) -> torch.Tensor | QuantLinear:
     if spec is None:
-        return torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        return torch.randn(n, k, device="cuda", dtype=dtype)
     bits, group_size, symmetric, kernel = spec
     if kernel in ("triton-pairs", "triton-halves"):  # earlier 4-bit layouts of the Triton GEMV, for comparison
         m = random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton")
@@ -144,9 +153,10 @@ def main() -> None:
             spec = VARIANTS[name]
             # enough copies of the layer, called in turn, that their bytes exceed the L2 cache three times
             # over: a decoded model reads each weight once per token, from HBM
-            first = make_layer(n, k, spec)
+            first = make_layer(n, k, spec, act_dtype(name))
             more = -(-3 * l2_bytes() // bytes_read(first)) - 1
-            copies = [first] + [make_layer(n, k, spec) for _ in range(more)]
+            copies = [first] + [make_layer(n, k, spec, act_dtype(name)) for _ in range(more)]
+            xv = x.to(act_dtype(name))
             turn = itertools.cycle(copies)
 
             def fn(x, turn=turn):
@@ -155,10 +165,10 @@ def main() -> None:
 
             reads = first
             try:
-                err = rel_err(first, x)
+                err = rel_err(first, xv)
                 if err is not None and not err < MAX_ERR:
                     raise ValueError(f"output off the dequantized weights' by {err:.1e} (relative)")
-                t = time_call(fn, x, args.calls, args.repeats)
+                t = time_call(fn, xv, args.calls, args.repeats)
             except Exception as e:  # a kernel that fails on this GPU gets a row, not a crash
                 print(f"| {shape} | {name} | ERROR {type(e).__name__}: {str(e)[:120]} | | | | |")
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:300]})

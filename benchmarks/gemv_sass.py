@@ -4,6 +4,7 @@ shared-memory shuffles (barriers) inside the loop.
 
     python benchmarks/gemv_sass.py                 # the tiles the H200's autotuner picked (results JSON)
     python benchmarks/gemv_sass.py --all           # every tile of the autotuner, at 4 and 8 bits
+    python benchmarks/gemv_sass.py --x bf16        # bf16 activations (converted in the loop); default fp16
 
 Counts are static (one pass of the loop body), not a profile.
 """
@@ -23,22 +24,28 @@ from triton.compiler import ASTSource
 from nanogptq.quant import triton_gemv as tg
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-POINTERS = {"x_ptr": "*bf16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*bf16"}
-UNALIGNED = {"NG", "SG_DIV"}  # the other integers are multiples of 16 for these shapes, as Triton specializes them
+POINTERS = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp16"}
+# the other integers are multiples of 16 for these shapes, as Triton specializes them; SG_DIV is 1 (grouped
+# grids up to 256 columns), which Triton specializes to a constant too
+UNALIGNED = {"NG"}
 
 
 def signature() -> dict[str, str]:
     """The kernel's argument types, read off its own parameter list."""
     params = tg._gemv_rows_kernel.params
-    return {p.name: "constexpr" if p.is_constexpr else POINTERS.get(p.name, "i32") for p in params}
+    return {p.name: "constexpr" if p.is_constexpr or p.name == "SG_DIV" else POINTERS.get(p.name, "i32")
+            for p in params}
 
 
-def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config) -> tuple[str, str]:
-    """(ptxas's report, the SASS) of one specialization."""
+def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config, x_bf16: bool) -> tuple[str, str]:
+    """(ptxas's report, the SASS) of one specialization: whole tiles (EVEN), as the 7 B shapes are."""
     sig = signature()
+    if x_bf16:
+        sig["x_ptr"] = "*bf16"
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
              if t != "constexpr" and n not in UNALIGNED}
-    consts = {"BITS": bits, "PG": pg, "HAS_Z": has_z, "X_BF16": True, "FAST": True, **cfg.kwargs}
+    consts = {"BITS": bits, "PG": pg, "HAS_Z": has_z, "X_BF16": x_bf16, "FAST": True, "EVEN": True, "SG_DIV": 1,
+              **cfg.kwargs}
     src = ASTSource(fn=tg._gemv_rows_kernel, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     with tempfile.TemporaryDirectory() as d:
@@ -67,6 +74,7 @@ def loop_ops(sass: str) -> dict[str, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="every autotuner tile, not only the H200's picks")
+    p.add_argument("--x", choices=("fp16", "bf16"), default="fp16", help="the activations' dtype")
     args = p.parse_args()
     picked = [(1, 8, 2, 2), (1, 16, 2, 4), (1, 16, 2, 2), (1, 32, 2, 4)]  # results/gemv_interleaved_h200.json
     configs = tg._rows_configs() if args.all else [
@@ -75,7 +83,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for bits in (4, 8):
         for cfg in configs:
-            report, sass = compile_sass(bits, 64, True, cfg)
+            report, sass = compile_sass(bits, 64, True, cfg, args.x == "bf16")
             ops = loop_ops(sass)
             c = cfg.kwargs
             # weights per thread per loop pass: the tile's words / threads x codes per word

@@ -22,6 +22,7 @@ from nanogptq.quant import (
     QuantConfig,
     QuantizedWeight,
     QuantLinear,
+    fuse_mlp_gelu,
     quant_meta,
     quantize,
     rtn_quantize_weight,
@@ -203,6 +204,20 @@ def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
         assert rel_err(fast(idx[:, :1], input_pos=first)[0], ref(idx[:, :1], input_pos=first)[0]) < 2 * BF16_TOL
 
 
+def test_quantized_mlps_hand_their_gelu_to_c_fc_with_the_same_outputs():
+    q = quantize(tiny_gpt(), QuantConfig(method="rtn", bits=4, group_size=64), None, progress=False)
+    mlps = [b.mlp for b in q.transformer.h]
+    assert all(m.c_fc.gelu and isinstance(m.act, torch.nn.Identity) for m in mlps)  # finalize fused them
+    assert "act" not in "".join(q.state_dict())  # nothing new in checkpoints
+    idx = torch.randint(0, 40, (1, 12))
+    with torch.no_grad():
+        fused = q(idx)[0]
+        for m in mlps:  # back to GELU in the MLP
+            m.c_fc.gelu, m.act = False, torch.nn.GELU()
+        assert torch.equal(q(idx)[0], fused)
+    assert fuse_mlp_gelu(q) == 2 and fuse_mlp_gelu(q) == 0  # once only
+
+
 @pytest.mark.parametrize("kernel, bits, group_size", [("int4pack", 4, 64), ("int8pack", 8, -1), ("w8a8", 8, -1)])
 def test_free_packed_keeps_outputs_and_frees_the_codes(kernel, bits, group_size):
     m = layer(64, 256, bits, group_size, False, kernel, bias=True)
@@ -364,10 +379,13 @@ for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, Tru
     words = to_interleaved(m.qweight, K, gs, bits)
     ys = [gemv(x, words, m.scales, z, bits, gs)]  # the custom op
     for cfg in ({"BLOCK_W": 1, "GPI": 1, "R": 1, "STAGES": 1}, {"BLOCK_W": 4, "GPI": 4, "R": 4, "STAGES": 2}):
-        ys += [launch(x, words, m.scales, z, bits, gs, cfg)]
+        ys += [launch(x, words, m.scales, z, bits, gs, config=cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (bits, gs, sym, K, err)
+    y = gemv(x, words, m.scales, z, bits, gs, gelu=True)  # the GELU epilogue
+    err = ((y - torch.nn.functional.gelu(ref)).norm() / torch.nn.functional.gelu(ref).norm()).item()
+    assert err < 1e-5, ("gelu", bits, gs, err)
 """
     run_in_triton_interpreter(code)
 
@@ -391,8 +409,26 @@ def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_si
         if pg % c.kwargs["R"]:
             continue
         cfg = {**c.kwargs, "num_warps": c.num_warps}
-        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, cfg)
+        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, config=cfg)
         assert rel_err(y, ref) < BF16_TOL, c
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group_size, in_f, out_f", [(4, 128, 4096, 512), (4, 64, 1600, 272), (8, -1, 768, 272)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gemv_gelu_epilogue_matches_gelu_after(bits, group_size, in_f, out_f, dtype):
+    """The GELU epilogue, on whole tiles (EVEN, no masks: 4096 x 512) and ragged ones, for both activation
+    dtypes; the custom op inside torch.compile too."""
+    m = layer(out_f, in_f, bits, group_size, False, "triton", device="cuda")
+    m.gelu = True
+    x = torch.randn(1, in_f, device="cuda", dtype=dtype)
+    ref = F.gelu(reference(m, x).float())
+    torch._dynamo.reset()
+    for f in (m, torch.compile(m, fullgraph=True)):
+        with torch.no_grad():
+            y = f(x)
+        assert y.dtype == dtype and rel_err(y, ref) < BF16_TOL
 
 
 @cuda

@@ -76,6 +76,8 @@ def dequantized_copy(model):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             lin.weight.data = m.dequantize()
             ref.set_submodule(name, lin)
+            if m.gelu:  # the MLP's GELU, which fuse_mlp_gelu handed to the quantized c_fc, back in the MLP
+                ref.get_submodule(name.rsplit(".", 1)[0]).act = nn.GELU()
     if isinstance(ref.transformer.wte, QuantEmbedding):
         W = ref.lm_head.dequantize()
         ref.transformer.wte = nn.Embedding.from_pretrained(W)

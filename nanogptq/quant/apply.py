@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from nanogptq.model import MLP
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from nanogptq.quant.linear import QuantEmbedding, QuantLinear, check_kernel, random_orthogonal
@@ -198,14 +199,29 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "a
 
 
 def finalize_quantized_model(model: nn.Module, keep_packed: bool = True) -> nn.Module:
-    """After loading and .to(device): resolve kernels and build their layouts (and rotations); with
-    keep_packed=False, then free the stored codes that a layout replaced (inference only)."""
+    """After loading and .to(device): resolve kernels and build their layouts (and rotations), move each
+    MLP's GELU into its quantized c_fc; with keep_packed=False, then free the stored codes that a layout
+    replaced (inference only)."""
     for m in model.modules():
         if isinstance(m, (QuantLinear, TernaryLinear)):
             m.prepare_kernel()
+    fuse_mlp_gelu(model)
     if not keep_packed:
         free_packed_buffers(model)
     return model
+
+
+def fuse_mlp_gelu(model: nn.Module) -> int:
+    """Each MLP whose c_fc is a QuantLinear hands its GELU to that layer (the same function on the same
+    values): a kernel with a GELU epilogue then saves the separate elementwise pass. Returns how many.
+    Code that swaps such a c_fc for a float nn.Linear must give the MLP its nn.GELU back."""
+    n = 0
+    for mlp in model.modules():
+        if isinstance(mlp, MLP) and isinstance(mlp.c_fc, QuantLinear) and isinstance(mlp.act, nn.GELU):
+            assert mlp.act.approximate == "none", "QuantLinear applies the exact (erf) GELU"
+            mlp.c_fc.gelu, mlp.act = True, nn.Identity()
+            n += 1
+    return n
 
 
 def free_packed_buffers(model: nn.Module) -> int:

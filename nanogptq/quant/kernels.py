@@ -238,10 +238,12 @@ def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
     return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
 
-def triton_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """`gelu`: F.gelu of the output, which the GEMV applies before it stores it."""
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size)
+        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, gelu)
     else:  # prefill: dequantize, then cuBLAS
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))
+        y = F.gelu(y) if gelu else y
     return y.reshape(*x.shape[:-1], m.out_features)

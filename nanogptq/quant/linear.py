@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanogptq.quant import kernels as K
 from nanogptq.quant.pack import pack, packed_len, unpack
@@ -50,6 +51,8 @@ class Kernel:
     prepare: Callable[[QuantLinear], None] = lambda m: None
     supports: Callable[[QuantLinear, torch.device], bool] = lambda m, device: True
     reads: tuple[str, ...] = PACKED_BUFFERS  # the buffers one forward reads: weight bytes per token
+    # the forward with F.gelu applied to its output, for layers without a bias (None: F.gelu runs after)
+    forward_gelu: Callable[[QuantLinear, torch.Tensor], torch.Tensor] | None = None
 
 
 KERNELS: dict[str, Kernel] = {
@@ -57,7 +60,8 @@ KERNELS: dict[str, Kernel] = {
     "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
     "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz", "in_perm")),
     # CUDA only
-    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes")),
+    "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes"),
+                     forward_gelu=lambda m, x: K.triton_forward(m, x, gelu=True)),
     # quantizes activations: opt-in only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
@@ -110,6 +114,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("rot_seed", torch.zeros(1, dtype=torch.int64) if rotate else None)
         self.register_buffer("rot", None, persistent=False)  # U, built by prepare_kernel
         self.packed_freed = False
+        self.gelu = False  # F.gelu on the output: the MLP's activation, moved here by fuse_mlp_gelu
 
     @classmethod
     def from_quantized(
@@ -196,8 +201,12 @@ class QuantLinear(nn.Module):
             if self.rot is None:
                 raise RuntimeError("QuantLinear with rotation used before prepare_kernel()")
             x = x @ self.rot.to(x.dtype)  # x' = U^T x for column vectors
-        y = KERNELS[self.kernel].forward(self, x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        kernel = KERNELS[self.kernel]
+        if self.gelu and self.bias is None and kernel.forward_gelu is not None:
+            return kernel.forward_gelu(self, x)
+        y = kernel.forward(self, x)
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.gelu(y) if self.gelu else y
 
     def read_tensors(self) -> list[torch.Tensor]:
         """What one forward reads from memory with the current kernel (the packed buffers stay resident
@@ -209,6 +218,7 @@ class QuantLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
             f"symmetric={self.symmetric}, rotate={self.rot_seed is not None}, kernel={self.kernel}"
+            + (", gelu" if self.gelu else "")
         )
 
 

@@ -49,8 +49,13 @@ INTERPRETER_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
 # the sums near the activations' size; activations rounded from bf16 to fp16's 11 bits), before one
 # conversion to fp32 and the group's scale (times 2^bits).
 
-_ROWS4_ASM = tl.constexpr("""
-{
+
+def _rows4_asm(first: bool) -> str:
+    """The 4-bit rows' asm; `first`: the pass's first word, which multiplies instead of adding to the
+    accumulators (no zeroed registers to add to)."""
+    acc = [("mul", "") if first else ("fma", f", ${10 + r}") for r in range(4)]
+    return f"""
+{{
 .reg .b32 a, b, c, d, t, k16, k256;
 lop3.b32 a, $4, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 b, $4, 0x00F000F0, 0x64006400, 0xEA;
@@ -63,19 +68,26 @@ fma.rn.f16x2 a, a, k16, $6;
 fma.rn.f16x2 b, b, k256, $7;
 fma.rn.f16x2 c, c, k16, $8;
 fma.rn.f16x2 d, d, k256, $9;
-fma.rn.f16x2 $0, a, $5, $10;
-fma.rn.f16x2 $1, b, $5, $11;
-fma.rn.f16x2 $2, c, $5, $12;
-fma.rn.f16x2 $3, d, $5, $13;
-}
-""")
+{acc[0][0]}.rn.f16x2 $0, a, $5{acc[0][1]};
+{acc[1][0]}.rn.f16x2 $1, b, $5{acc[1][1]};
+{acc[2][0]}.rn.f16x2 $2, c, $5{acc[2][1]};
+{acc[3][0]}.rn.f16x2 $3, d, $5{acc[3][1]};
+}}
+"""
+
+
+_ROWS4_ASM = tl.constexpr(_rows4_asm(first=False))
+_ROWS4_FIRST_ASM = tl.constexpr(_rows4_asm(first=True))
 # 4 bits: $0..$3 the four rows' fp16-pair accumulators out, $10..$13 in; $4 the word; $5 the activation
 # pair in fp16; $6..$9 the rows' -(1024 + z) / 16 (rows 0, 2: (1024 + q) / 16 = 64 + q / 16) or
 # -(1024 + 16 z) / 256 (rows 1, 3) in both halves. lop3's table 0xEA is (a & b) | c; 0x2C00 = 1/16,
 # 0x1C00 = 1/256.
 
-_ROWS8_ASM = tl.constexpr("""
-{
+
+def _rows8_asm(first: bool) -> str:
+    acc = [("mul", "") if first else ("fma", f", ${6 + r}") for r in range(2)]
+    return f"""
+{{
 .reg .b32 a, b, magic, k256;
 mov.b32 magic, 0x64646464;
 mov.b32 k256, 0x1C001C00;
@@ -83,10 +95,14 @@ prmt.b32 a, $2, magic, 0x4240;
 prmt.b32 b, $2, magic, 0x4341;
 fma.rn.f16x2 a, a, k256, $4;
 fma.rn.f16x2 b, b, k256, $5;
-fma.rn.f16x2 $0, a, $3, $6;
-fma.rn.f16x2 $1, b, $3, $7;
-}
-""")
+{acc[0][0]}.rn.f16x2 $0, a, $3{acc[0][1]};
+{acc[1][0]}.rn.f16x2 $1, b, $3{acc[1][1]};
+}}
+"""
+
+
+_ROWS8_ASM = tl.constexpr(_rows8_asm(first=False))
+_ROWS8_FIRST_ASM = tl.constexpr(_rows8_asm(first=True))
 # 8 bits: $0, $1 the two rows' accumulators out, $6, $7 in; $2 the word (bytes: row 0 col 0, row 1 col 0,
 # row 0 col 1, row 1 col 1); $3 the activation pair; $4, $5 the rows' -(1024 + z) / 256. prmt's selector
 # 0x4240 takes bytes 0 and 2 of the word with 0x64 above each: (1024 + q_a, 1024 + q_b).
@@ -155,6 +171,16 @@ def _pair_dot(w, r: tl.constexpr, z, xa, xb, BITS: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, mask, EVEN: tl.constexpr):
+    """tl.load, masked (zeros outside) unless the tile divides the matrix (EVEN): a masked load first zeroes
+    its registers, an instruction per two."""
+    if EVEN:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
 def _gemv_rows_kernel(
     x_ptr,
     x32_ptr,  # FAST: the activations viewed as int32 pairs (a pointer cast would lose its alignment)
@@ -179,6 +205,8 @@ def _gemv_rows_kernel(
     BLOCK_W: tl.constexpr,  # word rows per program
     GPI: tl.constexpr,  # tile groups per step
     R: tl.constexpr,  # words per lane per tile group (a thread sums 4 R products per row in fp16 before the scale)
+    GELU: tl.constexpr = False,  # the output through GELU (the MLP's first linear: one kernel fewer per block)
+    EVEN: tl.constexpr = False,  # whole tiles only (set by _whole_tiles): no masks
     STAGES: tl.constexpr = 1,
 ):
     RPW: tl.constexpr = 16 // BITS  # rows per word: 4 or 2 (rows 2 and 3 exist at 4 bits only)
@@ -202,21 +230,23 @@ def _gemv_rows_kernel(
         gmask = rmask[:, None] & (g < NG)[None, :]
         s_at = s_ptr + row[:, None] * stride_sn + sg[None, :]
         z_at = z_ptr + row[:, None] * stride_zn + sg[None, :]
-        s0 = tl.load(s_at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
-        s1 = tl.load(s_at + stride_sn, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
-        s2 = tl.load(s_at + 2 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None]
-        s3 = tl.load(s_at + 3 * stride_sn, mask=gmask & (RPW > 2), other=0.0).to(tl.float32)[:, :, None]
+        s0 = _load(s_at, gmask, EVEN).to(tl.float32)[:, :, None]
+        s1 = _load(s_at + stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
+        s2, s3 = s0, s1  # rows 2 and 3: 4 bits only
+        if BITS == 4:
+            s2 = _load(s_at + 2 * stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
+            s3 = _load(s_at + 3 * stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
         if HAS_Z:
-            z0 = tl.load(z_at, mask=gmask, other=0).to(tl.int32)[:, :, None]
-            z1 = tl.load(z_at + stride_zn, mask=gmask, other=0).to(tl.int32)[:, :, None]
-            z2 = tl.load(z_at + 2 * stride_zn, mask=gmask & (RPW > 2), other=0).to(tl.int32)[:, :, None]
-            z3 = tl.load(z_at + 3 * stride_zn, mask=gmask & (RPW > 2), other=0).to(tl.int32)[:, :, None]
+            z0 = _load(z_at, gmask, EVEN).to(tl.int32)[:, :, None]
+            z1 = _load(z_at + stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
+            z2, z3 = z0, z1
+            if BITS == 4:
+                z2 = _load(z_at + 2 * stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
+                z3 = _load(z_at + 3 * stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
         else:
             z0 = tl.full((BLOCK_W, GPI, 1), 1 << (BITS - 1), tl.int32)
             z1, z2, z3 = z0, z0, z0
-        if FAST:
-            h0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.int32)  # fp16 pairs (+0, +0)
-            h1, h2, h3 = h0, h0, h0
+        if FAST:  # the lane sums (fp16 pairs) start at the first word's products
             o0, o1 = _offset(z0, 0, BITS), _offset(z1, 1, BITS)
             o2, o3 = _offset(z2, 2, BITS), _offset(z3, 3, BITS)
         else:
@@ -225,17 +255,27 @@ def _gemv_rows_kernel(
         wmask = gmask[:, :, None]
         for i in tl.static_range(R):
             pair = g[None, :, None] * PG + i * C + rc[None, None, :]  # (1, GPI, C)
-            w = tl.load(w_ptr + rw[:, None, None] * stride_ww + pair, mask=wmask, other=0)
+            w = _load(w_ptr + rw[:, None, None] * stride_ww + pair, wmask, EVEN)
             xmask = (pair < K // 2) & wmask  # K is even: a pair is all in or all padding
             if FAST:
-                xp = tl.load(x32 + pair + same, mask=xmask, other=0)
+                xp = _load(x32 + pair + same, xmask, EVEN)
                 if X_BF16:
                     xp = tl.inline_asm_elementwise(_BF16X2_TO_F16X2_ASM, "=r,r", [xp], dtype=tl.int32,
                                                    is_pure=True, pack=1)
-                if BITS == 4:
+                if BITS == 4 and i == 0:
+                    h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                        _ROWS4_FIRST_ASM, "=r,=r,=r,=r,r,r,r,r,r,r", [w, xp, o0, o1, o2, o3],
+                        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+                    )
+                elif BITS == 4:
                     h0, h1, h2, h3 = tl.inline_asm_elementwise(
                         _ROWS4_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [w, xp, o0, o1, o2, o3, h0, h1, h2, h3],
                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+                    )
+                elif i == 0:
+                    h0, h1 = tl.inline_asm_elementwise(
+                        _ROWS8_FIRST_ASM, "=r,=r,r,r,r,r", [w, xp, o0, o1],
+                        dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
                     )
                 else:
                     h0, h1 = tl.inline_asm_elementwise(
@@ -243,8 +283,8 @@ def _gemv_rows_kernel(
                         dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
                     )
             else:
-                xa = tl.load(x_row + pair * 2 + same, mask=xmask, other=0.0).to(tl.float32)
-                xb = tl.load(x_row + pair * 2 + 1 + same, mask=xmask, other=0.0).to(tl.float32)
+                xa = _load(x_row + pair * 2 + same, xmask, EVEN).to(tl.float32)
+                xb = _load(x_row + pair * 2 + 1 + same, xmask, EVEN).to(tl.float32)
                 h0 += _pair_dot(w, 0, z0, xa, xb, BITS)
                 h1 += _pair_dot(w, 1, z1, xa, xb, BITS)
                 if BITS == 4:
@@ -256,13 +296,21 @@ def _gemv_rows_kernel(
             acc2 = _row_total(acc2, h2, s2, FAST)
             acc3 = _row_total(acc3, h3, s3, FAST)
     y_at = y_ptr + m * stride_ym + row
-    ty = y_ptr.dtype.element_ty
-    up: tl.constexpr = 1 << BITS  # undoes the codes' scaling by 2^-bits, once per output (exact: a power of 2)
-    tl.store(y_at, (tl.sum(tl.sum(acc0, axis=2), axis=1) * up).to(ty), mask=rmask)
-    tl.store(y_at + 1, (tl.sum(tl.sum(acc1, axis=2), axis=1) * up).to(ty), mask=rmask)
+    tl.store(y_at, _output(acc0, BITS, GELU, y_ptr), mask=rmask)
+    tl.store(y_at + 1, _output(acc1, BITS, GELU, y_ptr), mask=rmask)
     if BITS == 4:
-        tl.store(y_at + 2, (tl.sum(tl.sum(acc2, axis=2), axis=1) * up).to(ty), mask=rmask)
-        tl.store(y_at + 3, (tl.sum(tl.sum(acc3, axis=2), axis=1) * up).to(ty), mask=rmask)
+        tl.store(y_at + 2, _output(acc2, BITS, GELU, y_ptr), mask=rmask)
+        tl.store(y_at + 3, _output(acc3, BITS, GELU, y_ptr), mask=rmask)
+
+
+@triton.jit
+def _output(acc, BITS: tl.constexpr, GELU: tl.constexpr, y_ptr):
+    """One row's output: the sum of its partial sums, times the 2^bits that the codes' scaling by 2^-bits
+    left out (once per output: exact, a power of 2), then GELU (erf form, as F.gelu) when asked."""
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) * (1 << BITS)
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    return y.to(y_ptr.dtype.element_ty)
 
 
 def _rows_configs() -> list[triton.Config]:
@@ -285,9 +333,16 @@ def _prune_rows(configs, named_args, **kwargs):
     return [c for c in configs if (pg // 4) % c.kwargs["R"] == 0]
 
 
+def _whole_tiles(args) -> bool:
+    """Whether the program tiles cover the matrix exactly: rows, tile groups, and K itself."""
+    rows = (16 // args["BITS"]) * args["BLOCK_W"]
+    return args["N"] % rows == 0 and args["NG"] % args["GPI"] == 0 and args["K"] == args["NG"] * 2 * args["PG"]
+
+
+_gemv_rows = triton.heuristics({"EVEN": _whole_tiles})(_gemv_rows_kernel)
 _gemv_rows_tuned = triton.autotune(
     configs=_rows_configs(), key=["N", "K", "PG", "BITS"], prune_configs_by={"early_config_prune": _prune_rows}
-)(_gemv_rows_kernel)
+)(_gemv_rows)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -330,6 +385,7 @@ def launch(
     zeros: torch.Tensor | None,
     bits: int,
     group_size: int,
+    gelu: bool = False,
     config: dict | None = None,
 ) -> torch.Tensor:
     """The kernel on explicit tensors (words from `to_interleaved`); `config` (the autotuner's keys) skips
@@ -347,10 +403,10 @@ def launch(
     def grid(meta):
         return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)
 
-    (_gemv_rows_kernel if config else _gemv_rows_tuned)[grid](
+    (_gemv_rows if config else _gemv_rows_tuned)[grid](
         x, x.view(torch.int32) if fast else x, words, scales, scales if zeros is None else zeros, y,
         N, K, triton.cdiv(K, G), sg_div, x.stride(0), words.stride(0), stride_sn, stride_zn, y.stride(0),
-        BITS=bits, PG=G // 2, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16, FAST=fast,
+        BITS=bits, PG=G // 2, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16, FAST=fast, GELU=gelu,
         **(config or {}),
     )  # fmt: skip  (the int32 view is unread when not fast; zeros unread when HAS_Z is off)
     return y
@@ -358,15 +414,21 @@ def launch(
 
 @torch.library.custom_op("nanogptq::gemv", mutates_args=())
 def gemv(
-    x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """x (M, K) in the activation dtype, words (N / rows_per_word, ...) int32 from `to_interleaved`, scales
     (rows, n_groups) fp16, zeros (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a
-    per-tensor grid. -> (M, N)."""
+    per-tensor grid. -> (M, N), through GELU if `gelu`."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot autotune
-    return launch(x, words, scales, zeros, bits, group_size, INTERPRETER_CONFIG if interpreted else None)
+    return launch(x, words, scales, zeros, bits, group_size, gelu, INTERPRETER_CONFIG if interpreted else None)
 
 
 @gemv.register_fake
-def _(x, words, scales, zeros, bits, group_size):
+def _(x, words, scales, zeros, bits, group_size, gelu=False):
     return x.new_empty(x.shape[0], words.shape[0] * pack.rows_per_word(bits))
