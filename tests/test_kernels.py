@@ -242,7 +242,7 @@ def test_triton_layout_weight_equals_the_stored_grid(bits, group_size):
     on CPU with the layout built by hand, as prepare_triton builds it on CUDA)."""
     from nanogptq.quant.pack import to_interleaved, unpack
 
-    m = layer(48, 200, bits, group_size, group_size != 64, "dequant")
+    m = layer(47, 200, bits, group_size, group_size != 64, "dequant")  # 47 rows: the last word row part padding
     tile = min(group_size, 256) if group_size > 0 else 128
     m.t_qweight = to_interleaved(m.qweight, 200, tile, bits)
     m.z_codes = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
@@ -328,6 +328,7 @@ def test_cuda_auto_picks_triton_and_falls_back():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
     assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"  # it beats tinygemm
     assert layer(64, 1600, 4, 128, False, "auto", device="cuda").kernel == "triton"  # 128 does not divide 1600
+    assert layer(65, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"  # a char head: 65 rows
     assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
 
 
@@ -368,22 +369,24 @@ import torch
 from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
 from nanogptq.quant.pack import unpack
 from nanogptq.quant.triton_gemv import gemv, launch, to_interleaved
-for bits, gs, sym, K in [(4, 128, False, 256), (4, 64, False, 1600), (4, -1, True, 192), (8, -1, False, 1600),
-                         (8, 0, True, 64), (4, 512, False, 1024), (4, 32, True, 104), (4, 0, False, 200)]:
-    W = torch.randn(24, K) * 0.05
+# rows: 24 fill whole words and tiles; 65 (a char vocabulary's head) and 66 leave the last word row part padding
+for bits, gs, sym, K, N in [(4, 128, False, 256, 24), (4, 64, False, 1600, 24), (4, -1, True, 192, 66),
+                            (8, -1, False, 1600, 65), (8, 0, True, 64, 24), (4, 512, False, 1024, 24),
+                            (4, 32, True, 104, 24), (4, 0, False, 200, 65)]:
+    W = torch.randn(N, K) * 0.05
     m = QuantLinear.from_quantized(rtn_quantize_weight(W, QuantConfig(method="rtn", bits=bits, group_size=gs,
                                                                       symmetric=sym)))
     z = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
     x = torch.randn(2, K)
     ref = x @ m.dequantize().T
     words = to_interleaved(m.qweight, K, gs, bits)
-    ys = [gemv(x, words, m.scales, z, bits, gs)]  # the custom op
+    ys = [gemv(x, words, m.scales, z, bits, gs, N)]  # the custom op
     for cfg in ({"BLOCK_W": 1, "GPI": 1, "R": 1, "STAGES": 1}, {"BLOCK_W": 4, "GPI": 4, "R": 4, "STAGES": 2}):
-        ys += [launch(x, words, m.scales, z, bits, gs, config=cfg)]
+        ys += [launch(x, words, m.scales, z, bits, gs, N, config=cfg)]
     for y in ys:
         err = ((y - ref).norm() / ref.norm()).item()
-        assert err < 1e-5, (bits, gs, sym, K, err)
-    y = gemv(x, words, m.scales, z, bits, gs, gelu=True)  # the GELU epilogue
+        assert y.shape == (2, N) and err < 1e-5, (bits, gs, sym, K, N, err)
+    y = gemv(x, words, m.scales, z, bits, gs, N, gelu=True)  # the GELU epilogue
     err = ((y - torch.nn.functional.gelu(ref)).norm() / torch.nn.functional.gelu(ref).norm()).item()
     assert err < 1e-5, ("gelu", bits, gs, err)
 """
@@ -409,26 +412,33 @@ def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_si
         if pg % c.kwargs["R"]:
             continue
         cfg = {**c.kwargs, "num_warps": c.num_warps}
-        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, config=cfg)
+        y = launch(x, m.t_qweight, m.scales, m.z_codes, bits, group_size, m.out_features, config=cfg)
         assert rel_err(y, ref) < BF16_TOL, c
 
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits, group_size, in_f, out_f", [(4, 128, 4096, 512), (4, 64, 1600, 272), (8, -1, 768, 272)])
+@pytest.mark.parametrize(
+    "bits, group_size, in_f, out_f",
+    [(4, 128, 4096, 512), (4, 64, 1600, 272), (8, -1, 768, 272), (8, -1, 1600, 65), (4, 128, 256, 66)],
+)
+@pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_gemv_gelu_epilogue_matches_gelu_after(bits, group_size, in_f, out_f, dtype):
-    """The GELU epilogue, on whole tiles (EVEN, no masks: 4096 x 512) and ragged ones, for both activation
+def test_cuda_gemv_tiles_rows_and_gelu_epilogue(bits, group_size, in_f, out_f, gelu, dtype):
+    """Whole tiles (EVEN, no masks: 4096 x 512) and ragged ones, row counts that leave the last word row
+    part padding (65: a char vocabulary's head, 66), with and without the GELU epilogue, both activation
     dtypes; the custom op inside torch.compile too."""
-    m = layer(out_f, in_f, bits, group_size, False, "triton", device="cuda")
-    m.gelu = True
+    m = layer(out_f, in_f, bits, group_size, False, "auto", device="cuda")
+    assert m.kernel == "triton"
+    m.gelu = gelu
     x = torch.randn(1, in_f, device="cuda", dtype=dtype)
-    ref = F.gelu(reference(m, x).float())
+    ref = reference(m, x).float()
+    ref = F.gelu(ref) if gelu else ref
     torch._dynamo.reset()
     for f in (m, torch.compile(m, fullgraph=True)):
         with torch.no_grad():
             y = f(x)
-        assert y.dtype == dtype and rel_err(y, ref) < BF16_TOL
+        assert y.dtype == dtype and y.shape == (1, out_f) and rel_err(y, ref) < BF16_TOL
 
 
 @cuda

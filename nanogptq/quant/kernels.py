@@ -234,7 +234,7 @@ def prepare_triton(m: QuantLinear) -> None:
 def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
     """The float32 weight from the Triton layout alone (the same values as dequantize_stored), so prefill
     needs no copy of the stored codes."""
-    codes = from_interleaved(m.t_qweight, m.in_features, m.bits)
+    codes = from_interleaved(m.t_qweight, m.in_features, m.bits, m.out_features)
     return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
 
@@ -242,7 +242,8 @@ def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch
     """`gelu`: F.gelu of the output, which the GEMV applies before it stores it."""
     x2 = x.reshape(-1, m.in_features)
     if x2.shape[0] <= CUDA_GEMV_MAX_ROWS:
-        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size, gelu)
+        y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size,
+                                    m.out_features, gelu)
     else:  # prefill: dequantize, then cuBLAS
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))
         y = F.gelu(y) if gelu else y

@@ -78,20 +78,20 @@ def _interleave_shifts(bits: int, device) -> torch.Tensor:
 
 
 def to_interleaved(packed: torch.Tensor, n: int, tile: int, bits: int) -> torch.Tensor:
-    """Rows (N, packed_len(n, bits)) re-laid as INTERLEAVED words, N a multiple of rows_per_word(bits), each
-    row's last tile of `tile` codes padded with zero codes. -> int32 (N / rows_per_word, cdiv(n, tile) * tile / 2)."""
+    """Rows (N, packed_len(n, bits)) re-laid as INTERLEAVED words, the last word row padded with zero rows
+    where rows_per_word(bits) does not divide N (a vocabulary of 65 or 50,257 tokens), each row's last tile
+    of `tile` codes padded with zero codes. -> int32 (cdiv(N, rows_per_word), cdiv(n, tile) * tile / 2)."""
     rows, rpw = packed.shape[0], rows_per_word(bits)
-    if rows % rpw:
-        raise ValueError(f"{bits}-bit interleaved words need a multiple of {rpw} rows, got {rows}")
     tiles = -(-n // tile)
-    codes = torch.nn.functional.pad(unpack(packed, bits, n), (0, tiles * tile - n)).to(torch.int64)
-    codes = codes.view(rows // rpw, rpw, -1, 2).permute(0, 2, 1, 3)  # (word row, pair, r, c)
+    codes = unpack(packed, bits, n)
+    codes = torch.nn.functional.pad(codes, (0, tiles * tile - n, 0, -rows % rpw)).to(torch.int64)
+    codes = codes.view(-1, rpw, tiles * tile // 2, 2).permute(0, 2, 1, 3)  # (word row, pair, r, c)
     words = (codes << _interleave_shifts(bits, codes.device)).sum((-2, -1))  # < 2^32, wraps into int32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
-def from_interleaved(words: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of to_interleaved: uint8 codes (N, n)."""
+def from_interleaved(words: torch.Tensor, n: int, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of to_interleaved: uint8 codes (rows, n), the padding rows and columns dropped."""
     shifts = _interleave_shifts(bits, words.device).to(torch.int32)
     codes = (words[..., None, None] >> shifts) & ((1 << bits) - 1)  # the sign bits are masked off
-    return codes.permute(0, 2, 1, 3).reshape(rows_per_word(bits) * words.shape[0], -1)[:, :n].to(torch.uint8)
+    return codes.permute(0, 2, 1, 3).reshape(rows_per_word(bits) * words.shape[0], -1)[:rows, :n].to(torch.uint8)

@@ -229,22 +229,25 @@ def _gemv_rows_kernel(
     for g0 in tl.range(0, NG, GPI, num_stages=STAGES):
         g = g0 + rg
         sg = g // SG_DIV
-        gmask = rmask[:, None] & (g < NG)[None, :]
+        gmask = rmask[:, None] & (g < NG)[None, :]  # the word row; its rows 1-3 may be padding (N odd, ...)
+        gm1 = gmask & (row + 1 < N)[:, None]
+        gm2 = gmask & (row + 2 < N)[:, None]
+        gm3 = gmask & (row + 3 < N)[:, None]
         s_at = s_ptr + row[:, None] * stride_sn + sg[None, :]
         z_at = z_ptr + row[:, None] * stride_zn + sg[None, :]
         s0 = _load(s_at, gmask, EVEN).to(tl.float32)[:, :, None]
-        s1 = _load(s_at + stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
+        s1 = _load(s_at + stride_sn, gm1, EVEN).to(tl.float32)[:, :, None]
         s2, s3 = s0, s1  # rows 2 and 3: 4 bits only
         if BITS == 4:
-            s2 = _load(s_at + 2 * stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
-            s3 = _load(s_at + 3 * stride_sn, gmask, EVEN).to(tl.float32)[:, :, None]
+            s2 = _load(s_at + 2 * stride_sn, gm2, EVEN).to(tl.float32)[:, :, None]
+            s3 = _load(s_at + 3 * stride_sn, gm3, EVEN).to(tl.float32)[:, :, None]
         if HAS_Z:
             z0 = _load(z_at, gmask, EVEN).to(tl.int32)[:, :, None]
-            z1 = _load(z_at + stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
+            z1 = _load(z_at + stride_zn, gm1, EVEN).to(tl.int32)[:, :, None]
             z2, z3 = z0, z1
             if BITS == 4:
-                z2 = _load(z_at + 2 * stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
-                z3 = _load(z_at + 3 * stride_zn, gmask, EVEN).to(tl.int32)[:, :, None]
+                z2 = _load(z_at + 2 * stride_zn, gm2, EVEN).to(tl.int32)[:, :, None]
+                z3 = _load(z_at + 3 * stride_zn, gm3, EVEN).to(tl.int32)[:, :, None]
         else:
             z0 = tl.full((BLOCK_W, GPI, 1), 1 << (BITS - 1), tl.int32)
             z1, z2, z3 = z0, z0, z0
@@ -299,10 +302,10 @@ def _gemv_rows_kernel(
             acc3 = _row_total(acc3, h3, s3, FAST)
     y_at = y_ptr + m * stride_ym + row
     tl.store(y_at, _output(acc0, BITS, GELU, y_ptr), mask=rmask)
-    tl.store(y_at + 1, _output(acc1, BITS, GELU, y_ptr), mask=rmask)
+    tl.store(y_at + 1, _output(acc1, BITS, GELU, y_ptr), mask=row + 1 < N)
     if BITS == 4:
-        tl.store(y_at + 2, _output(acc2, BITS, GELU, y_ptr), mask=rmask)
-        tl.store(y_at + 3, _output(acc3, BITS, GELU, y_ptr), mask=rmask)
+        tl.store(y_at + 2, _output(acc2, BITS, GELU, y_ptr), mask=row + 2 < N)
+        tl.store(y_at + 3, _output(acc3, BITS, GELU, y_ptr), mask=row + 3 < N)
 
 
 @triton.jit
@@ -370,16 +373,15 @@ def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
 
 def supports(bits: int, group_size: int, out_features: int, in_features: int) -> bool:
     """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work.
-    INTERLEAVED words hold 2 columns of 4 (4 bits) or 2 (8 bits) rows: out_features a multiple of those
-    rows, in_features even."""
-    if bits not in (4, 8) or out_features % pack.rows_per_word(bits) or in_features % 2:
+    INTERLEAVED words hold 2 columns (of 4 or 2 rows, the last word row padded): in_features even."""
+    if bits not in (4, 8) or in_features % 2:
         return False
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
 def to_interleaved(qweight: torch.Tensor, in_features: int, group_size: int, bits: int) -> torch.Tensor:
-    """pack.py's rows re-laid as INTERLEAVED int32 words padded to whole tile groups:
-    (N / rows_per_word, NG * G / 2)."""
+    """pack.py's rows re-laid as INTERLEAVED int32 words padded to whole words and tile groups:
+    (cdiv(N, rows_per_word), NG * G / 2)."""
     return pack.to_interleaved(qweight, in_features, tile_group(group_size, in_features, bits)[0], bits)
 
 
@@ -390,15 +392,15 @@ def launch(
     zeros: torch.Tensor | None,
     bits: int,
     group_size: int,
+    N: int,
     gelu: bool = False,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """The kernel on explicit tensors (words from `to_interleaved`); `config` (the autotuner's keys) skips
-    the autotuner, as Triton's CPU interpreter (TRITON_INTERPRET=1, which tests the kernel without a GPU)
-    needs."""
+    """The kernel on explicit tensors (words from `to_interleaved` of N rows); `config` (the autotuner's
+    keys) skips the autotuner, as Triton's CPU interpreter (TRITON_INTERPRET=1, which tests the kernel
+    without a GPU) needs."""
     M, K = x.shape
     rpw = pack.rows_per_word(bits)
-    N = words.shape[0] * rpw
     G, sg_div = tile_group(group_size, K, bits)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     stride_sn = 0 if scales.shape[0] == 1 else scales.stride(0)
@@ -425,15 +427,17 @@ def gemv(
     zeros: torch.Tensor | None,
     bits: int,
     group_size: int,
+    out_features: int,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """x (M, K) in the activation dtype, words (N / rows_per_word, ...) int32 from `to_interleaved`, scales
-    (rows, n_groups) fp16, zeros (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1 for a
-    per-tensor grid. -> (M, N), through GELU if `gelu`."""
+    """x (M, K) in the activation dtype, words (cdiv(N, rows_per_word), ...) int32 from `to_interleaved`,
+    scales (rows, n_groups) fp16, zeros (rows, n_groups) uint8 codes or None for a symmetric grid; rows = 1
+    for a per-tensor grid, else N = out_features. -> (M, N), through GELU if `gelu`."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot autotune
-    return launch(x, words, scales, zeros, bits, group_size, gelu, INTERPRETER_CONFIG if interpreted else None)
+    config = INTERPRETER_CONFIG if interpreted else None
+    return launch(x, words, scales, zeros, bits, group_size, out_features, gelu, config)
 
 
 @gemv.register_fake
-def _(x, words, scales, zeros, bits, group_size, gelu=False):
-    return x.new_empty(x.shape[0], words.shape[0] * pack.rows_per_word(bits))
+def _(x, words, scales, zeros, bits, group_size, out_features, gelu=False):
+    return x.new_empty(x.shape[0], out_features)
