@@ -78,6 +78,9 @@ def prepare_int8(m: QuantLinear) -> None:
     set_int8_layout(m, (codes.to(torch.int16) - 128).to(torch.int8), _per_row(m, m.scales.float()), corr)
 
 
+INT8_LAYOUT_BUFFERS = ("w_int8", "w_scales", "w_corr", "w_ones")  # what set_int8_layout registers
+
+
 def set_int8_layout(m, w_int8: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor | None) -> None:
     """The buffers int8pack_forward reads: w = w_int8 * scales (per row, fp32) + the zero term corr.
     Shared by QuantLinear and the ternary TernaryLinear (trits are int8 codes too)."""
@@ -220,7 +223,7 @@ def triton_supports(m: QuantLinear, device: torch.device) -> bool:
     if device.type != "cuda" or m.g_idx is not None:  # act-order groups are not runs of columns
         return False
     tg = _triton_gemv()
-    return tg is not None and tg.supports(m.bits, m.group_size, m.out_features, m.in_features)
+    return tg is not None and tg.supports(m.bits, m.group_size, m.in_features)
 
 
 def prepare_triton(m: QuantLinear) -> None:

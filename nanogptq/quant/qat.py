@@ -386,7 +386,7 @@ class TernaryLinear(nn.Module):
 
     def prepare_kernel(self) -> None:
         """Resolve "auto" and build the kernel's int8 layout from the packed trits (nothing re-quantized)."""
-        for name in ("w_int8", "w_scales", "w_corr", "w_ones"):
+        for name in K.INT8_LAYOUT_BUFFERS:
             self._buffers.pop(name, None)
         self.kernel = "int8pack" if self.kernel == "auto" else self.kernel
         if self.kernel == "int8pack":  # w = trits * scale: an int8 grid with no zero-point term

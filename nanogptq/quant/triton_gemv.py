@@ -52,12 +52,8 @@ INTERPRETER_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
 # conversion to fp32 and the group's scale (times 2^bits).
 
 
-def _rows4_asm(first: bool) -> str:
-    """The 4-bit rows' asm; `first`: the pass's first word, which multiplies instead of adding to the
-    accumulators (no zeroed registers to add to)."""
-    acc = [("mul", "") if first else ("fma", f", ${10 + r}") for r in range(4)]
-    return f"""
-{{
+_ROWS4_ASM = tl.constexpr("""
+{
 .reg .b32 a, b, c, d, t, k16, k256;
 lop3.b32 a, $4, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 b, $4, 0x00F000F0, 0x64006400, 0xEA;
@@ -70,26 +66,20 @@ fma.rn.f16x2 a, a, k16, $6;
 fma.rn.f16x2 b, b, k256, $7;
 fma.rn.f16x2 c, c, k16, $8;
 fma.rn.f16x2 d, d, k256, $9;
-{acc[0][0]}.rn.f16x2 $0, a, $5{acc[0][1]};
-{acc[1][0]}.rn.f16x2 $1, b, $5{acc[1][1]};
-{acc[2][0]}.rn.f16x2 $2, c, $5{acc[2][1]};
-{acc[3][0]}.rn.f16x2 $3, d, $5{acc[3][1]};
-}}
-"""
-
-
-_ROWS4_ASM = tl.constexpr(_rows4_asm(first=False))
-_ROWS4_FIRST_ASM = tl.constexpr(_rows4_asm(first=True))
+fma.rn.f16x2 $0, a, $5, $10;
+fma.rn.f16x2 $1, b, $5, $11;
+fma.rn.f16x2 $2, c, $5, $12;
+fma.rn.f16x2 $3, d, $5, $13;
+}
+""")
 # 4 bits: $0..$3 the four rows' fp16-pair accumulators out, $10..$13 in; $4 the word; $5 the activation
 # pair in fp16; $6..$9 the rows' -(1024 + z) / 16 (rows 0, 2: (1024 + q) / 16 = 64 + q / 16) or
 # -(1024 + 16 z) / 256 (rows 1, 3) in both halves. lop3's table 0xEA is (a & b) | c; 0x2C00 = 1/16,
 # 0x1C00 = 1/256.
 
 
-def _rows8_asm(first: bool) -> str:
-    acc = [("mul", "") if first else ("fma", f", ${6 + r}") for r in range(2)]
-    return f"""
-{{
+_ROWS8_ASM = tl.constexpr("""
+{
 .reg .b32 a, b, magic, k256;
 mov.b32 magic, 0x64646464;
 mov.b32 k256, 0x1C001C00;
@@ -97,14 +87,10 @@ prmt.b32 a, $2, magic, 0x4240;
 prmt.b32 b, $2, magic, 0x4341;
 fma.rn.f16x2 a, a, k256, $4;
 fma.rn.f16x2 b, b, k256, $5;
-{acc[0][0]}.rn.f16x2 $0, a, $3{acc[0][1]};
-{acc[1][0]}.rn.f16x2 $1, b, $3{acc[1][1]};
-}}
-"""
-
-
-_ROWS8_ASM = tl.constexpr(_rows8_asm(first=False))
-_ROWS8_FIRST_ASM = tl.constexpr(_rows8_asm(first=True))
+fma.rn.f16x2 $0, a, $3, $6;
+fma.rn.f16x2 $1, b, $3, $7;
+}
+""")
 # 8 bits: $0, $1 the two rows' accumulators out, $6, $7 in; $2 the word (bytes: row 0 col 0, row 1 col 0,
 # row 0 col 1, row 1 col 1); $3 the activation pair; $4, $5 the rows' -(1024 + z) / 256. prmt's selector
 # 0x4240 takes bytes 0 and 2 of the word with 0x64 above each: (1024 + q_a, 1024 + q_b).
@@ -251,7 +237,9 @@ def _gemv_rows_kernel(
         else:
             z0 = tl.full((BLOCK_W, GPI, 1), 1 << (BITS - 1), tl.int32)
             z1, z2, z3 = z0, z0, z0
-        if FAST:  # the lane sums (fp16 pairs) start at the first word's products
+        if FAST:
+            h0 = tl.zeros((BLOCK_W, GPI, C), dtype=tl.int32)  # fp16 pairs (+0, +0)
+            h1, h2, h3 = h0, h0, h0
             o0, o1 = _offset(z0, 0, BITS), _offset(z1, 1, BITS)
             o2, o3 = _offset(z2, 2, BITS), _offset(z3, 3, BITS)
         else:
@@ -267,20 +255,10 @@ def _gemv_rows_kernel(
                 if X_BF16:
                     xp = tl.inline_asm_elementwise(_BF16X2_TO_F16X2_ASM, "=r,r", [xp], dtype=tl.int32,
                                                    is_pure=True, pack=1)
-                if BITS == 4 and i == 0:
-                    h0, h1, h2, h3 = tl.inline_asm_elementwise(
-                        _ROWS4_FIRST_ASM, "=r,=r,=r,=r,r,r,r,r,r,r", [w, xp, o0, o1, o2, o3],
-                        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-                    )
-                elif BITS == 4:
+                if BITS == 4:
                     h0, h1, h2, h3 = tl.inline_asm_elementwise(
                         _ROWS4_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [w, xp, o0, o1, o2, o3, h0, h1, h2, h3],
                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-                    )
-                elif i == 0:
-                    h0, h1 = tl.inline_asm_elementwise(
-                        _ROWS8_FIRST_ASM, "=r,=r,r,r,r,r", [w, xp, o0, o1],
-                        dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
                     )
                 else:
                     h0, h1 = tl.inline_asm_elementwise(
@@ -340,7 +318,7 @@ def _prune_rows(configs, named_args, **kwargs):
 
 def _whole_tiles(args) -> bool:
     """Whether the program tiles cover the matrix exactly: rows, tile groups, and K itself."""
-    rows = (16 // args["BITS"]) * args["BLOCK_W"]
+    rows = pack.rows_per_word(args["BITS"]) * args["BLOCK_W"]
     return args["N"] % rows == 0 and args["NG"] % args["GPI"] == 0 and args["K"] == args["NG"] * 2 * args["PG"]
 
 
@@ -371,7 +349,7 @@ def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
     return G, triton.cdiv(in_features, G)
 
 
-def supports(bits: int, group_size: int, out_features: int, in_features: int) -> bool:
+def supports(bits: int, group_size: int, in_features: int) -> bool:
     """Grouped grids need a power-of-two group (a Triton tile); per-row and per-tensor grids always work.
     INTERLEAVED words hold 2 columns (of 4 or 2 rows, the last word row padded): in_features even."""
     if bits not in (4, 8) or in_features % 2:
