@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from nanogptq.checkpoint import cast_activations
 from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
 from nanogptq.quant import (
     QuantConfig,
@@ -166,14 +167,6 @@ def set_kernels(model: nn.Module, names: tuple[str, ...]) -> list[str]:
             m.prepare_kernel()
             used += [m.kernel] if m.kernel not in used else []
     return used
-
-
-def cast_float_params(model: nn.Module, dtype: torch.dtype) -> None:
-    """LayerNorms, position (and float token) embeddings to dtype; QuantLinear grids stay as stored."""
-    for mod in model.modules():
-        if not isinstance(mod, QuantLinear):
-            for p in mod.parameters(recurse=False):
-                p.data = p.data.to(dtype)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -308,7 +301,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
         row["quant_time_s"] = round(time.perf_counter() - t0, 2)
         set_kernels(model, ("dequant",))
         ref = last_logits(model, prompt, torch.float32)  # the reference kernel, in fp32
-        cast_float_params(model, dtype)
+        cast_activations(model, dtype)  # LayerNorms, embeddings; the grids stay as stored
         row["kernels"] = "+".join(set_kernels(model, v.kernels))
         fuse_mlp_gelu(model)  # as finalize_quantized_model does on load (quantize() has done it already)
         row["freed_layers"] = free_packed_buffers(model)  # as `sample` and the demo load: layouts only

@@ -23,10 +23,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from nanogptq.checkpoint import CONFIG, Checkpoint, load_checkpoint  # noqa: E402
+from nanogptq.checkpoint import CONFIG, Checkpoint  # noqa: E402
 from nanogptq.evaluate import describe  # noqa: E402
-from nanogptq.generate import Generation, SampleSettings, encode_prompt, stream_text  # noqa: E402
-from nanogptq.model import compile_blocks  # noqa: E402
+from nanogptq.generate import (  # noqa: E402
+    Generation,
+    SampleSettings,
+    encode_prompt,
+    load_for_generation,
+    stream_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +85,12 @@ def _method(described: dict) -> str:
     return f"{described['method']} int{bits}" if isinstance(bits, int) and bits < 32 else described["method"]
 
 
-def load_variants(paths: list[Path], device: str, compile: bool = False) -> list[Variant]:
+def load_variants(paths: list[Path], device: str, compile: bool = False, dtype: str = "auto") -> list[Variant]:
+    """Every checkpoint as `sample` loads it; `dtype` (auto, fp32, bf16, fp16) is resolved per checkpoint, so
+    on CUDA "auto" runs the quantized variants on fp16 activations and the float ones on bf16."""
     variants: list[Variant] = []
     for path in paths:
-        ckpt = load_checkpoint(path, device=device, keep_packed=False)  # generation only
-        if compile:
-            compile_blocks(ckpt.model)
+        ckpt = load_for_generation(path, device, dtype=dtype, compile=compile)
         key = ckpt.name
         if key in {v.key for v in variants}:  # runs/a/best and runs/b/best: say which run
             key = f"{ckpt.path.parent.name}/{ckpt.name}"
@@ -230,9 +235,9 @@ def report_section(report_dir: Path) -> None:
 
 
 def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "results",
-              device: str = "cpu", compile: bool = False) -> gr.Blocks:
+              device: str = "cpu", compile: bool = False, dtype: str = "auto") -> gr.Blocks:
     paths = [Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints()
-    variants = load_variants(paths, device, compile)
+    variants = load_variants(paths, device, compile, dtype)
     if not ckpt_paths:  # the main job's outputs: widest first, so the page reads baseline -> smallest
         variants.sort(key=lambda v: -(v.bits_per_weight or 0))
     n = len(variants)
@@ -281,15 +286,17 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "res
         button.click(on_generate,
                      inputs=[picked, prompt, max_new, temperature, top_k, seed],
                      outputs=[status, *outs, *stats], api_name="generate")
-    log.info("demo: %d variant(s) on %s", n, device)
+    log.info("demo: %d variant(s) on %s (%s)", n, device,
+             ", ".join(f"{v.key} {v.ckpt.model.transformer.wpe.weight.dtype}" for v in variants))
     return demo
 
 
 def launch(ckpt_paths: list[str] | None = None, host: str = "127.0.0.1", port: int = 7860,
            report_dir: str | Path = "results", device: str = "cpu", block: bool = True,
-           compile: bool = False) -> gr.Blocks:
-    """Build and serve the demo; block=False returns the running app (call .close() when done)."""
-    demo = build_app(ckpt_paths, report_dir=report_dir, device=device, compile=compile)
+           compile: bool = False, dtype: str = "auto") -> gr.Blocks:
+    """Build and serve the demo; block=False returns the running app (call .close() when done). `dtype`:
+    the activation dtype, as `nanogptq demo --dtype` (resolve_dtype's names)."""
+    demo = build_app(ckpt_paths, report_dir=report_dir, device=device, compile=compile, dtype=dtype)
     # one generation at a time: the models keep a KV cache per module, and CPUs are busy enough;
     # further users wait in the queue (Gradio shows their position) instead of failing
     demo.queue(default_concurrency_limit=1, max_size=32)

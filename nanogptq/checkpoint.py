@@ -7,6 +7,11 @@ Nothing is unpickled: weights come from safetensors, and resume state is read wi
 A folder is written whole into `NAME.tmp`, then swapped in with renames, so a process killed at any
 moment leaves either the old checkpoint or the new one (`NAME.old` is picked up if the kill fell
 between the two renames).
+
+Activations: a model loads in fp32; `load_checkpoint(dtype=...)` casts its float parameters (LayerNorms,
+embeddings, float linears) to fp16 or bf16, which sets the dtype the whole forward and the KV cache run in,
+while quantized layers keep their codes, scales and biases as stored. `resolve_dtype` is what
+`sample --dtype` and the demo pick.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 RESUME = "resume.pt"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # activation dtypes by name
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class CheckpointError(ValueError):
@@ -130,6 +139,38 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def is_quantized(meta: dict) -> bool:
+    """Whether the checkpoint's linears hold quantized codes: post-training (RTN, GPTQ) or an exported
+    ternary model (both have a "quantization" entry). A QAT training checkpoint (a "qat" entry, float weights
+    made ternary in every forward) counts as float: it trained on bf16 activations on CUDA, and runs so."""
+    return bool(meta.get("quantization"))
+
+
+def resolve_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:
+    """The activation dtype `name` (auto, fp32, bf16 or fp16) stands for on `device`. auto: fp32 on the CPU
+    (its kernels take fp32 inputs and convert to bf16 themselves where that is their fast path); on CUDA
+    fp16 for quantized checkpoints (the Triton GEMV's fast path), bf16 for float ones."""
+    if name == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.float16 if quantized else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def cast_activations(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run `model` on `dtype` activations, in place: every float parameter (LayerNorms, position and float
+    token embeddings, float linears, a TernaryLinear's bias) is cast, and with it the residual stream and
+    the KV cache (setup_kv_cache takes wpe's dtype). Quantized layers hold their weights in buffers, which
+    stay as stored: QuantLinear's codes, fp16 scales and fp32 bias (cast per call), TernaryLinear's trits
+    and fp32 scale, the kernels' layouts. Tied weights stay tied (the shared Parameter is cast once)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def build_model(meta: dict, kernel: str = "auto") -> GPT:
     """An empty model shaped like the checkpoint, with quantized modules where it has them."""
     model = GPT(GPTConfig.from_dict(meta["model"]))
@@ -145,9 +186,10 @@ def build_model(meta: dict, kernel: str = "auto") -> GPT:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel: str = "auto",
-                    keep_packed: bool = True) -> Checkpoint:
+                    keep_packed: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
     """A checkpoint folder as a model on `device`; quantized layers run `kernel`. keep_packed=False (for
-    generation only) frees the stored codes that a kernel's own layout replaced."""
+    generation only) frees the stored codes that a kernel's own layout replaced. `dtype`: run on activations
+    of that dtype (cast_activations); None keeps fp32."""
     path = _existing(Path(path))
     meta = read_meta(path)
     weights = path / WEIGHTS
@@ -168,6 +210,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
         from nanogptq.quant import finalize_quantized_model
 
         finalize_quantized_model(model, keep_packed)  # builds each kernel's layout from the packed weights
+    if dtype is not None:
+        cast_activations(model, dtype)
     return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
 
 

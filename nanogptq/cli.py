@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import MISSING, fields
 
-from nanogptq.checkpoint import CheckpointError, read_meta
+from nanogptq.checkpoint import DTYPE_CHOICES, CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.generate import SampleSettings
 from nanogptq.train import TrainConfig
@@ -34,6 +34,10 @@ TRAIN_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",
 }
+# --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
+DTYPE_ARGS = dict(default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}",
+                  help="activation dtype (default auto: fp32 on CPU; on CUDA fp16 for quantized checkpoints, "
+                  "the Triton GEMV's fast path, and bf16 for float ones)")
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict) -> None:
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, SampleSettings, {})
     p.add_argument("--device", default="auto")
     p.add_argument("--kernel", default="auto", help="quantized kernel: auto, dequant, ...")
+    p.add_argument("--dtype", **DTYPE_ARGS)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (faster decoding after a "
                    "one-off compilation; on the GPU with the CUDA graph replay)")
 
@@ -110,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--report", default="results", help="folder with the compare report to show")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", **DTYPE_ARGS)
     p.add_argument("--compile", action="store_true", help="torch.compile each model's blocks at start-up")
     return parser
 
@@ -128,16 +134,12 @@ def run(args: argparse.Namespace) -> None:
         out = train(TrainConfig(**values))
         print(f"run saved in {out}")
     elif args.command == "sample":
-        from nanogptq.checkpoint import load_checkpoint
-        from nanogptq.generate import generate_text
+        from nanogptq.generate import generate_text, load_for_generation
 
-        # generation only: the stored codes a kernel's layout replaced are freed (half the memory at 4 bits)
-        ckpt = load_checkpoint(args.ckpt, device=_device(args.device), kernel=args.kernel, keep_packed=False)
-        if args.compile:
-            from nanogptq.model import compile_blocks
-
-            compile_blocks(ckpt.model)
+        ckpt = load_for_generation(args.ckpt, _device(args.device), dtype=args.dtype, kernel=args.kernel,
+                                   compile=args.compile)
         settings = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})
+        act = str(ckpt.model.transformer.wpe.weight.dtype).removeprefix("torch.")
         for i in range(args.num_samples):
             if settings.seed is not None and i:
                 settings.seed += 1
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
             for note in gen.notes:
                 print(f"note: {note}", file=sys.stderr)
             print(args.prompt + gen.text)
-            print(f"--- {gen.new_tokens} tokens, first after {gen.ttft_s * 1000:.1f} ms, "
+            print(f"--- {gen.new_tokens} tokens on {act} activations, first after {gen.ttft_s * 1000:.1f} ms, "
                   f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     elif args.command == "eval":
         from nanogptq.evaluate import evaluate_checkpoint
@@ -179,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
         from nanogptq.app import launch
 
         launch(args.ckpts, host=args.host, port=args.port, report_dir=args.report, device=_device(args.device),
-               compile=args.compile)
+               compile=args.compile, dtype=args.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,15 +1,18 @@
-"""Text in, text out: prompt checks, streaming generation and its timings (time to first token, tokens/s)."""
+"""Text in, text out: loading a checkpoint to generate with, prompt checks, streaming generation and its
+timings (time to first token, tokens/s)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from nanogptq.checkpoint import Checkpoint
+from nanogptq.checkpoint import Checkpoint, is_quantized, load_checkpoint, read_meta, resolve_dtype
 from nanogptq.data import CharTokenizer
+from nanogptq.model import compile_blocks
 
 
 @dataclass
@@ -44,6 +47,19 @@ class Generation:
         """Decode speed after the first token (the prefill is in ttft)."""
         decode = self.total_s - self.ttft_s
         return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+
+def load_for_generation(path: str | Path, device: str, dtype: str = "auto", kernel: str = "auto",
+                        compile: bool = False) -> Checkpoint:
+    """A checkpoint as `sample` and the demo run it: on activations of `dtype` (a resolve_dtype name),
+    without the stored codes a kernel's layout replaced (half the memory at 4 bits), blocks compiled with
+    `compile` (torch.compile: faster decoding after a one-off compilation)."""
+    quantized = dtype == "auto" and is_quantized(read_meta(path))  # only "auto" asks (a bad name fails first)
+    act_dtype = resolve_dtype(dtype, device, quantized)
+    ckpt = load_checkpoint(path, device=device, kernel=kernel, keep_packed=False, dtype=act_dtype)
+    if compile:
+        compile_blocks(ckpt.model)
+    return ckpt
 
 
 def encode_prompt(ckpt: Checkpoint, prompt: str) -> tuple[list[int], list[str]]:

@@ -99,7 +99,8 @@ def _add_zero_term(m: QuantLinear, x2: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def int8pack_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, m.in_features)
-    if x.device.type == "cpu" and x2.shape[0] <= CPU_GEMV_MAX_ROWS:
+    # torch 2.13's CPU op needs K % 16 == 0: other widths give wrong sums, and crash at 2 or more rows
+    if x.device.type == "cpu" and x2.shape[0] <= CPU_GEMV_MAX_ROWS and m.in_features % 16 == 0:
         xb = x2.to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int8pack_mm(xb, m.w_int8, m.w_ones).float() * m.w_scales
     elif x.device.type == "cpu":  # prefill: int8 -> bf16 is exact, and the bf16 GEMM is fast

@@ -396,7 +396,7 @@ class TernaryLinear(nn.Module):
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
         if self.kernel == "dequant":
             w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
-            return F.linear(x, w.to(x.dtype), self.bias)
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if "w_int8" not in self._buffers:
             raise RuntimeError(f"TernaryLinear with kernel {self.kernel!r} used before prepare_kernel()")
         y = K.int8pack_forward(self, x)
