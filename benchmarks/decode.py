@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nanogptq.checkpoint import cast_activations
+from nanogptq.checkpoint import DTYPES, cast_activations
 from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
 from nanogptq.quant import (
     QuantConfig,
@@ -204,7 +204,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def time_decode(model: GPT, dtype: torch.dtype, args, device: torch.device) -> tuple[float, float, list[float]]:
+def time_decode(model: GPT, args, device: torch.device) -> tuple[float, float, list[float]]:
     """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
     # a small model's context may be short: keep prompt + generated + warm-up tokens inside it
     room = model.config.block_size - args.warmup
@@ -310,7 +310,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
     row["resident_bytes"] = resident_bytes(model)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    prefill, decode, runs = time_decode(model, dtype, args, device)
+    prefill, decode, runs = time_decode(model, args, device)
     row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
     if gpu:
         row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
@@ -322,15 +322,16 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
 
 
 def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
-    """A trained checkpoint as saved: its own kernels ("auto" unless --ckpt-kernel), fp32 activations."""
-    from nanogptq.checkpoint import load_checkpoint
+    """A trained checkpoint as `nanogptq sample` runs it: its own kernels ("auto" unless --ckpt-kernel), the
+    auto activation dtype (fp32 on CPU; on CUDA fp16 when quantized, else bf16)."""
+    from nanogptq.generate import load_for_generation
 
-    ckpt = load_checkpoint(path, device=device, kernel=kernel, keep_packed=False)
-    model = ckpt.model
+    model = load_for_generation(path, device, kernel=kernel).model
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
-    row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None}
+    row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None,
+           "act_dtype": {v: k for k, v in DTYPES.items()}[model.transformer.wpe.weight.dtype]}
     row["weight_bytes"], row["resident_bytes"] = weight_bytes(model), resident_bytes(model)
-    row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(model, torch.float32, args, device)
+    row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(model, args, device)
     return row
 
 

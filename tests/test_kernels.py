@@ -360,6 +360,34 @@ def test_cuda_graph_decoding_gives_the_same_tokens(bits):
     assert torch.equal(runs[0], runs[1])  # 40 tokens > the context of 32: the window refill is covered too
 
 
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_generation_load_runs_fp16_on_the_triton_gemv(tmp_path, bits):
+    """What `sample` and the demo load on CUDA by default: fp16 activations (the GEMV's fast path) on the
+    Triton kernel, logits near the fp32 load's, graph-replayed decoding as eager."""
+    from nanogptq.generate import load_for_generation
+
+    cfg = QuantConfig(method="rtn", bits=bits, group_size=64 if bits == 4 else -1, quantize_embeddings=True)
+    q = quantize(tiny_gpt(), cfg, None, progress=False)
+    meta = {"model": q.config.to_dict(),
+            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
+            "quantization": quant_meta(q, cfg)}
+    path = save_checkpoint(tmp_path / "q", q, meta)
+    half, full = load_for_generation(path, "cuda").model, load_for_generation(path, "cuda", dtype="fp32").model
+    assert half.transformer.wpe.weight.dtype == torch.float16 and full.transformer.wpe.weight.dtype == torch.float32
+    blocks = [m for m in half.transformer.h.modules() if isinstance(m, QuantLinear)]
+    assert {m.kernel for m in blocks} == {"triton"} and all(m.packed_freed for m in blocks)
+    idx = torch.randint(0, 40, (1, 32), device="cuda")
+    with torch.no_grad():
+        a = half(idx[:, :1], input_pos=torch.zeros(1, dtype=torch.long, device="cuda"))[0]
+        b = full(idx[:, :1], input_pos=torch.zeros(1, dtype=torch.long, device="cuda"))[0]
+    assert a.dtype == torch.float16 and rel_err(a, b) < 2e-2
+    prompt = idx[:, :5]
+    runs = [half.generate(prompt, 40, temperature=0.0, cuda_graph=g) for g in (False, True)]
+    assert torch.equal(runs[0], runs[1])
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     Triton is imported); skip where Triton or a numpy it can use is missing."""
