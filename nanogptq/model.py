@@ -99,9 +99,15 @@ def _has_triton() -> bool:
 def compile_blocks(model: GPT) -> None:
     """torch.compile each transformer block in place (regional compilation: the identical blocks share one
     compiled graph, so it compiles once, not once per layer). On the GPU this fuses the small elementwise
-    kernels around the matmuls, which at batch 1 cost a small model as much as its matmuls."""
+    kernels around the matmuls, which at batch 1 cost a small model as much as its matmuls.
+
+    The compiling happens here, in a short warm-up generation, not inside the first timed one: the prompt
+    length is compiled dynamic (any prompt, and the prefill that refills a full context window, reuse one
+    graph) and the one-token step as its own (dynamo specializes length 1), so nothing recompiles later."""
     for block in model.transformer.h:
-        block.compile()
+        block.compile(dynamic=True)
+    device = model.transformer.wpe.weight.device
+    model.generate(torch.zeros(1, 2, dtype=torch.long, device=device), 2, temperature=0.0)
 
 
 class CUDAGraphStep:
