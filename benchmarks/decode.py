@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from nanogptq.checkpoint import DTYPES, cast_activations
-from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig
+from nanogptq.model import GPT, PRESETS, CUDAGraphStep, GPTConfig, compile_blocks
 from nanogptq.quant import (
     QuantConfig,
     QuantEmbedding,
@@ -228,8 +228,7 @@ def time_decode(model: GPT, args, device: torch.device) -> tuple[float, float, l
 
     if args.compile:  # after the prefill, which stays eager: one compilation per variant, for decoding
         torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
-        for block in model.transformer.h:
-            block.compile(dynamic=False)
+        compile_blocks(model, warm_up=False)  # the warm-up steps below compile it, on this cache
     step = CUDAGraphStep(model, 1) if args.graph else model
     decode = []
     for r in range(args.repeats + 1):

@@ -7,7 +7,7 @@ that quantizers can find and replace them; the model itself knows nothing of how
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -96,18 +96,19 @@ def _has_triton() -> bool:
     return True
 
 
-def compile_blocks(model: GPT) -> None:
-    """torch.compile each transformer block in place (regional compilation: the identical blocks share one
-    compiled graph, so it compiles once, not once per layer). On the GPU this fuses the small elementwise
-    kernels around the matmuls, which at batch 1 cost a small model as much as its matmuls.
+def compile_blocks(model: GPT, warm_up: bool = True) -> None:
+    """torch.compile each transformer block's one-token decoding step (regional compilation: the identical
+    blocks share one compiled graph, so it compiles once, not once per layer). On the GPU this fuses the
+    small elementwise kernels around the matmuls, which at batch 1 cost a small model as much as its
+    matmuls. Steps of several tokens (the prompt, a full context window's refill) stay eager: their length
+    varies, and the kernels branch on the row count, so compiled they would recompile in mid-generation.
 
-    The compiling happens here, in a short warm-up generation, not inside the first timed one: the prompt
-    length is compiled dynamic (any prompt, and the prefill that refills a full context window, reuse one
-    graph) and the one-token step as its own (dynamo specializes length 1), so nothing recompiles later."""
+    `warm_up` compiles now, in a two-token generation, rather than inside the first timed one."""
     for block in model.transformer.h:
-        block.compile(dynamic=True)
-    device = model.transformer.wpe.weight.device
-    model.generate(torch.zeros(1, 2, dtype=torch.long, device=device), 2, temperature=0.0)
+        block.decode_step = torch.compile(block.forward, dynamic=False)
+    if warm_up:
+        device = model.transformer.wpe.weight.device
+        model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 2, temperature=0.0)
 
 
 class CUDAGraphStep:
@@ -197,6 +198,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.decode_step: Callable | None = None  # compile_blocks: the compiled forward for one-token steps
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         x = x + self.attn(self.ln_1(x), input_pos, mask)
@@ -259,7 +261,8 @@ class GPT(nn.Module):
             mask = torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None]
         x = self.embed(idx, input_pos)
         for block in self.transformer.h:
-            x = block(x, input_pos, mask)
+            one_token = idx.size(1) == 1 and block.decode_step is not None
+            x = (block.decode_step if one_token else block)(x, input_pos, mask)
         if mask is not None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
