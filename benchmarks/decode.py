@@ -322,10 +322,10 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
 
 def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
     """A trained checkpoint as `nanogptq sample` runs it: its own kernels ("auto" unless --ckpt-kernel), the
-    auto activation dtype (fp32 on CPU; on CUDA fp16 when quantized, else bf16)."""
+    activation dtype of --ckpt-dtype (auto: fp32 on CPU; on CUDA fp16 when quantized, else bf16)."""
     from nanogptq.generate import load_for_generation
 
-    model = load_for_generation(path, device, kernel=kernel).model
+    model = load_for_generation(path, device, dtype=args.ckpt_dtype, kernel=kernel).model
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
     row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None,
            "act_dtype": {v: k for k, v in DTYPES.items()}[model.transformer.wpe.weight.dtype]}
@@ -385,6 +385,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=None, help="names from fp32 bf16 int8 int4 w8a8")
     p.add_argument("--ckpt", nargs="*", default=[], help="trained checkpoint folders, loaded as saved")
     p.add_argument("--ckpt-kernel", default="auto")
+    p.add_argument("--ckpt-dtype", default="auto", help="the checkpoints' activation dtype, as sample --dtype")
     p.add_argument("--quant", choices=("auto", "rtn", "random"), default="auto", help="auto: random for 7b")
     p.add_argument("--prompt-len", type=int, default=None, help="default 128 on CPU, 512 on CUDA")
     p.add_argument("--new-tokens", type=int, default=None, help="timed per repeat; default 32 CPU, 128 CUDA")
