@@ -122,7 +122,7 @@ class CUDAGraphStep:
     real step at that position writes before it reads.
     """
 
-    def __init__(self, model: GPT, batch: int):
+    def __init__(self, model: GPT, batch: int, sampler: Sampler | None = None):
         cache = model.transformer.h[0].attn.kv_cache
         if cache is None:
             raise RuntimeError("CUDAGraphStep needs setup_kv_cache() first")
@@ -136,14 +136,25 @@ class CUDAGraphStep:
                 model(self.tok, input_pos=self.pos)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        self.sampler = sampler
         with torch.cuda.graph(self.graph):
             self.logits, _ = model(self.tok, input_pos=self.pos)
+            # the sampling kernels too (a draw is device arithmetic only): no launches between steps
+            self.next_tok = None if sampler is None else sampler.draw(self.logits[:, -1, :])
 
     def __call__(self, tok: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, None]:
         self.tok.copy_(tok)
         self.pos.copy_(input_pos)
         self.graph.replay()
         return self.logits, None
+
+    def next_token(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """One step at position `pos` and the token the sampler draws from it, (B, 1), a copy."""
+        self.tok.copy_(tok)
+        self.pos.fill_(pos)  # a fill, not a host-to-device copy
+        self.sampler.advance()
+        self.graph.replay()
+        return self.next_tok.clone()
 
 
 class CausalSelfAttention(nn.Module):
@@ -315,53 +326,84 @@ class GPT(nn.Module):
         generations cost one prefill per half-context instead of one per token. On CUDA the one-token
         step is replayed from a CUDA graph (`cuda_graph`) once more than one token is asked for.
         """
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        sampler = Sampler(idx.size(0), self.config.vocab_size, idx.device, temperature, top_k, top_p, seed)
         block = self.config.block_size
         recent = idx[:, -block:]
         self.setup_kv_cache(idx.size(0))
         try:
             logits, _ = self(recent, input_pos=torch.arange(recent.size(1), device=idx.device))
+            next_tok = sampler(logits[:, -1, :])
             pos = recent.size(1)
             use_graph = cuda_graph and idx.is_cuda and max_new_tokens > 1
-            step = CUDAGraphStep(self, idx.size(0)) if use_graph else self
-            for _ in range(max_new_tokens):
-                next_tok = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            step = CUDAGraphStep(self, idx.size(0), sampler) if use_graph else None
+            for i in range(max_new_tokens):
                 yield next_tok
+                if i == max_new_tokens - 1:
+                    break
                 recent = torch.cat([recent, next_tok], dim=1)[:, -block:]
                 if pos >= block:  # context full: refill the cache from the recent half-window
                     window = recent[:, -(block // 2) :]
                     logits, _ = self(window, input_pos=torch.arange(window.size(1), device=idx.device))
                     pos = window.size(1)
-                else:
-                    logits, _ = step(next_tok, input_pos=torch.tensor([pos], device=idx.device))
+                    next_tok = sampler(logits[:, -1, :])
+                elif step is not None:
+                    next_tok = step.next_token(next_tok, pos)
                     pos += 1
+                else:
+                    logits, _ = self(next_tok, input_pos=torch.tensor([pos], device=idx.device))
+                    pos += 1
+                    next_tok = sampler(logits[:, -1, :])
         finally:
             self.clear_kv_cache()
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row from `logits` (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass before it already reaches top_p (the top token always stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+class Sampler:
+    """The next token of each row from logits (B, V): greedy at temperature 0, else top-k / nucleus
+    sampling by the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) independent picks i with
+    probability p_i, as multinomial sampling does. The noise E is drawn ahead, NOISE_STEPS steps at a
+    time, from the seeded generator, so a draw is device arithmetic only (no generator call, no host
+    sync): the CUDA-graph decode step samples inside its graph, and reads the same noise an eager step
+    would, so both give the same tokens for a seed. Call it (`advance` on the host, then `draw`) once per
+    step, in order."""
+
+    NOISE_STEPS = 64
+
+    def __init__(self, batch: int, vocab_size: int, device: torch.device | str, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        sampling = temperature > 0
+        self.noise = torch.empty(self.NOISE_STEPS if sampling else 0, batch, vocab_size, device=device)
+        self.row = torch.zeros(1, dtype=torch.long, device=device)  # the noise row of the next draw
+        self.draws = 0  # host side
+
+    def advance(self) -> None:
+        """Host side, before each draw: the next NOISE_STEPS rows of noise when the last ones are used."""
+        if self.temperature > 0 and self.draws % self.NOISE_STEPS == 0:
+            self.noise.exponential_(generator=self.generator)
+            self.row.zero_()
+        self.draws += 1
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) -> (B, 1), with device operations only (graph-safe)."""
+        logits = logits.float()
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and 0 < self.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            # drop a token once the mass before it already reaches top_p (the top token always stays)
+            drop_sorted = (cum - sorted_logits.softmax(-1)) >= self.top_p
+            drop = drop_sorted.scatter(1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        noise = self.noise.index_select(0, self.row)[0]
+        self.row.add_(1)
+        return (logits.softmax(dim=-1) / noise).argmax(dim=-1, keepdim=True)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        self.advance()
+        return self.draw(logits)

@@ -346,7 +346,9 @@ def test_cuda_auto_picks_triton_and_falls_back():
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_cuda_graph_decoding_gives_the_same_tokens(bits):
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.8, "top_k": 5, "seed": 3}])
+def test_cuda_graph_decoding_gives_the_same_tokens(bits, sampling):
+    """The graph step samples inside the graph, from the same pre-drawn noise as the eager step."""
     model = tiny_gpt().cuda()
     if bits:
         cfg = QuantConfig(method="rtn", bits=bits, group_size=64 if bits == 4 else -1, quantize_embeddings=True)
@@ -356,8 +358,9 @@ def test_cuda_graph_decoding_gives_the_same_tokens(bits):
                 mod.kernel = "auto"  # resolved on the CPU by quantize(): resolve again for CUDA
                 mod.prepare_kernel()
     prompt = torch.randint(0, 40, (1, 5), device="cuda")
-    runs = [model.generate(prompt, 40, temperature=0.0, cuda_graph=g) for g in (False, True)]
-    assert torch.equal(runs[0], runs[1])  # 40 tokens > the context of 32: the window refill is covered too
+    runs = [model.generate(prompt, 100, cuda_graph=g, **sampling) for g in (False, True)]
+    # 100 tokens > the context of 32 (window refills) and > Sampler.NOISE_STEPS (noise drawn again)
+    assert torch.equal(runs[0], runs[1])
 
 
 @cuda

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanogptq.model import GPT, GPTConfig, preset_config, sample_next
+from nanogptq.model import GPT, GPTConfig, Sampler, preset_config
 
 
 def small_model(**kw) -> GPT:
@@ -59,14 +59,30 @@ def test_generate_crops_long_prompts_and_is_seeded():
     assert torch.equal(a, b)
 
 
-def test_sample_next_top_k_and_top_p():
+def test_sampler_top_k_top_p_and_greedy():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
-    assert picks == {0, 1}
+    sampler = Sampler(1, 5, "cpu", 1.0, top_k=2, seed=0)
+    picks = [int(sampler(logits)) for _ in range(200)]  # more than NOISE_STEPS: the noise is drawn anew
+    assert set(picks) == {0, 1} and set(picks[Sampler.NOISE_STEPS:]) == {0, 1}
     # top token alone holds ~73% of the mass: top_p=0.5 keeps only it
-    assert {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)} == {0}
-    assert int(sample_next(logits, 0.0)) == 0
+    sampler = Sampler(1, 5, "cpu", 1.0, top_p=0.5, seed=0)
+    assert {int(sampler(logits)) for _ in range(50)} == {0}
+    assert int(Sampler(1, 5, "cpu", 0.0)(logits)) == 0
+
+
+def test_sampler_draws_from_the_softmax():
+    """The exponential race picks token i with probability softmax(logits / T)_i: 20,000 rows of the same
+    logits, each step's frequencies within 4 standard deviations of it."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(20_000, 1)
+    expected = (logits[0] / 0.7).softmax(-1)
+    sampler = Sampler(20_000, 5, "cpu", temperature=0.7, seed=1)
+    steps = [sampler(logits)[:, 0] for _ in range(3)]
+    for tokens in steps:
+        freq = torch.bincount(tokens, minlength=5).float() / 20_000
+        assert (freq - expected).abs().max() < 0.015
+    assert not torch.equal(steps[0], steps[1])  # each step reads its own noise
+    again = Sampler(20_000, 5, "cpu", temperature=0.7, seed=1)
+    assert torch.equal(again(logits)[:, 0], steps[0])  # seeded
 
 
 def test_context_overflow_is_an_error():

@@ -6,9 +6,10 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
     int8pack  8-bit, one grid per row (or per tensor). w = (q - 128) * s + (128 - z) * s: an int8 matrix
               times a per-row scale, plus a rank-1 term sum(x) * (128 - z) * s that is zero for symmetric
               grids. CPU: aten._weight_int8pack_mm with bf16 activations for decode-sized inputs and
-              in_features a multiple of 16 (its fp32 path is not vectorized: 5x slower than fp32 F.linear),
-              int8 -> bf16 + F.linear for the others. CUDA: F.linear(x, w_int8.to(x.dtype)) * s, which torch.compile fuses into one
-              kernel (the scale goes on the output, so the weight is read once, as int8).
+              in_features a multiple of 16 (its fp32 path is not vectorized: 5x slower than fp32
+              F.linear), int8 -> bf16 + F.linear for the others. CUDA: F.linear(x, w_int8.to(x.dtype)) * s,
+              which torch.compile fuses into one kernel (the scale goes on the output, so the weight is
+              read once, as int8).
     int4pack  4-bit, groups of 32/64/128/256 (per-channel / per-tensor grids are repeated into such
               groups): tinygemm's w = (q - 8) * scale + zero, so scale = s and zero = (8 - z) * s.
               GPTQ act-order groups (g_idx) are runs of columns in the order GPTQ visited them: the layout
