@@ -324,7 +324,8 @@ class GPT(nn.Module):
         Prompts longer than the context are cropped to their last tokens. When the context is full
         the window slides: the cache is refilled from the last half-context of tokens, so long
         generations cost one prefill per half-context instead of one per token. On CUDA the one-token
-        step is replayed from a CUDA graph (`cuda_graph`) once more than one token is asked for.
+        step, sampling included, is replayed from a CUDA graph (`cuda_graph`) once more than one token is
+        asked for. Sampling is `Sampler`'s: the same tokens for a seed with or without the graph.
         """
         sampler = Sampler(idx.size(0), self.config.vocab_size, idx.device, temperature, top_k, top_p, seed)
         block = self.config.block_size
