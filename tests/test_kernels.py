@@ -391,6 +391,19 @@ def test_cuda_generation_load_runs_fp16_on_the_triton_gemv(tmp_path, bits):
     assert torch.equal(runs[0], runs[1])
 
 
+@cuda
+@pytest.mark.gpu
+def test_cuda_compiled_step_in_the_graph_gives_the_same_tokens():
+    """sample --compile on CUDA: the compiled one-token step, captured with the sampling in the graph."""
+    from nanogptq.model import compile_blocks
+
+    model = tiny_gpt().cuda()
+    prompt = torch.randint(0, 40, (1, 5), device="cuda")
+    eager = model.generate(prompt, 60, temperature=0.0, cuda_graph=False)
+    compile_blocks(model)
+    assert torch.equal(model.generate(prompt, 60, temperature=0.0), eager)
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     Triton is imported); skip where Triton or a numpy it can use is missing."""
