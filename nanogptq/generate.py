@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nanogptq.checkpoint import Checkpoint, is_quantized, load_checkpoint, read_meta, resolve_dtype
-from nanogptq.data import CharTokenizer
+from nanogptq.data import CharTokenizer, Tokenizer
 from nanogptq.model import compile_blocks
 
 
@@ -86,6 +86,26 @@ def encode_prompt(ckpt: Checkpoint, prompt: str) -> tuple[list[int], list[str]]:
     return ids, notes
 
 
+class TextStream:
+    """The text of a growing list of token ids, equal at every step to the tokenizer's decode of all of
+    them, in linear time: the ids up to the last whole character are decoded once and kept, only the ones
+    after it again (a byte or BPE token can end inside a multi-byte character, which decodes to U+FFFD
+    until the rest of it arrives)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.kept = ""  # the text of ids[: self.start]
+        self.start = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        tail = self.tokenizer.decode(self.ids[self.start :])
+        if not tail.endswith("\ufffd"):  # a clean boundary: UTF-8 decoding restarts here
+            self.kept, self.start, tail = self.kept + tail, len(self.ids), ""
+        return self.kept + tail
+
+
 def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iterator[Generation]:
     """Yield the growing Generation after each new token (text decoded from all tokens so far)."""
     settings.validate()
@@ -93,17 +113,16 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
     device = ckpt.model.transformer.wpe.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = Generation(notes=notes)
-    new: list[int] = []
+    text = TextStream(ckpt.tokenizer)
     start = time.perf_counter()
     for tok in ckpt.model.generate_stream(idx, settings.max_new_tokens, settings.temperature,
                                          settings.top_k or None, settings.top_p, settings.seed):
-        new.append(int(tok[0, 0]))  # .item() synchronises with the device: the timing is real
+        gen.text = text.add(int(tok[0, 0]))  # int() synchronises with the device: the timing is real
         now = time.perf_counter() - start
-        if len(new) == 1:
+        if gen.new_tokens == 0:
             gen.ttft_s = now
         gen.total_s = now
-        gen.new_tokens = len(new)
-        gen.text = ckpt.tokenizer.decode(new)
+        gen.new_tokens += 1
         yield gen
 
 
