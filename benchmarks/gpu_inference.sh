@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU: the CUDA kernel tests, the linears-only kernel table, the decode-attention table and
-# the decode benchmark, in three parts that each fit the device tool's 10 minutes:
-#   bash benchmarks/gpu_inference.sh 1; bash benchmarks/gpu_inference.sh 2; bash benchmarks/gpu_inference.sh 3
+# the decode benchmark, in four parts that each fit the device tool's 10 minutes:
+#   bash benchmarks/gpu_inference.sh 1; ... bash benchmarks/gpu_inference.sh 4
 # OUT=DIR puts the JSON files there instead.
 set -uo pipefail
 PY=${PY:-python3}
@@ -34,4 +34,19 @@ if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention
   timeout 150 $DECODE --sizes 7b --variants stock-int4 w8a8 --json "$OUT/decode_cuda_7b_stock_$GPU.json" | grep -v '^{'
   timeout 120 $DECODE --sizes 7b --variants bf16 int8 --sdpa --json "$OUT/decode_cuda_7b_sdpa_$GPU.json" | grep -v '^{'
+fi
+if [ "$PART" = all ] || [ "$PART" = 4 ]; then
+  # trained tiny checkpoints, made as `make run STEPS=300 RUN=runs/gpu-demo` makes them, run as `sample` loads
+  # them: the auto activation dtype (fp16 quantized, bf16 float) against fp32
+  R=runs/gpu-demo
+  if [ ! -f $R/gptq-int4/config.json ]; then
+    $PY -m nanogptq.cli train --preset tiny --dataset shakespeare --split tail --out-dir $R --max-steps 300 \
+      --batch-size 16 --lr 3e-3 --min-lr 3e-4 --warmup-steps 50 --eval-interval 100 --eval-batches 10
+    $PY -m nanogptq.cli quantize $R/best --method rtn --bits 8 --group-size -1 --out $R/rtn-int8
+    $PY -m nanogptq.cli quantize $R/best --method gptq --bits 4 --group-size 64 --act-order --out $R/gptq-int4
+  fi
+  for dtype in auto fp32; do
+    timeout 100 $DECODE --sizes --ckpt $R/best $R/rtn-int8 $R/gptq-int4 --ckpt-dtype $dtype \
+      --json "$OUT/decode_cuda_ckpt_${dtype}_$GPU.json" | grep -v '^{'
+  done
 fi
