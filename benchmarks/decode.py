@@ -17,8 +17,8 @@ Decoding uses the model's own static KV cache, so every step has the same shapes
 replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unless --no-graph, and with
 --compile each transformer block is also compiled by torch.compile first (regional compilation: the 32-48
 identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
-int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV (at 4 bits on the QUADS
-layout; the int4 model's head at 8 bits); for comparison in the same run, the "stock-" variants run
+int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV (on its INTERLEAVED words;
+the int4 model's head at 8 bits); for comparison in the same run, the "stock-" variants run
 PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack).
 """
 
@@ -57,7 +57,7 @@ SIZES = {
     "gpt2-xl": GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
     "7b": GPTConfig(vocab_size=32000, block_size=1024, n_layer=32, n_head=32, n_embd=4096),
 }
-ACT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ACT_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}  # the quantized variants' on CUDA
 # datasheet HBM peaks, bytes/s, by a word of the device name (the roofline's denominator)
 HBM_PEAKS = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 

@@ -271,9 +271,9 @@ class GPT(nn.Module):
             max_len = self.transformer.h[0].attn.kv_cache.k.size(2)
             mask = torch.arange(max_len, device=idx.device)[None, :] <= input_pos[:, None]
         x = self.embed(idx, input_pos)
+        one_token = idx.size(1) == 1
         for block in self.transformer.h:
-            one_token = idx.size(1) == 1 and block.decode_step is not None
-            x = (block.decode_step if one_token else block)(x, input_pos, mask)
+            x = (block.decode_step if one_token and block.decode_step else block)(x, input_pos, mask)
         if mask is not None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -396,9 +396,9 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p is not None and 0 < self.top_p < 1:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
+            sorted_probs = sorted_logits.softmax(-1)
             # drop a token once the mass before it already reaches top_p (the top token always stays)
-            drop_sorted = (cum - sorted_logits.softmax(-1)) >= self.top_p
+            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= self.top_p
             drop = drop_sorted.scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         noise = self.noise.index_select(0, self.row)[0]
