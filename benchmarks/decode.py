@@ -45,6 +45,7 @@ from nanogptq.quant import (
     QuantEmbedding,
     QuantizedWeight,
     QuantLinear,
+    cuda_gemv,
     free_packed_buffers,
     fuse_mlp_gelu,
     quantize,
@@ -95,6 +96,7 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
     if gpu:  # PyTorch's own ops alone, for comparison
         out.insert(3, Variant("stock-int8", 8, ("int8pack", "dequant")))
         out.insert(5, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
+        out.insert(6, Variant(f"triton-int4-g{g4}", 4, ("triton", "int8pack", "dequant"), g4, False))
     return out
 
 
@@ -312,6 +314,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
     prefill, decode, runs = time_decode(model, args, device)
     row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
     if gpu:
+        row["mma_tiles"] = cuda_gemv.tuned_configs()  # the tensor-core GEMV's tuned tiles so far
         row["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
         row["hbm_roofline"] = row["weight_bytes"] * decode / hbm_peak()
     else:

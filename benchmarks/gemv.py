@@ -8,10 +8,12 @@ Each variant's layer (in copies that overflow the L2 cache) is called R times in
 times and the median per-call time is reported with the bytes the kernel reads (weights, scales, zero
 points) per second and as a fraction of the GPU's HBM peak (decode.hbm_peak). Variants: bf16 and fp16
 F.linear (cuBLAS), the Triton GEMV at 8 bits (per row) and 4 bits (g128, asymmetric) on bf16 or (-fp16)
-fp16 activations, the first Triton GEMV (gemv_first.py: "-bytes", "-halves", "-pairs"), and PyTorch's stock
-int8 weight-only (eager F.linear on the int8 matrix, then scales) and int4 tinygemm (`_weight_int4pack_mm`).
-Every quantized variant's output is checked against its dequantized weights first (the `err` column,
-relative L2), so a wrong kernel cannot post a time.
+fp16 activations, the tensor-core GEMV (cuda_gemv.py, "mma-"), a kernel that only reads the mma layout's
+code words ("read-int4": what streaming these bytes costs with no arithmetic, the ceiling for a kernel of
+this shape; the best of a few tiles), the first Triton GEMV (gemv_first.py: "-bytes", "-halves", "-pairs"),
+and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales) and int4 tinygemm
+(`_weight_int4pack_mm`). Every quantized variant's output is checked against its dequantized weights first
+(the `err` column, relative L2), so a wrong kernel cannot post a time.
 Writes results/gemv_<gpu>.json.
 """
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from decode import hbm_peak, random_quant_linear  # benchmarks/ is on sys.path when run as a script
 
-from nanogptq.quant import QuantLinear, triton_gemv
+from nanogptq.quant import QuantLinear, cuda_gemv, triton_gemv
 
 
 def l2_bytes() -> int:
@@ -45,6 +47,8 @@ VARIANTS = {
     "triton-int4-g128": (4, 128, False, "triton"),
     "triton-int8-fp16": (8, -1, True, "triton"),
     "triton-int4-g128-fp16": (4, 128, False, "triton"),
+    "mma-int4-g128-fp16": (4, 128, False, "mma"),
+    "read-int4-g128-fp16": (4, 128, False, "read"),
     "triton-int8-bytes": (8, -1, True, "triton-pairs"),
     "triton-int4-g128-halves": (4, 128, False, "triton-halves"),
     "triton-int4-g128-pairs": (4, 128, False, "triton-pairs"),
@@ -61,6 +65,8 @@ def make_layer(n: int, k: int, spec: tuple | None, dtype: torch.dtype) -> torch.
     if spec is None:
         return torch.randn(n, k, device="cuda", dtype=dtype)
     bits, group_size, symmetric, kernel = spec
+    if kernel == "read":
+        return ReadOnly(random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="mma"))
     if kernel in ("triton-pairs", "triton-halves"):  # earlier 4-bit layouts of the Triton GEMV, for comparison
         m = random_quant_linear(n, k, bits, group_size, symmetric, "cuda", kernel="triton")
         return FirstKernelGEMV(m, gemv_first.HALVES if kernel == "triton-halves" else gemv_first.PAIRS)
@@ -85,13 +91,61 @@ class FirstKernelGEMV:
         return [t for t in (self.codes, self.m.scales, self.m.z_codes) if t is not None]
 
 
+READ_SOURCE = cuda_gemv.SOURCE + r"""
+template <int CW, int UNROLL, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) read_words(const u32* __restrict__ w, u32* __restrict__ out, int NC) {
+  // w4_gemv's loads of the code words alone (same tiles, warps and batches), XORed so they stay
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cbeg = (NC * warp) / WARPS, cend = (NC * (warp + 1)) / WARPS;
+  const u32* wl = w + (size_t)blockIdx.x * NC * CW * 32 + lane * 4;
+  u32 acc = 0;
+  for (int c = cbeg; c + UNROLL <= cend; c += UNROLL) {
+    u32 r[UNROLL][CW];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int v = 0; v < CW / 4; ++v) ld_stream(r[u] + 4 * v, wl + (size_t)(c + u) * CW * 32 + 128 * v);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+      for (int i = 0; i < CW; ++i) acc ^= r[u][i];
+  }
+  if (acc == 0x9E3779B9u) out[0] = acc;  // almost never true, but the compiler cannot know
+}
+"""
+READ_TILES = ((2, 8), (2, 2), (4, 4), (8, 4))  # (chunks per batch, warps): the ceiling is the best of them
+
+
+class ReadOnly:
+    """Reads a 4-bit layer's mma code words and nothing else (no activations, no arithmetic, no output)."""
+
+    def __init__(self, m: QuantLinear):
+        self.words, self.tile = m.m_words, READ_TILES[0]
+        self.out = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def kernel(self, tile):
+        cap = torch.cuda.get_device_capability()
+        cw = 4 * self.words.shape[2]
+        return torch.cuda._compile_kernel(READ_SOURCE, f"read_words<{cw}, {tile[0]}, {tile[1]}>",
+                                          f"{cap[0]}{cap[1]}", nvcc_options=["-std=c++17"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        unroll, warps = self.tile
+        self._k(grid=(self.words.shape[0], 1, 1), block=(32 * warps, 1, 1),
+                args=[self.words, self.out, self.words.shape[1]])
+        return self.out
+
+    def read_tensors(self) -> list[torch.Tensor]:
+        return [self.words]
+
+
 MAX_ERR = 3e-2  # bf16 activations and outputs: a right kernel lands near 4e-3
 
 
 @torch.inference_mode()
 def rel_err(layer, x: torch.Tensor) -> float | None:
     """Relative L2 error of a quantized layer's output against x times its dequantized weights in fp32."""
-    if isinstance(layer, torch.Tensor):
+    if isinstance(layer, (torch.Tensor, ReadOnly)):
         return None
     m = layer.m if isinstance(layer, FirstKernelGEMV) else layer
     y, ref = layer(x).float(), x.float() @ m.dequantize().to(x.device).T
@@ -125,6 +179,13 @@ def time_call(fn, x: torch.Tensor, calls: int, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(times)
+
+
+def time_read(copies: list[ReadOnly], fn, x: torch.Tensor, tile: tuple[int, int], args) -> float:
+    kernel = copies[0].kernel(tile)
+    for c in copies:
+        c.tile, c._k = tile, kernel
+    return time_call(fn, x, args.calls, args.repeats)
 
 
 def main() -> None:
@@ -168,7 +229,10 @@ def main() -> None:
                 err = rel_err(first, xv)
                 if err is not None and not err < MAX_ERR:
                     raise ValueError(f"output off the dequantized weights' by {err:.1e} (relative)")
-                t = time_call(fn, xv, args.calls, args.repeats)
+                if isinstance(first, ReadOnly):  # the ceiling: the best of a few tiles
+                    t = min(time_read(copies, fn, xv, tile, args) for tile in READ_TILES)
+                else:
+                    t = time_call(fn, xv, args.calls, args.repeats)
             except Exception as e:  # a kernel that fails on this GPU gets a row, not a crash
                 print(f"| {shape} | {name} | ERROR {type(e).__name__}: {str(e)[:120]} | | | | |")
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:300]})
@@ -194,7 +258,7 @@ def main() -> None:
             )
     out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tuned = triton_gemv.tuned_configs()
+    tuned = {**triton_gemv.tuned_configs(), **cuda_gemv.tuned_configs()}
     for key, cfg in tuned.items():
         print(f"autotuned {key}: {cfg}")
     info = {"gpu": gpu, "hbm_peak_bytes_s": peak, "torch": torch.__version__, "args": vars(args), "tuned": tuned}

@@ -11,24 +11,25 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-# result files are named by the GPU (h100, h200, ...). "even" / "fp16act": the Triton GEMV's current version
-# (unmasked whole tiles, GELU epilogue), with the quantized models on fp16 activations (the float baseline
-# stays bf16); "interleaved" files came from its previous version on bf16 activations, the files without
-# either from the first kernel
+# result files are named by the GPU (h100, h200, ...). "mma": 4 bits on the tensor-core GEMV (cuda_gemv.py),
+# 8 bits on the Triton GEMV, quantized models on fp16 activations (the float baseline stays bf16); "even" /
+# "fp16act" files came from before the tensor-core GEMV (4 bits on Triton), "interleaved" ones from the
+# Triton GEMV's previous version on bf16 activations, the files without either from the first kernel
 GPU=$($PY -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)
 if [ "$PART" = all ] || [ "$PART" = 1 ]; then
   timeout 330 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
-  timeout 150 $PY benchmarks/gemv.py --variants bf16 fp16 triton-int8 triton-int8-fp16 triton-int4-g128 \
-    triton-int4-g128-fp16 --json "$OUT/gemv_even_$GPU.json"
+  timeout 200 $PY benchmarks/gemv.py --variants bf16 fp16 triton-int8-fp16 triton-int4-g128-fp16 \
+    mma-int4-g128-fp16 read-int4-g128-fp16 --json "$OUT/gemv_mma_$GPU.json"
   timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_$GPU.json"
 fi
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
-  timeout 200 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 \
-    --json "$OUT/decode_cuda_7b_fp16act_$GPU.json" | grep -v '^{'
-  timeout 150 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 \
-    --json "$OUT/decode_cuda_xl_fp16act_$GPU.json" | grep -v '^{'
+  # int4: the tensor-core GEMV (auto); triton-int4: the same model on the Triton GEMV, in the same run
+  timeout 240 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 triton-int4 \
+    --json "$OUT/decode_cuda_7b_mma_$GPU.json" | grep -v '^{'
+  timeout 180 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 triton-int4 \
+    --json "$OUT/decode_cuda_xl_mma_$GPU.json" | grep -v '^{'
   timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 w8a8 \
-    --json "$OUT/decode_cuda_small_fp16act_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_small_mma_$GPU.json" | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention

@@ -179,11 +179,13 @@ def test_switching_kernels_drops_the_old_layout():
 
 def test_auto_choice_for_cuda_layers():
     """What "auto" resolves to on a CUDA device (the choice only reads the layer and the device type, so
-    it is checked here without a GPU): Triton where Triton is installed, else PyTorch's ops."""
+    it is checked here without a GPU): the tensor-core GEMV at 4 bits where its chunks fit, Triton where
+    Triton is installed, else PyTorch's ops."""
     has_triton = K._triton_gemv() is not None
     gpu = torch.device("cuda")
     assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), gpu) == ("triton" if has_triton else "int8pack")
-    assert auto_kernel(layer(64, 256, 4, 128, False, "dequant"), gpu) == ("triton" if has_triton else "int4pack")
+    assert auto_kernel(layer(64, 256, 4, 128, False, "dequant"), gpu) == "mma"
+    assert auto_kernel(layer(64, 256, 4, 32, False, "dequant"), gpu) == ("triton" if has_triton else "int4pack")
     assert auto_kernel(layer(64, 1600, 4, 128, False, "dequant"), gpu) == ("triton" if has_triton else "dequant")
     assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), CPU) == "int8pack"  # never Triton on the CPU
 
@@ -335,9 +337,10 @@ def test_cuda_triton_gemv_matches_dequant(bits, group_size, in_f, symmetric, row
 
 @cuda
 @pytest.mark.gpu
-def test_cuda_auto_picks_triton_and_falls_back():
+def test_cuda_auto_picks_the_gemvs_and_falls_back():
     assert layer(64, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"
-    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "triton"  # it beats tinygemm
+    assert layer(64, 256, 4, 128, False, "auto", device="cuda").kernel == "mma"
+    assert layer(64, 256, 4, 32, False, "auto", device="cuda").kernel == "triton"  # groups of 32: not mma's
     assert layer(64, 1600, 4, 128, False, "auto", device="cuda").kernel == "triton"  # 128 does not divide 1600
     assert layer(65, 128, 8, -1, True, "auto", device="cuda").kernel == "triton"  # a char head: 65 rows
     assert layer(64, 96, 4, 48, False, "auto", device="cuda").kernel == "dequant"  # 48: not a Triton tile
@@ -366,9 +369,10 @@ def test_cuda_graph_decoding_gives_the_same_tokens(bits, sampling):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
-def test_cuda_generation_load_runs_fp16_on_the_triton_gemv(tmp_path, bits):
-    """What `sample` and the demo load on CUDA by default: fp16 activations (the GEMV's fast path) on the
-    Triton kernel, logits near the fp32 load's, graph-replayed decoding as eager."""
+def test_cuda_generation_load_runs_fp16_on_the_gemvs(tmp_path, bits):
+    """What `sample` and the demo load on CUDA by default: fp16 activations (the GEMVs' fast path) on the
+    Triton kernel (8 bits) or the tensor-core one (4 bits), logits near the fp32 load's, graph-replayed
+    decoding as eager."""
     from nanogptq.generate import load_for_generation
 
     cfg = QuantConfig(method="rtn", bits=bits, group_size=64 if bits == 4 else -1, quantize_embeddings=True)
@@ -380,7 +384,7 @@ def test_cuda_generation_load_runs_fp16_on_the_triton_gemv(tmp_path, bits):
     half, full = load_for_generation(path, "cuda").model, load_for_generation(path, "cuda", dtype="fp32").model
     assert half.transformer.wpe.weight.dtype == torch.float16 and full.transformer.wpe.weight.dtype == torch.float32
     blocks = [m for m in half.transformer.h.modules() if isinstance(m, QuantLinear)]
-    assert {m.kernel for m in blocks} == {"triton"} and all(m.packed_freed for m in blocks)
+    assert {m.kernel for m in blocks} == {"triton" if bits == 8 else "mma"} and all(m.packed_freed for m in blocks)
     idx = torch.randint(0, 40, (1, 32), device="cuda")
     with torch.no_grad():
         a = half(idx[:, :1], input_pos=torch.zeros(1, dtype=torch.long, device="cuda"))[0]
@@ -402,6 +406,52 @@ def test_cuda_compiled_step_in_the_graph_gives_the_same_tokens():
     eager = model.generate(prompt, 60, temperature=0.0, cuda_graph=False)
     compile_blocks(model)
     assert torch.equal(model.generate(prompt, 60, temperature=0.0), eager)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "group_size, in_f, symmetric",
+    [(128, 4096, False), (64, 1600, True), (256, 1024, False), (-1, 192, False), (0, 256, True)],
+)
+# 40 rows: the prefill path (dequantize the layout + cuBLAS)
+@pytest.mark.parametrize("rows, compiled, dtype", [(1, False, torch.float16), (8, False, torch.float16),
+                                                    (3, False, torch.bfloat16), (40, False, torch.float16),
+                                                    (1, True, torch.float16)])
+def test_cuda_mma_gemv_matches_dequant(group_size, in_f, symmetric, rows, compiled, dtype):
+    m = layer(272, in_f, 4, group_size, symmetric, "mma", device="cuda", bias=True)
+    x = torch.randn(rows, in_f, device="cuda", dtype=dtype)
+    torch._dynamo.reset()
+    f = torch.compile(m, fullgraph=True) if compiled else m
+    with torch.no_grad():
+        y = f(x)
+    assert y.dtype == dtype and y.shape == (rows, 272)
+    assert rel_err(y, reference(m, x)) < BF16_TOL
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("gelu", [False, True])
+def test_cuda_mma_gemv_every_config_and_in_a_graph(gelu):
+    """Every tuner candidate gives the dequantized weights' output (fp32 sums: far inside BF16_TOL), and a
+    first call inside a CUDA-graph capture (no timing there) runs on the heuristic's config."""
+    from nanogptq.quant import cuda_gemv
+
+    m = layer(100, 512, 4, 128, False, "mma", device="cuda")  # 100 rows: a padded last tile
+    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    ref = reference(m, x).float()
+    ref = F.gelu(ref) if gelu else ref
+    for cfg in cuda_gemv.CONFIGS:
+        y = cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, 128, gelu, config=cfg)
+        assert rel_err(y, ref) < 2e-3, cfg
+    fresh = torch.randn(3, 512, device="cuda", dtype=torch.float16)  # 3 rows: a shape not yet tuned
+    cuda_gemv._TUNED.pop((100, 512, 3, 8, 128, fresh.device), None)
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = cuda_gemv.launch(fresh, m.m_words, m.m_scales, m.m_zeros, 100, 128, gelu)
+    graph.replay()
+    ref = reference(m, fresh).float()
+    assert rel_err(out, F.gelu(ref) if gelu else ref) < 2e-3
 
 
 def run_in_triton_interpreter(code: str) -> None:
@@ -479,12 +529,15 @@ def test_cuda_interleaved_gemv_every_tuned_config_matches_dequant(bits, group_si
 )
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_gemv_tiles_rows_and_gelu_epilogue(bits, group_size, in_f, out_f, gelu, dtype):
+@pytest.mark.parametrize("kernel", ["triton", "mma"])
+def test_cuda_gemv_tiles_rows_and_gelu_epilogue(bits, group_size, in_f, out_f, gelu, dtype, kernel):
     """Whole tiles (EVEN, no masks: 4096 x 512) and ragged ones, row counts that leave the last word row
-    part padding (65: a char vocabulary's head, 66), with and without the GELU epilogue, both activation
-    dtypes; the custom op inside torch.compile too."""
-    m = layer(out_f, in_f, bits, group_size, False, "auto", device="cuda")
-    assert m.kernel == "triton"
+    (Triton) or row tile (mma) part padding (65: a char vocabulary's head, 66), with and without the GELU
+    epilogue, both activation dtypes; the custom ops inside torch.compile too."""
+    if kernel == "mma" and bits != 4:
+        pytest.skip("the tensor-core GEMV is 4-bit only")
+    m = layer(out_f, in_f, bits, group_size, False, kernel, device="cuda")
+    assert m.kernel == kernel
     m.gelu = gelu
     x = torch.randn(1, in_f, device="cuda", dtype=dtype)
     ref = reference(m, x).float()

@@ -254,3 +254,47 @@ def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch
         y = F.linear(x2, triton_layout_weight(m).to(x.dtype))
         y = F.gelu(y) if gelu else y
     return y.reshape(*x.shape[:-1], m.out_features)
+
+
+# ---- mma: a tensor-core GEMV over the 4-bit codes (CUDA, compiled at first use) ----
+
+
+def mma_supports(m: QuantLinear, device: torch.device) -> bool:
+    if device.type != "cuda" or m.g_idx is not None:
+        return False
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+        return False  # mma.sync.m16n8k16 needs sm_80
+    from nanogptq.quant import cuda_gemv
+
+    return cuda_gemv.supports(m.bits, m.group_size, m.in_features)
+
+
+def prepare_mma(m: QuantLinear) -> None:
+    from nanogptq.quant import cuda_gemv
+
+    zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
+    m.register_buffer("z_codes", zeros, persistent=False)  # for prefill, beside the kernel's own pairs
+    cw = cuda_gemv.chunk_words(m.group_size, m.in_features)
+    codes = unpack(m.qweight, m.bits, m.in_features)
+    m.register_buffer("m_words", cuda_gemv.to_mma_layout(codes, cw), persistent=False)
+    s_pairs, z_pairs = cuda_gemv.grid_layout(m.scales, zeros, m.out_features)
+    m.register_buffer("m_scales", s_pairs, persistent=False)
+    m.register_buffer("m_zeros", z_pairs, persistent=False)
+
+
+def mma_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """Decode-sized inputs on the tensor-core GEMV (in fp16: bf16 activations are converted, as the
+    Triton GEMV does in its loop); prefill dequantizes the layout, then cuBLAS."""
+    from nanogptq.quant import cuda_gemv
+
+    x2 = x.reshape(-1, m.in_features)
+    if x2.shape[0] <= cuda_gemv.MAX_ROWS:
+        xh = x2.to(torch.float16).contiguous()
+        y = torch.ops.nanogptq.mma_gemv(xh, m.m_words, m.m_scales, m.m_zeros, m.out_features, m.group_size,
+                                        gelu).to(x.dtype)
+    else:
+        codes = cuda_gemv.from_mma_layout(m.m_words, m.out_features)
+        w = dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
+        y = F.linear(x2, w.to(x.dtype))
+        y = F.gelu(y) if gelu else y
+    return y.reshape(*x.shape[:-1], m.out_features)

@@ -62,6 +62,8 @@ KERNELS: dict[str, Kernel] = {
     # CUDA only
     "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes"),
                      forward_gelu=lambda m, x: K.triton_forward(m, x, gelu=True)),
+    "mma": Kernel(K.mma_forward, K.prepare_mma, K.mma_supports, ("m_words", "m_scales", "m_zeros"),
+                  forward_gelu=lambda m, x: K.mma_forward(m, x, gelu=True)),
     # quantizes activations: opt-in only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
@@ -69,7 +71,7 @@ LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACK
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H200 (README):
 # the Triton GEMV beats tinygemm at 4 bits and everything stock at 8 bits; on the CPU, where
 # Triton does not run, int4pack and int8pack.
-AUTO_ORDER = ("triton", "int4pack", "int8pack", "dequant")
+AUTO_ORDER = ("mma", "triton", "int4pack", "int8pack", "dequant")
 
 
 def auto_kernel(m: QuantLinear, device: torch.device, order: tuple[str, ...] = AUTO_ORDER) -> str:

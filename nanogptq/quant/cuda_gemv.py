@@ -1,0 +1,345 @@
+"""A 4-bit GEMV on tensor cores for decoding (up to 8 rows), in CUDA C compiled at first use (NVRTC).
+
+For activation rows x[m] and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g = k // group:
+
+    y[m, n] = sum_g s[n, g] sum_{k in g} (q[n, k] - z[n, g]) x[m, k]
+
+Each warp multiplies a 16-row tile of codes by the activations with `mma.sync.m16n8k16` (fp16 inputs, fp32
+sums): the codes are the A operand (16 rows x 16 k per instruction, 8 codes per lane: one int32 word), the
+activations the B operand, whose 8 columns are 8 activation rows (columns past the last row repeat it and
+are not stored). Tensor cores do the multiply-adds, so what is left per weight is turning 4-bit codes into
+exact fp16 (q - z): per word a shift, four LOP3s (the 0x6400 trick: 1024 + q, or 1024 + 16 q for the high
+nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 1.25 instructions per
+weight, about 2 with the loads and addressing (sm_90 SASS of the main loop), against 2.3-2.9 in the
+Triton GEMV (triton_gemv.py); and the sums are fp32 (the Triton kernel's innermost ones are fp16). On the
+H200 it runs the 7 B linears at 1.03-1.14x the Triton GEMV's speed (benchmarks/gemv.py); both stay below
+what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows there).
+
+The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
+warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
+k within a chunk works if codes and activations agree: lane (g, t) (g = lane / 4, t = lane % 4) covers the
+4 CW contiguous activations 4 CW t ... of its chunk (16 CW columns), which it loads as CW / 2 16-byte
+vectors, and word i of that lane multiplies activations 4 i ... 4 i + 3 of them.
+
+PTX fragments of mma.m16n8k16 (f16 A row-major, B column-major, f32 C), g = lane >> 2, t = lane & 3:
+    A reg j (j = 0..3) holds rows g + 8 (j & 1), columns 2 t + 8 (j >> 1) + (0, 1)
+    B reg j (j = 0, 1) holds rows 2 t + 8 j + (0, 1), column g
+    C reg j (j = 0..3) holds row g + 8 (j >> 1), column 2 t + (j & 1)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+GROUP_CW = (8, 4)  # words per lane per chunk: chunks of 128 or 64 columns; a group holds whole chunks
+MAX_ROWS = 8  # activation rows: the B operand's 8 columns
+# (chunks per batch of loads, warps per block splitting K): the tuner's candidates. In a sweep on the H200
+# the best were (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 / 16384x4096 /
+# 4096x16384, up to 3x faster than the worst.
+CONFIGS = ((2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (1, 8))
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 lop3_or(u32 a, u32 mask) {  // (a & mask) | 0x64006400
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(0x64006400u));
+  return r;
+}
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
+  u32 r;
+  asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ld_stream(u32* r, const u32* p) {  // read once: keep it out of L1
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+__device__ __forceinline__ void ld_cached(u32* r, const u16* p) {  // activations: every block reads them
+  asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+__device__ __forceinline__ float h2f(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+  return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+template <int CW>
+struct Chunk {  // one lane's share of one chunk: CW words of codes, 2 CW activation pairs, its group's grid
+  u32 w[CW];
+  u32 x[2 * CW];
+  u32 s, z;
+};
+
+template <int CW>
+__device__ __forceinline__ void load(Chunk<CW>& ch, const u32* w, const u16* x, const u32* s,
+                                     const u16* z, bool has_z) {
+#pragma unroll
+  for (int v = 0; v < CW / 4; ++v) ld_stream(ch.w + 4 * v, w + 128 * v);
+#pragma unroll
+  for (int v = 0; v < CW / 2; ++v) ld_cached(ch.x + 4 * v, x + 8 * v);
+  ch.s = *s;
+  ch.z = has_z ? (u32)*z : 0x0808u;  // symmetric grids: z = 8
+}
+
+template <int CW>
+__device__ __forceinline__ void compute(float (&acc)[4], const Chunk<CW>& ch) {
+  const u32 olo = (0xE400u + (ch.z & 0xFFu)) * 0x10001u;   // -(1024 + z) for row g, in both halves
+  const u32 ohi = (0xD400u + 16u * (ch.z >> 8)) * 0x10001u;  // -(64 + z) for row g + 8
+  const u32 k16 = 0x2C002C00u;                                // 1/16
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < CW; ++i) {
+    const u32 q = ch.w[i], q2 = q >> 8;
+    const u32 a0 = hadd2(lop3_or(q, 0x000F000Fu), olo);        // nibbles 0, 4: row g
+    const u32 a1 = hfma2(lop3_or(q, 0x00F000F0u), k16, ohi);   // nibbles 1, 5: row g + 8
+    const u32 a2 = hadd2(lop3_or(q2, 0x000F000Fu), olo);       // nibbles 2, 6: row g
+    const u32 a3 = hfma2(lop3_or(q2, 0x00F000F0u), k16, ohi);  // nibbles 3, 7: row g + 8
+    mma(d, a0, a1, a2, a3, ch.x[2 * i], ch.x[2 * i + 1]);
+  }
+  const float s_lo = h2f(ch.s & 0xFFFFu), s_hi = h2f(ch.s >> 16);
+  acc[0] += d[0] * s_lo;
+  acc[1] += d[1] * s_lo;
+  acc[2] += d[2] * s_hi;
+  acc[3] += d[3] * s_hi;
+}
+
+template <int CW, int UNROLL, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) w4_gemv(
+    const u32* __restrict__ w, const u16* __restrict__ x, const u32* __restrict__ s, const u16* __restrict__ z,
+    u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
+    int gelu) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3, T = blockIdx.x;
+  const int cbeg = (NC * warp) / WARPS, cend = (NC * (warp + 1)) / WARPS;
+  const u32* wl = w + (size_t)T * NC * CW * 32 + lane * 4;
+  // lane g's B column is activation row g; columns g >= M repeat the last row, and are not stored
+  const u16* xl = x + (size_t)min(g, M - 1) * x_stride + 4 * CW * t;
+  const u32* sl = s + (size_t)T * NGR * 8 + g;
+  const u16* zl = z + (size_t)T * NGR * 8 + g;  // unread when !has_z
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int c = cbeg;
+  for (; c + UNROLL <= cend; c += UNROLL) {  // all of a batch's loads in flight before its first mma
+    Chunk<CW> ch[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int cu = c + u, gr = cu >> cpg_log2;
+      load<CW>(ch[u], wl + (size_t)cu * CW * 32, xl + cu * 16 * CW, sl + gr * 8, zl + gr * 8, has_z);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) compute<CW>(acc, ch[u]);
+  }
+  for (; c < cend; ++c) {
+    Chunk<CW> ch;
+    const int gr = c >> cpg_log2;
+    load<CW>(ch, wl + (size_t)c * CW * 32, xl + c * 16 * CW, sl + gr * 8, zl + gr * 8, has_z);
+    compute<CW>(acc, ch);
+  }
+  if (WARPS > 1) {  // the warps' partial sums over their parts of K
+    __shared__ float red[WARPS][32][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp][lane][j] = acc[j];
+    __syncthreads();
+    if (warp) return;
+#pragma unroll
+    for (int wk = 1; wk < WARPS; ++wk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] += red[wk][lane][j];
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
+    const int n = 16 * T + g + 8 * (j >> 1), m = 2 * t + (j & 1);
+    float v = acc[j];
+    if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
+  }
+}
+"""
+
+
+def _as_int32(v: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values (in int64) as the int32 with the same bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32).contiguous()
+
+
+def supports(bits: int, group_size: int, in_features: int) -> bool:
+    """4-bit grids whose groups hold whole chunks (64 columns at least), per-row and per-tensor grids with
+    in_features a multiple of 64."""
+    if bits != 4:
+        return False
+    if group_size > 0:  # a power of two: whole chunks per group, as a shift
+        return group_size >= 64 and group_size & (group_size - 1) == 0 and in_features % group_size == 0
+    return in_features % 64 == 0
+
+
+def chunk_words(group_size: int, in_features: int) -> int:
+    """Words per lane per chunk: 8 (128 columns) where the groups hold whole 128-column chunks, else 4."""
+    span = group_size if group_size > 0 else in_features
+    return next(cw for cw in GROUP_CW if span % (16 * cw) == 0)
+
+
+def to_mma_layout(codes: torch.Tensor, cw: int) -> torch.Tensor:
+    """Codes (N, K) of 4 bits -> int32 words (cdiv(N, 16), K / (16 cw), cw / 4, 32 lanes, 4): tile T,
+    chunk c, vector v, lane 4 g + t, word 4 v + e of the lane. Word i's nibble h + 2 jh + 4 e2 holds row
+    16 T + g + 8 h and column 16 cw c + 4 cw t + 4 i + 2 jh + e2 (padding rows are zero)."""
+    N, K = codes.shape
+    NT, NC = -(-N // 16), K // (16 * cw)
+    q = torch.zeros(NT * 16, K, dtype=torch.int64, device=codes.device)
+    q[:N] = codes.to(torch.int64)
+    q = q.view(NT, 2, 8, NC, 4, cw, 2, 2)  # T, h, g, c, t, i, jh, e2
+    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)  # T, c, g, t, i, e2, jh, h: nibble order last
+    shifts = 4 * torch.arange(8, device=codes.device)
+    words = (q.reshape(NT, NC, 8, 4, cw, 8) << shifts).sum(-1)  # T, c, g, t, i
+    words = words.view(NT, NC, 8, 4, cw // 4, 4).permute(0, 1, 4, 2, 3, 5)  # T, c, v, g, t, e
+    return _as_int32(words.reshape(NT, NC, cw // 4, 32, 4))  # sums of disjoint nibbles: < 2^32
+
+
+def from_mma_layout(words: torch.Tensor, N: int) -> torch.Tensor:
+    """The codes (N, K) back from `to_mma_layout`'s words (prefill dequantizes from the layout alone)."""
+    NT, NC, V = words.shape[:3]
+    cw = 4 * V
+    w = (words.to(torch.int64) & 0xFFFFFFFF).view(NT, NC, V, 8, 4, 4)
+    w = w.permute(0, 1, 3, 4, 2, 5).reshape(NT, NC, 8, 4, cw, 1)
+    nibbles = (w >> (4 * torch.arange(8, device=words.device))) & 0xF  # T, c, g, t, i, (e2, jh, h)
+    q = nibbles.view(NT, NC, 8, 4, cw, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5)  # T, h, g, c, t, i, jh, e2
+    return q.reshape(NT * 16, NC * 16 * cw)[:N].to(torch.uint8)
+
+
+def grid_layout(scales: torch.Tensor, zeros: torch.Tensor | None, N: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (rows, NGR) fp16 and zero codes (rows, NGR) uint8 (rows = 1 per tensor, else N) -> per tile,
+    group and g, the pair for rows g and g + 8: int32 fp16 bits (s_g | s_g+8 << 16), int16 (z_g | z_g+8 << 8)."""
+    NT = -(-N // 16)
+
+    def tiles(t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(N, -1).to(torch.int32)
+        t = torch.cat([t, t.new_zeros(NT * 16 - N, t.shape[1])])
+        return t.view(NT, 2, 8, -1).permute(0, 3, 2, 1)  # T, group, g, h
+
+    s = tiles(scales.view(torch.int16).to(torch.int32) & 0xFFFF)
+    s_pairs = _as_int32(s[..., 0].long() | (s[..., 1].long() << 16))
+    if zeros is None:
+        return s_pairs, None
+    z = tiles(zeros)
+    return s_pairs, (z[..., 0] | (z[..., 1] << 8)).to(torch.int16).contiguous()
+
+
+@functools.cache
+def _kernel(cw: int, unroll: int, warps: int, device_index: int):
+    cap = torch.cuda.get_device_capability(device_index)
+    return torch.cuda._compile_kernel(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", f"{cap[0]}{cap[1]}",
+                                      nvcc_options=["-std=c++17"])
+
+
+def heuristic_config(n_tiles: int) -> tuple[int, int]:
+    """Without timing (during a CUDA-graph capture): few row tiles need more warps per tile to keep enough
+    loads in flight."""
+    return (2, 8) if n_tiles < 512 else (2, 2)
+
+
+_TUNED: dict[tuple, tuple[int, int]] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
+
+
+def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device) -> tuple[int, int]:
+    """The fastest of CONFIGS for this shape, timed on random codes in copies that together exceed the L2
+    cache three times, called in turn, as a decoded model reads each weight once per token from HBM.
+    (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, the 7 B
+    decode step's picks were up to 1.2x slower than the best tile of the linears-alone benchmark.)"""
+    shape = (-(-N // 16), K // (16 * cw), cw // 4, 32, 4)
+    n_bytes = 4 * math.prod(shape)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    n_copies = min(max(2, -(-3 * l2 // n_bytes)), 32)  # small layers: a model of them lives in L2 anyway
+    copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device) for _ in range(n_copies)]
+    ng = 1 if group_size <= 0 else K // group_size
+    s_pairs, z_pairs = grid_layout(torch.full((N, ng), 0.01, dtype=torch.float16, device=device),
+                                   torch.full((N, ng), 8, dtype=torch.uint8, device=device), N)
+    x = torch.randn(M, K, dtype=torch.float16, device=device)
+
+    def seconds(cfg: tuple[int, int]) -> float:
+        # in a CUDA graph: launched from Python one by one, the calls would be timed at the host's pace
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for words in copies[:2]:  # compile, warm up
+                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for words in copies * 2:
+                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg)
+        runs = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            runs.append(start.elapsed_time(end))
+        return sorted(runs)[1]
+
+    return min(CONFIGS, key=seconds)
+
+
+def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -> tuple[int, int]:
+    cw, (M, K) = 4 * words.shape[2], x.shape
+    key = (N, K, M, cw, group_size, x.device)
+    if key not in _TUNED:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
+            return heuristic_config(words.shape[0])
+        _TUNED[key] = time_configs(N, K, M, cw, group_size, x.device)
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict[str, str]:
+    """The tuner's picks so far (N, K, rows, words per chunk, group), for benchmark reports."""
+    return {f"mma {key[:5]}": f"unroll={u} warps={w}" for key, (u, w) in _TUNED.items()}
+
+
+def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None, N: int,
+           group_size: int, gelu: bool = False, config: tuple[int, int] | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (chunks per
+    batch, warps) skips the tuner."""
+    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
+        x = x.contiguous().clone()  # a fresh allocation is aligned
+    M, K = x.shape
+    NT, NC, V = words.shape[:3]
+    cw = 4 * V
+    unroll, warps = config or pick_config(x, words, N, group_size)
+    # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
+    cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
+    y = torch.empty(M, N, device=x.device, dtype=torch.float16)
+    kernel = _kernel(cw, unroll, warps, x.device.index or 0)
+    kernel(grid=(NT, 1, 1), block=(32 * warps, 1, 1),
+           args=[words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
+                 x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)])  # z unread if symmetric
+    return y
+
+
+@torch.library.custom_op("nanogptq::mma_gemv", mutates_args=())
+def mma_gemv(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None,
+             out_features: int, group_size: int, gelu: bool = False) -> torch.Tensor:
+    """`launch` as an op torch.compile calls as it is (a raw kernel launch is not traceable)."""
+    return launch(x, words, s_pairs, z_pairs, out_features, group_size, gelu)
+
+
+@mma_gemv.register_fake
+def _(x, words, s_pairs, z_pairs, out_features, group_size, gelu=False):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float16)

@@ -1,0 +1,116 @@
+"""The tensor-core GEMV's layout (cuda_gemv.py), checked on the CPU against the PTX fragment tables.
+
+The kernel itself runs on CUDA only (tests/test_kernels.py); here an emulation of one warp's work, written
+from the mma.m16n8k16 fragment tables and the fp16 bit tricks the kernel uses, must reproduce x W^T from
+the layout the kernel reads. A wrong nibble order, row pairing or activation order fails it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanogptq.quant import cuda_gemv
+from nanogptq.quant.rtn import dequantize_weight
+
+
+def f16_pair(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint32 -> (low half, high half) as float64, read as fp16 bit patterns."""
+    lo = (bits & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+    hi = (bits >> 16).astype(np.uint16).view(np.float16).astype(np.float64)
+    return lo, hi
+
+
+def emulate(x: torch.Tensor, words, s_pairs, z_pairs, N: int, group_size: int) -> torch.Tensor:
+    """y (M, N) as the kernel computes it, one lane at a time, from the fragment tables:
+    A reg j: rows g + 8 (j & 1), mma columns 2 t + 8 (j >> 1) + e; B reg j: mma rows 2 t + 8 j + e of
+    column g (the activation row); C reg j: row g + 8 (j >> 1), column 2 t + (j & 1)."""
+    M, K = x.shape
+    w = words.numpy().view(np.uint32)
+    NT, NC, V = w.shape[:3]
+    cw = 4 * V
+    cpg = NC if group_size <= 0 else group_size // (16 * cw)
+    s = s_pairs.numpy().view(np.uint32)
+    z = None if z_pairs is None else z_pairs.numpy().view(np.uint16).astype(np.uint32)
+    xb = x.to(torch.float16).numpy().view(np.uint16).astype(np.uint32)
+    y = np.zeros((M, NT * 16))
+    for T in range(NT):
+        for c in range(NC):
+            gr = c // cpg
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                zz = 0x0808 if z is None else int(z[T, gr, g])
+                olo = f16_pair(np.uint32(((0xE400 + (zz & 0xFF)) * 0x10001) & 0xFFFFFFFF))
+                ohi = f16_pair(np.uint32(((0xD400 + 16 * (zz >> 8)) * 0x10001) & 0xFFFFFFFF))
+                for i in range(cw):
+                    q = np.uint32(w[T, c, i // 4, lane, i % 4])
+                    regs = []
+                    for j, src in enumerate((q, q, q >> 8, q >> 8)):
+                        mask = 0x000F000F if j % 2 == 0 else 0x00F000F0
+                        lo, hi = f16_pair(np.uint32((src & mask) | 0x64006400))
+                        if j % 2 == 0:
+                            regs.append((lo + olo[0], hi + olo[1]))
+                        else:
+                            regs.append((lo / 16 + ohi[0], hi / 16 + ohi[1]))
+                    # this lane's A entries: (row in tile, mma column) -> value
+                    for j in range(4):
+                        for e in range(2):
+                            r, mcol = g + 8 * (j & 1), 2 * t + 8 * (j >> 1) + e
+                            # mma column mcol multiplies B row mcol, held by lane t' = (mcol % 8) // 2 as
+                            # B reg mcol // 8, half mcol % 2: activation 4 i + 2 (reg) + half of its 4 cw
+                            tp, breg, half = (mcol % 8) // 2, mcol // 8, mcol % 2
+                            k = 16 * cw * c + 4 * cw * tp + 4 * i + 2 * breg + half
+                            xk = xb[:, k].astype(np.uint16).view(np.float16).astype(np.float64)
+                            scale = f16_pair(np.uint32(s[T, gr, g]))[r // 8]
+                            y[:, 16 * T + r] += regs[j][e] * xk * scale
+    return torch.from_numpy(y[:, :N]).float()
+
+
+def random_grid(N: int, K: int, group_size: int, symmetric: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ng = 1 if group_size <= 0 else K // group_size
+    rows = 1 if group_size == 0 else N
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(rows, ng, generator=g) * 0.1 + 0.01).to(torch.float16)
+    zeros = None if symmetric else torch.randint(0, 16, (rows, ng), generator=g, dtype=torch.uint8)
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("N, K, group_size, symmetric, M", [
+    (16, 128, 128, False, 1),
+    (20, 256, 64, True, 3),  # a padded tile, 64-column chunks, symmetric
+    (32, 256, -1, False, 8),  # one grid per row
+    (16, 128, 0, True, 2),  # per tensor
+])
+def test_emulated_kernel_matches_dequant(N, K, group_size, symmetric, M):
+    codes, scales, zeros = random_grid(N, K, group_size, symmetric, seed=N + K)
+    cw = cuda_gemv.chunk_words(group_size, K)
+    words = cuda_gemv.to_mma_layout(codes, cw)
+    s_pairs, z_pairs = cuda_gemv.grid_layout(scales, zeros, N)
+    x = torch.randn(M, K).to(torch.float16).float()
+    ref = x @ dequantize_weight(codes, scales, zeros, 4, group_size).T
+    y = emulate(x, words, s_pairs, z_pairs, N, group_size)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 40), chunks=st.integers(1, 3), cw=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
+def test_layout_roundtrip(N, chunks, cw, seed):
+    K = 16 * cw * chunks
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    words = cuda_gemv.to_mma_layout(codes, cw)
+    assert words.shape == (-(-N // 16), chunks, cw // 4, 32, 4) and words.dtype == torch.int32
+    assert torch.equal(cuda_gemv.from_mma_layout(words, N), codes)
+
+
+def test_supports_and_chunks():
+    assert cuda_gemv.supports(4, 128, 4096) and cuda_gemv.supports(4, -1, 1600)
+    assert not cuda_gemv.supports(8, 128, 4096)  # 4 bits only
+    assert not cuda_gemv.supports(4, 32, 4096)  # groups hold whole 64-column chunks
+    assert not cuda_gemv.supports(4, 192, 1536)  # a power of two (the kernel shifts)
+    assert not cuda_gemv.supports(4, -1, 1000)
+    assert cuda_gemv.chunk_words(128, 4096) == 8 and cuda_gemv.chunk_words(64, 1600) == 4
+    assert cuda_gemv.chunk_words(-1, 1600) == 4 and cuda_gemv.chunk_words(-1, 4096) == 8
