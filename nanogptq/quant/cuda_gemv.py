@@ -12,7 +12,7 @@ exact fp16 (q - z): per word a shift, four LOP3s (the 0x6400 trick: 1024 + q, or
 nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 1.25 instructions per
 weight, about 2 with the loads and addressing (sm_90 SASS of the main loop), against 2.3-2.9 in the
 Triton GEMV (triton_gemv.py); and the sums are fp32 (the Triton kernel's innermost ones are fp16). On the
-H200 it runs the 7 B linears at 1.03-1.14x the Triton GEMV's speed (benchmarks/gemv.py); both stay below
+H200 it runs the 7 B linears at 1.02-1.15x the Triton GEMV's speed (benchmarks/gemv.py); both stay below
 what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows there).
 
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
