@@ -190,6 +190,22 @@ def test_auto_choice_for_cuda_layers():
     assert auto_kernel(layer(64, 128, 8, -1, True, "dequant"), CPU) == "int8pack"  # never Triton on the CPU
 
 
+def test_auto_falls_back_where_the_tensor_core_gemv_cannot_run(monkeypatch):
+    """A GPU older than sm_80, or one where NVRTC cannot build the kernel: 4-bit layers go to Triton."""
+    from nanogptq.quant import cuda_gemv
+
+    has_triton = K._triton_gemv() is not None
+    m, gpu = layer(64, 256, 4, 128, False, "dequant"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_gemv, "compiles", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    assert auto_kernel(m, gpu) == ("triton" if has_triton else "int4pack")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert auto_kernel(m, gpu) == "mma"
+    monkeypatch.setattr(cuda_gemv, "compiles", lambda index: False)
+    assert auto_kernel(m, gpu) == ("triton" if has_triton else "int4pack")
+
+
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=128))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
@@ -247,6 +248,19 @@ def _kernel(cw: int, unroll: int, warps: int, device_index: int):
     cap = torch.cuda.get_device_capability(device_index)
     return torch.cuda._compile_kernel(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", f"{cap[0]}{cap[1]}",
                                       nvcc_options=["-std=c++17"])
+
+
+@functools.cache
+def compiles(device_index: int) -> bool:
+    """Whether the kernel builds here (NVRTC found, the GPU's architecture known to it): "auto" falls back
+    to the Triton GEMV where it does not, with a warning saying why."""
+    try:
+        _kernel(8, *heuristic_config(1), device_index)
+    except Exception as e:  # a missing or too old libnvrtc, an unknown architecture: probing, not an error
+        warnings.warn(f"the tensor-core GEMV does not build on this GPU ({type(e).__name__}: {e}); "
+                      "4-bit layers fall back to the Triton GEMV", stacklevel=2)
+        return False
+    return True
 
 
 def heuristic_config(n_tiles: int) -> tuple[int, int]:

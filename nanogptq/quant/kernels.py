@@ -266,11 +266,15 @@ def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch
 def mma_supports(m: QuantLinear, device: torch.device) -> bool:
     if device.type != "cuda" or m.g_idx is not None:
         return False
-    if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
-        return False  # mma.sync.m16n8k16 needs sm_80
     from nanogptq.quant import cuda_gemv
 
-    return cuda_gemv.supports(m.bits, m.group_size, m.in_features)
+    if not cuda_gemv.supports(m.bits, m.group_size, m.in_features):
+        return False
+    if torch.cuda.is_available():  # (without a GPU the choice is still computed, for tests)
+        index = torch.device(device).index or 0
+        # mma.sync.m16n8k16 needs sm_80; the kernel is compiled at first use
+        return torch.cuda.get_device_capability(index) >= (8, 0) and cuda_gemv.compiles(index)
+    return True
 
 
 def prepare_mma(m: QuantLinear) -> None:
