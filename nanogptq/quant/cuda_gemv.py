@@ -9,11 +9,11 @@ sums): the codes are the A operand (16 rows x 16 k per instruction, 8 codes per 
 activations the B operand, whose 8 columns are 8 activation rows (columns past the last row repeat it and
 are not stored). Tensor cores do the multiply-adds, so what is left per weight is turning 4-bit codes into
 exact fp16 (q - z): per word a shift, four LOP3s (the 0x6400 trick: 1024 + q, or 1024 + 16 q for the high
-nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 1.25 instructions per
-weight, about 2 with the loads and addressing (sm_90 SASS of the main loop), against 2.3-2.9 in the
-Triton GEMV (triton_gemv.py); and the sums are fp32 (the Triton kernel's innermost ones are fp16). On the
-H200 it runs the 7 B linears at 1.02-1.15x the Triton GEMV's speed (benchmarks/gemv.py); both stay below
-what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows there).
+nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 10 instructions per
+8 weights before loads and addressing, where the Triton GEMV's loop (triton_gemv.py) costs 2.3-2.9 per
+weight all told (benchmarks/gemv_sass.py); and the sums are fp32 (the Triton kernel's innermost ones are
+fp16). On the H200 it runs the 7 B linears at 1.02-1.15x the Triton GEMV's speed (benchmarks/gemv.py); both
+stay below what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows).
 
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
