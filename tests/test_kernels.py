@@ -233,6 +233,27 @@ def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
         assert rel_err(fast(idx[:, :1], input_pos=first)[0], ref(idx[:, :1], input_pos=first)[0]) < 2 * BF16_TOL
 
 
+def test_a_requested_kernel_serves_the_layers_it_can(tmp_path, caplog):
+    """--kernel int4pack on a 4-bit model: its 8-bit head takes auto's pick, with a warning; a kernel that runs
+    none of the layers here (Triton on the CPU) is a clear error, not a traceback from inside a kernel."""
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
+    q = quantize(tiny_gpt(), cfg, None, progress=False)
+    meta = {"model": q.config.to_dict(),
+            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
+            "quantization": quant_meta(q, cfg)}
+    path = save_checkpoint(tmp_path / "q", q, meta)
+    with caplog.at_level("WARNING"):
+        model = load_checkpoint(path, kernel="int4pack").model
+    assert model.lm_head.kernel == "int8pack" and "cannot run 1 of the 9 quantized layers" in caplog.text
+    assert {m.kernel for m in model.transformer.h.modules() if isinstance(m, QuantLinear)} == {"int4pack"}
+    with pytest.raises(ValueError, match="'triton' runs none of this model's quantized layers on cpu"):
+        load_checkpoint(path, kernel="triton")
+    m = layer(64, 128, 8, -1, True, "dequant")
+    m.kernel = "int4pack"
+    with pytest.raises(ValueError, match="'int4pack' cannot run this 8-bit layer"):
+        m.prepare_kernel()
+
+
 def test_quantized_mlps_hand_their_gelu_to_c_fc_with_the_same_outputs():
     q = quantize(tiny_gpt(), QuantConfig(method="rtn", bits=4, group_size=64), None, progress=False)
     mlps = [b.mlp for b in q.transformer.h]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nanogptq.model import MLP
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
-from nanogptq.quant.linear import QuantEmbedding, QuantLinear, check_kernel, random_orthogonal
+from nanogptq.quant.linear import KERNELS, QuantEmbedding, QuantLinear, check_kernel, random_orthogonal
 from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
 from nanogptq.quant.rtn import QuantizedWeight, rtn_quantize_weight
 
@@ -201,10 +201,24 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict, kernel: str = "a
 def finalize_quantized_model(model: nn.Module, keep_packed: bool = True) -> nn.Module:
     """After loading and .to(device): resolve kernels and build their layouts (and rotations), move each
     MLP's GELU into its quantized c_fc; with keep_packed=False, then free the stored codes that a layout
-    replaced (inference only)."""
+    replaced (inference only). Layers that a requested kernel cannot run take "auto"'s pick instead (an
+    8-bit head under an int4 kernel, say), with a warning; a kernel that runs none of them is an error."""
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    refused = [m for m in quant if m.kernel != "auto" and not KERNELS[m.kernel].supports(m, m.qweight.device)]
+    if refused and len(refused) == len(quant):
+        m = refused[0]
+        raise ValueError(f"kernel {m.kernel!r} runs none of this model's quantized layers on {m.qweight.device.type}"
+                         " (--kernel auto picks one that does)")
+    asked = {m.kernel for m in refused}
+    for m in refused:
+        m.kernel = "auto"
     for m in model.modules():
         if isinstance(m, (QuantLinear, TernaryLinear)):
             m.prepare_kernel()
+    if refused:
+        picked = sorted({m.kernel for m in refused})
+        log.warning("kernel %s cannot run %d of the %d quantized layers here: they run %s",
+                    ", ".join(sorted(asked)), len(refused), len(quant), ", ".join(picked))
     fuse_mlp_gelu(model)
     if not keep_packed:
         free_packed_buffers(model)

@@ -30,10 +30,12 @@ PTX fragments of mma.m16n8k16 (f16 A row-major, B column-major, f32 C), g = lane
 from __future__ import annotations
 
 import functools
+import logging
 import math
-import warnings
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GROUP_CW = (8, 4)  # words per lane per chunk: chunks of 128 or 64 columns; a group holds whole chunks
 MAX_ROWS = 8  # activation rows: the B operand's 8 columns
@@ -257,8 +259,8 @@ def compiles(device_index: int) -> bool:
     try:
         _kernel(8, *heuristic_config(1), device_index)
     except Exception as e:  # a missing or too old libnvrtc, an unknown architecture: probing, not an error
-        warnings.warn(f"the tensor-core GEMV does not build on this GPU ({type(e).__name__}: {e}); "
-                      "4-bit layers fall back to the Triton GEMV", stacklevel=2)
+        log.warning("the tensor-core GEMV does not build on this GPU (%s: %s); 4-bit layers fall back to the "
+                    "Triton GEMV", type(e).__name__, e)
         return False
     return True
 

@@ -176,9 +176,12 @@ class QuantLinear(nn.Module):
     def prepare_kernel(self) -> None:
         """Resolve "auto" for the current device and build the kernel's layout (call after .to(device))."""
         self._need_packed("build a kernel layout")
+        device = self.qweight.device
         if self.kernel == "auto":
-            device = self.qweight.device
             self.kernel = auto_kernel(self, device)
+        elif not KERNELS[self.kernel].supports(self, device):
+            raise ValueError(f"kernel {self.kernel!r} cannot run this {self.bits}-bit layer (group {self.group_size}, "
+                             f"{self.in_features} in, {self.out_features} out) on {device.type}")
         U = self.rotation()
         self.rot = None if U is None else U.float().to(self.qweight.device)
         for name in LAYOUT_BUFFERS & self._buffers.keys():  # a previously chosen kernel's layout
