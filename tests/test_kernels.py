@@ -211,16 +211,19 @@ def tiny_gpt() -> GPT:
     return GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=128))
 
 
-@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 64)])
-def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
+def saved_quantized_tiny(tmp_path, bits: int, group_size: int):
+    """tiny_gpt quantized with RTN (the head and embedding too), saved as a checkpoint folder; its path."""
     cfg = QuantConfig(method="rtn", bits=bits, group_size=group_size, quantize_embeddings=True)
     q = quantize(tiny_gpt(), cfg, None, progress=False)
-    meta = {
-        "model": q.config.to_dict(),
-        "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
-        "quantization": quant_meta(q, cfg),
-    }
-    path = save_checkpoint(tmp_path / "q", q, meta)
+    meta = {"model": q.config.to_dict(),
+            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
+            "quantization": quant_meta(q, cfg)}
+    return save_checkpoint(tmp_path / "q", q, meta)
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, -1), (4, 64)])
+def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
+    path = saved_quantized_tiny(tmp_path, bits, group_size)
     fast, ref = load_checkpoint(path, kernel="auto").model, load_checkpoint(path, kernel="dequant").model
     assert fast.lm_head.kernel == "int8pack"  # the 8-bit tied head / embedding is served too
     blocks = [m.kernel for m in fast.transformer.h.modules() if isinstance(m, QuantLinear)]
@@ -236,12 +239,7 @@ def test_checkpoint_auto_matches_dequant(tmp_path, bits, group_size):
 def test_a_requested_kernel_serves_the_layers_it_can(tmp_path, caplog):
     """--kernel int4pack on a 4-bit model: its 8-bit head takes auto's pick, with a warning; a kernel that runs
     none of the layers here (Triton on the CPU) is a clear error, not a traceback from inside a kernel."""
-    cfg = QuantConfig(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
-    q = quantize(tiny_gpt(), cfg, None, progress=False)
-    meta = {"model": q.config.to_dict(),
-            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
-            "quantization": quant_meta(q, cfg)}
-    path = save_checkpoint(tmp_path / "q", q, meta)
+    path = saved_quantized_tiny(tmp_path, 4, 64)
     with caplog.at_level("WARNING"):
         model = load_checkpoint(path, kernel="int4pack").model
     assert model.lm_head.kernel == "int8pack" and "cannot run 1 of the 9 quantized layers" in caplog.text
@@ -300,12 +298,7 @@ def test_triton_layout_weight_equals_the_stored_grid(bits, group_size):
 
 
 def test_checkpoint_for_generation_frees_codes_but_not_the_embedding_head(tmp_path):
-    cfg = QuantConfig(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
-    q = quantize(tiny_gpt(), cfg, None, progress=False)
-    meta = {"model": q.config.to_dict(),
-            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
-            "quantization": quant_meta(q, cfg)}
-    path = save_checkpoint(tmp_path / "q", q, meta)
+    path = saved_quantized_tiny(tmp_path, 4, 64)
     full, lean = load_checkpoint(path).model, load_checkpoint(path, keep_packed=False).model
     blocks = [m for m in lean.transformer.h.modules() if isinstance(m, QuantLinear)]
     assert all(m.packed_freed for m in blocks) and not lean.lm_head.packed_freed  # the embedding reads it
@@ -412,12 +405,7 @@ def test_cuda_generation_load_runs_fp16_on_the_gemvs(tmp_path, bits):
     decoding as eager."""
     from nanogptq.generate import load_for_generation
 
-    cfg = QuantConfig(method="rtn", bits=bits, group_size=64 if bits == 4 else -1, quantize_embeddings=True)
-    q = quantize(tiny_gpt(), cfg, None, progress=False)
-    meta = {"model": q.config.to_dict(),
-            "tokenizer": CharTokenizer(" ,.0123456789;abcdefghijklmnopqrstuvwxyz").to_dict(),
-            "quantization": quant_meta(q, cfg)}
-    path = save_checkpoint(tmp_path / "q", q, meta)
+    path = saved_quantized_tiny(tmp_path, bits, 64 if bits == 4 else -1)
     half, full = load_for_generation(path, "cuda").model, load_for_generation(path, "cuda", dtype="fp32").model
     assert half.transformer.wpe.weight.dtype == torch.float16 and full.transformer.wpe.weight.dtype == torch.float32
     blocks = [m for m in half.transformer.h.modules() if isinstance(m, QuantLinear)]
