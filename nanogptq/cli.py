@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from nanogptq.checkpoint import DTYPE_CHOICES, CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.generate import SampleSettings
+from nanogptq.quant.linear import KERNELS
 from nanogptq.train import TrainConfig
 
 TRAIN_HELP = {
@@ -35,6 +36,8 @@ TRAIN_HELP = {
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",
 }
 # --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
+KERNEL_NAMES = ", ".join(("auto", *KERNELS))  # a named one runs the layers it can; auto picks for the rest
+EXACT_KERNEL_HELP = f"quantized kernel: {KERNEL_NAMES} (default: dequant, the exact path)"
 DTYPE_ARGS = dict(default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}",
                   help="activation dtype (default auto: fp32 on CPU; on CUDA fp16 for quantized checkpoints, "
                   "the Triton GEMV's fast path, and bf16 for float ones)")
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     _add_dataclass_args(p, SampleSettings, {})
     p.add_argument("--device", default="auto")
-    p.add_argument("--kernel", default="auto", help="quantized kernel: auto, dequant, ...")
+    p.add_argument("--kernel", default="auto", help=f"quantized kernel: {KERNEL_NAMES}")
     p.add_argument("--dtype", **DTYPE_ARGS)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (faster decoding after a "
                    "one-off compilation; on the GPU with the CUDA graph replay)")
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-save", action="store_true", help="do not record the result in config.json")
-    p.add_argument("--kernel", default="dequant", help="quantized kernel (default: the exact dequant path)")
+    p.add_argument("--kernel", default="dequant", help=EXACT_KERNEL_HELP)
 
     p = sub.add_parser("quantize", help="post-training quantization of a checkpoint (RTN or GPTQ)")
     p.add_argument("ckpt", help="fp32 checkpoint folder")
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
     p.add_argument("--out", default="results", help="folder for compare.md/.json/.png")
     p.add_argument("--name", default="compare", help="file name stem of the report")
-    p.add_argument("--kernel", default="dequant", help="quantized kernel (default: the exact dequant path)")
+    p.add_argument("--kernel", default="dequant", help=EXACT_KERNEL_HELP)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
 
