@@ -114,3 +114,14 @@ def test_supports_and_chunks():
     assert not cuda_gemv.supports(4, -1, 1000)
     assert cuda_gemv.chunk_words(128, 4096) == 8 and cuda_gemv.chunk_words(64, 1600) == 4
     assert cuda_gemv.chunk_words(-1, 1600) == 4 and cuda_gemv.chunk_words(-1, 4096) == 8
+
+
+def test_launch_rejects_what_the_kernel_cannot_read():
+    """Checked before anything reaches the GPU (so on the CPU too): fp16 only, 1-8 rows, the layout's width."""
+    codes, scales, zeros = random_grid(16, 128, 128, False, seed=0)
+    words = cuda_gemv.to_mma_layout(codes, 8)
+    s_pairs, z_pairs = cuda_gemv.grid_layout(scales, zeros, 16)
+    for x in (torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(9, 128, dtype=torch.float16),
+              torch.zeros(1, 256, dtype=torch.float16), torch.zeros(0, 128, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="mma GEMV: x must be fp16"):
+            cuda_gemv.launch(x, words, s_pairs, z_pairs, 16, 128)

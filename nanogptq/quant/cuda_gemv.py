@@ -333,11 +333,14 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
            group_size: int, gelu: bool = False, config: tuple[int, int] | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (chunks per
     batch, warps) skips the tuner."""
-    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
-        x = x.contiguous().clone()  # a fresh allocation is aligned
     M, K = x.shape
     NT, NC, V = words.shape[:3]
     cw = 4 * V
+    if x.dtype != torch.float16 or not 0 < M <= MAX_ROWS or K != NC * 16 * cw:
+        raise ValueError(f"mma GEMV: x must be fp16 with 1-{MAX_ROWS} rows of {NC * 16 * cw}, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
+        x = x.contiguous().clone()  # a fresh allocation is aligned
     unroll, warps = config or pick_config(x, words, N, group_size)
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
