@@ -120,19 +120,19 @@ class ReadOnly:
     """Reads a 4-bit layer's mma code words and nothing else (no activations, no arithmetic, no output)."""
 
     def __init__(self, m: QuantLinear):
-        self.words, self.tile = m.m_words, READ_TILES[0]
+        self.words, self.tile, self.run = m.m_words, None, None
         self.out = torch.zeros(1, dtype=torch.int32, device="cuda")
 
-    def kernel(self, tile):
-        cap = torch.cuda.get_device_capability()
+    def use(self, tile: tuple[int, int], kernel) -> None:
+        self.tile, self.run = tile, kernel
+
+    def kernel(self, tile: tuple[int, int]):
         cw = 4 * self.words.shape[2]
-        return torch.cuda._compile_kernel(READ_SOURCE, f"read_words<{cw}, {tile[0]}, {tile[1]}>",
-                                          f"{cap[0]}{cap[1]}", nvcc_options=["-std=c++17"])
+        return cuda_gemv.build(READ_SOURCE, f"read_words<{cw}, {tile[0]}, {tile[1]}>", self.words.device.index or 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        unroll, warps = self.tile
-        self._k(grid=(self.words.shape[0], 1, 1), block=(32 * warps, 1, 1),
-                args=[self.words, self.out, self.words.shape[1]])
+        self.run(grid=(self.words.shape[0], 1, 1), block=(32 * self.tile[1], 1, 1),
+                 args=[self.words, self.out, self.words.shape[1]])
         return self.out
 
     def read_tensors(self) -> list[torch.Tensor]:
@@ -184,7 +184,7 @@ def time_call(fn, x: torch.Tensor, calls: int, repeats: int) -> float:
 def time_read(copies: list[ReadOnly], fn, x: torch.Tensor, tile: tuple[int, int], args) -> float:
     kernel = copies[0].kernel(tile)
     for c in copies:
-        c.tile, c._k = tile, kernel
+        c.use(tile, kernel)
     return time_call(fn, x, args.calls, args.repeats)
 
 

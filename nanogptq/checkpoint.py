@@ -149,7 +149,7 @@ def is_quantized(meta: dict) -> bool:
 def resolve_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:
     """The activation dtype `name` (auto, fp32, bf16 or fp16) stands for on `device`. auto: fp32 on the CPU
     (its kernels take fp32 inputs and convert to bf16 themselves where that is their fast path); on CUDA
-    fp16 for quantized checkpoints (the Triton GEMV's fast path), bf16 for float ones."""
+    fp16 for quantized checkpoints (the GEMVs' fast path), bf16 for float ones."""
     if name == "auto":
         if torch.device(device).type != "cuda":
             return torch.float32

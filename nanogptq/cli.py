@@ -35,12 +35,12 @@ TRAIN_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",
 }
-# --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
 KERNEL_NAMES = ", ".join(("auto", *KERNELS))  # a named one runs the layers it can; auto picks for the rest
 EXACT_KERNEL_HELP = f"quantized kernel: {KERNEL_NAMES} (default: dequant, the exact path)"
+# --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
 DTYPE_ARGS = dict(default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}",
                   help="activation dtype (default auto: fp32 on CPU; on CUDA fp16 for quantized checkpoints, "
-                  "the Triton GEMV's fast path, and bf16 for float ones)")
+                  "the GEMVs' fast path, and bf16 for float ones)")
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict) -> None:

@@ -245,11 +245,15 @@ def grid_layout(scales: torch.Tensor, zeros: torch.Tensor | None, N: int) -> tup
     return s_pairs, (z[..., 0] | (z[..., 1] << 8)).to(torch.int16).contiguous()
 
 
+def build(source: str, name: str, device_index: int):
+    """Kernel `name` (a template instance) of CUDA C `source`, compiled by NVRTC for the GPU's architecture."""
+    cap = torch.cuda.get_device_capability(device_index)
+    return torch.cuda._compile_kernel(source, name, f"{cap[0]}{cap[1]}", nvcc_options=["-std=c++17"])
+
+
 @functools.cache
 def _kernel(cw: int, unroll: int, warps: int, device_index: int):
-    cap = torch.cuda.get_device_capability(device_index)
-    return torch.cuda._compile_kernel(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", f"{cap[0]}{cap[1]}",
-                                      nvcc_options=["-std=c++17"])
+    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", device_index)
 
 
 @functools.cache

@@ -232,10 +232,23 @@ def triton_supports(m: QuantLinear, device: torch.device) -> bool:
     return tg is not None and tg.supports(m.bits, m.group_size, m.in_features)
 
 
-def prepare_triton(m: QuantLinear) -> None:
-    tg = _triton_gemv()  # registers torch.ops.nanogptq.gemv
+def _register_zero_codes(m: QuantLinear) -> torch.Tensor | None:
+    """The zero points unpacked (uint8, rows x groups) as the z_codes buffer, which the GEMVs' prefill (and
+    the Triton kernel itself) read once the packed qzeros are freed; None for symmetric grids."""
     zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
     m.register_buffer("z_codes", zeros, persistent=False)
+    return zeros
+
+
+def _prefill(x2: torch.Tensor, weight: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """Inputs of more rows than a GEMV takes: the layout's fp32 weight in the activation dtype, cuBLAS."""
+    y = F.linear(x2, weight.to(x2.dtype))
+    return F.gelu(y) if gelu else y
+
+
+def prepare_triton(m: QuantLinear) -> None:
+    tg = _triton_gemv()  # registers torch.ops.nanogptq.gemv
+    _register_zero_codes(m)
     # re-laid as INTERLEAVED words, which unpack two codes per instruction
     codes = tg.to_interleaved(m.qweight, m.in_features, m.group_size, m.bits)
     m.register_buffer("t_qweight", codes, persistent=False)
@@ -255,8 +268,7 @@ def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch
         y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size,
                                     m.out_features, gelu)
     else:  # prefill: dequantize, then cuBLAS
-        y = F.linear(x2, triton_layout_weight(m).to(x.dtype))
-        y = F.gelu(y) if gelu else y
+        y = _prefill(x2, triton_layout_weight(m), gelu)
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
@@ -280,8 +292,7 @@ def mma_supports(m: QuantLinear, device: torch.device) -> bool:
 def prepare_mma(m: QuantLinear) -> None:
     from nanogptq.quant import cuda_gemv
 
-    zeros = None if m.qzeros is None else unpack(m.qzeros, m.bits, m.scales.shape[1]).contiguous()
-    m.register_buffer("z_codes", zeros, persistent=False)  # for prefill, beside the kernel's own pairs
+    zeros = _register_zero_codes(m)  # for prefill, beside the kernel's own pairs
     cw = cuda_gemv.chunk_words(m.group_size, m.in_features)
     codes = unpack(m.qweight, m.bits, m.in_features)
     m.register_buffer("m_words", cuda_gemv.to_mma_layout(codes, cw), persistent=False)
@@ -302,7 +313,5 @@ def mma_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Te
                                         gelu).to(x.dtype)
     else:
         codes = cuda_gemv.from_mma_layout(m.m_words, m.out_features)
-        w = dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
-        y = F.linear(x2, w.to(x.dtype))
-        y = F.gelu(y) if gelu else y
+        y = _prefill(x2, dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size), gelu)
     return y.reshape(*x.shape[:-1], m.out_features)
