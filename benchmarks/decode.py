@@ -19,7 +19,9 @@ replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unle
 identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
 int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV (on its INTERLEAVED words;
 the int4 model's head at 8 bits); for comparison in the same run, the "stock-" variants run
-PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack).
+PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack), "triton-int4" the int4 model
+on the Triton GEMV, and "nopdl-int4" the int4 model compiled without programmatic dependent launch
+(model.compile_blocks; the tensor-core GEMV itself still waits on and releases its neighbours).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Variant:
     kernels: tuple[str, ...] = ()  # per layer, the first that supports it ("dequant" always does)
     group_size: int = -1
     symmetric: bool = True
+    pdl: bool = True  # --compile: fused kernels with programmatic dependent launch (model.compile_blocks)
 
 
 def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
@@ -97,6 +100,7 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
         out.insert(3, Variant("stock-int8", 8, ("int8pack", "dequant")))
         out.insert(5, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
         out.insert(6, Variant(f"triton-int4-g{g4}", 4, ("triton", "int8pack", "dequant"), g4, False))
+        out.insert(7, Variant(f"nopdl-int4-g{g4}", 4, AUTO_ORDER, g4, False, pdl=False))
     return out
 
 
@@ -206,7 +210,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def time_decode(model: GPT, args, device: torch.device) -> tuple[float, float, list[float]]:
+def time_decode(model: GPT, args, device: torch.device, pdl: bool = True) -> tuple[float, float, list[float]]:
     """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
     # a small model's context may be short: keep prompt + generated + warm-up tokens inside it
     room = model.config.block_size - args.warmup
@@ -230,7 +234,7 @@ def time_decode(model: GPT, args, device: torch.device) -> tuple[float, float, l
 
     if args.compile:  # after the prefill, which stays eager: one compilation per variant, for decoding
         torch._dynamo.reset()  # fresh guards per variant: else the cache limit silently falls back to eager
-        compile_blocks(model, warm_up=False)  # the warm-up steps below compile it, on this cache
+        compile_blocks(model, warm_up=False, pdl=pdl)  # the warm-up steps below compile it, on this cache
     step = CUDAGraphStep(model, 1) if args.graph else model
     decode = []
     for r in range(args.repeats + 1):
@@ -311,7 +315,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
     row["resident_bytes"] = resident_bytes(model)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    prefill, decode, runs = time_decode(model, args, device)
+    prefill, decode, runs = time_decode(model, args, device, v.pdl)
     row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
     if gpu:
         row["mma_tiles"] = cuda_gemv.tuned_configs()  # the tensor-core GEMV's tuned tiles so far

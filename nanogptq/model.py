@@ -96,16 +96,22 @@ def _has_triton() -> bool:
     return True
 
 
-def compile_blocks(model: GPT, warm_up: bool = True) -> None:
+def compile_blocks(model: GPT, warm_up: bool = True, pdl: bool = True) -> None:
     """torch.compile each transformer block's one-token decoding step (regional compilation: the identical
     blocks share one compiled graph, so it compiles once, not once per layer). On the GPU this fuses the
     small elementwise kernels around the matmuls, which at batch 1 cost a small model as much as its
     matmuls. Steps of several tokens (the prompt, a full context window's refill) stay eager: their length
     varies, and the kernels branch on the row count, so compiled they would recompile in mid-generation.
 
+    With `pdl`, on sm_90 and later (a no-op elsewhere), the fused kernels use programmatic dependent launch
+    (inductor's `triton.enable_pdl`): each may start while the kernel before it ends, and waits where it
+    reads what that kernel writes, as the tensor-core GEMV (quant/cuda_gemv.py) does. The decode benchmark's
+    "nopdl-" variant measures the difference (README, section 4).
+
     `warm_up` compiles now, in a two-token generation, rather than inside the first timed one."""
+    options = {"triton.enable_pdl": pdl}
     for block in model.transformer.h:
-        block.decode_step = torch.compile(block.forward, dynamic=False)
+        block.decode_step = torch.compile(block.forward, dynamic=False, options=options)
     if warm_up:
         device = model.transformer.wpe.weight.device
         model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 2, temperature=0.0)

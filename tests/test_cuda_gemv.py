@@ -125,3 +125,13 @@ def test_launch_rejects_what_the_kernel_cannot_read():
               torch.zeros(1, 256, dtype=torch.float16), torch.zeros(0, 128, dtype=torch.float16)):
         with pytest.raises(ValueError, match="mma GEMV: x must be fp16"):
             cuda_gemv.launch(x, words, s_pairs, z_pairs, 16, 128)
+
+
+def test_launch_structs_have_cuda_h_layout():
+    """cuLaunchKernelEx reads these as C structs: a wrong offset would launch with garbage attributes."""
+    import ctypes
+
+    attr, config = cuda_gemv._LaunchAttribute, cuda_gemv._LaunchConfig
+    assert ctypes.sizeof(attr) == 72 and attr.value.offset == 8  # id, pad to 8, a 64-byte union
+    assert ctypes.sizeof(config) == 56  # 7 uints, then 8-byte aligned stream, attrs, count
+    assert (config.stream.offset, config.attrs.offset, config.num_attrs.offset) == (32, 40, 48)

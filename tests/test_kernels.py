@@ -479,6 +479,47 @@ def test_cuda_mma_gemv_every_config_and_in_a_graph(gelu):
     assert rel_err(out, F.gelu(ref) if gelu else ref) < 2e-3
 
 
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, bits", [("mma", 4), ("triton", 4), ("triton", 8)])
+def test_cuda_gemv_chain_under_pdl_matches_serial_launches(kernel, bits):
+    """Launched as programmatic dependents, GEMVs that read the previous kernel's output (another GEMV's, a
+    LayerNorm's) must still wait for it: a chain replayed from a graph gives the serial launches' bits."""
+    from nanogptq.quant import cuda_gemv, triton_gemv
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    group = 128 if bits == 4 else -1
+    a, b = (layer(2048, 2048, bits, group, False, kernel, device="cuda") for _ in range(2))
+    ln = torch.nn.LayerNorm(2048, device="cuda", dtype=torch.float16)
+
+    def gemv(m, x, gelu, pdl):
+        if kernel == "mma":
+            return cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 2048, group, gelu, pdl=pdl)
+        return triton_gemv.launch(x, m.t_qweight, m.scales, m.z_codes, bits, group, 2048, gelu, pdl=pdl)
+
+    def chain(x, pdl):
+        for _ in range(4):
+            x = ln(x + gemv(b, gemv(a, x, False, pdl), True, pdl))
+        return x
+
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.float16)
+    outs = {}
+    with torch.no_grad():
+        for pdl in (False, True):
+            chain(x, pdl)  # tune and compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(x, pdl)
+            runs = []
+            for _ in range(5):
+                graph.replay()
+                runs.append(out.clone())
+            outs[pdl] = runs
+    assert all(torch.equal(r, outs[False][0]) for r in outs[True] + outs[False])
+    assert rel_err(outs[False][0], chain(x, False)) == 0
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     Triton is imported); skip where Triton or a numpy it can use is missing."""

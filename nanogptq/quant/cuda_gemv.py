@@ -15,6 +15,12 @@ weight all told (benchmarks/gemv_sass.py); and the sums are fp32 (the Triton ker
 fp16). On the H200 it runs the 7 B linears at 1.02-1.15x the Triton GEMV's speed (benchmarks/gemv.py); both
 stay below what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows).
 
+The kernel is launched as a programmatic dependent of the kernel before it (sm_90 and later, `launch_kernel`):
+its blocks may start while that kernel ends, load their first codes (constant) and then wait for it
+(`wait_previous_kernel`) before reading x, which it wrote; they then let the next kernel start. With the
+compiled step's fused kernels doing the same (model.compile_blocks), a decoded model's kernels overlap
+their ends and starts instead of draining the GPU between them.
+
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
 k within a chunk works if codes and activations agree: lane (g, t) (g = lane / 4, t = lane % 4) covers the
@@ -29,6 +35,7 @@ PTX fragments of mma.m16n8k16 (f16 A row-major, B column-major, f32 C), g = lane
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
@@ -47,6 +54,7 @@ CONFIGS = ((2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (1, 8))
 SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
+struct __align__(16) u32x4 { u32 x, y, z, w; };
 
 __device__ __forceinline__ u32 lop3_or(u32 a, u32 mask) {  // (a & mask) | 0x64006400
   u32 r;
@@ -72,8 +80,13 @@ __device__ __forceinline__ void ld_stream(u32* r, const u32* p) {  // read once:
   asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
 }
-__device__ __forceinline__ void ld_cached(u32* r, const u16* p) {  // activations: every block reads them
-  asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+__device__ __forceinline__ void wait_previous_kernel() {
+  // Programmatic dependent launch (sm_90): this grid may start while the previous kernel still runs; wait
+  // for it (and its writes) here, then let the next kernel start. A no-op for a grid launched without it.
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 __device__ __forceinline__ float h2f(u32 h) {
   float f;
@@ -94,14 +107,22 @@ struct Chunk {  // one lane's share of one chunk: CW words of codes, 2 CW activa
 };
 
 template <int CW>
-__device__ __forceinline__ void load(Chunk<CW>& ch, const u32* w, const u16* x, const u32* s,
-                                     const u16* z, bool has_z) {
+__device__ __forceinline__ void load_codes(Chunk<CW>& ch, const u32* w, const u32* s, const u16* z, bool has_z) {
 #pragma unroll
   for (int v = 0; v < CW / 4; ++v) ld_stream(ch.w + 4 * v, w + 128 * v);
-#pragma unroll
-  for (int v = 0; v < CW / 2; ++v) ld_cached(ch.x + 4 * v, x + 8 * v);
   ch.s = *s;
   ch.z = has_z ? (u32)*z : 0x0808u;  // symmetric grids: z = 8
+}
+
+template <int CW>
+__device__ __forceinline__ void load_x(Chunk<CW>& ch, const u16* x) {
+  // x is written by the previous kernel: a plain load (not .nc, which assumes data constant for the kernel's
+  // lifetime), which the compiler keeps below the wait's memory clobber but schedules freely otherwise
+#pragma unroll
+  for (int v = 0; v < CW / 2; ++v) {
+    const u32x4 r = *reinterpret_cast<const u32x4*>(x + 8 * v);
+    ch.x[4 * v] = r.x, ch.x[4 * v + 1] = r.y, ch.x[4 * v + 2] = r.z, ch.x[4 * v + 3] = r.w;
+  }
 }
 
 template <int CW>
@@ -128,7 +149,7 @@ __device__ __forceinline__ void compute(float (&acc)[4], const Chunk<CW>& ch) {
 
 template <int CW, int UNROLL, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
-    const u32* __restrict__ w, const u16* __restrict__ x, const u32* __restrict__ s, const u16* __restrict__ z,
+    const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
     int gelu) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -140,22 +161,38 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
   const u32* sl = s + (size_t)T * NGR * 8 + g;
   const u16* zl = z + (size_t)T * NGR * 8 + g;  // unread when !has_z
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int c = cbeg;
+  // The first batch's codes and grid are constant, so they are loaded before waiting on the kernel that
+  // writes x: under programmatic dependent launch they stream while that kernel ends.
+  // (A warp with fewer chunks loads some of the tile's again, branch-free, and skips their compute.)
+  const int first = max(0, min(UNROLL, cend - cbeg));
+  Chunk<CW> ch[UNROLL];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int cu = min(cbeg + u, NC - 1), gr = cu >> cpg_log2;
+    load_codes<CW>(ch[u], wl + (size_t)cu * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
+  }
+  wait_previous_kernel();
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) load_x<CW>(ch[u], xl + min(cbeg + u, NC - 1) * 16 * CW);
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u)
+    if (u < first) compute<CW>(acc, ch[u]);
+  int c = cbeg + first;
   for (; c + UNROLL <= cend; c += UNROLL) {  // all of a batch's loads in flight before its first mma
-    Chunk<CW> ch[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int cu = c + u, gr = cu >> cpg_log2;
-      load<CW>(ch[u], wl + (size_t)cu * CW * 32, xl + cu * 16 * CW, sl + gr * 8, zl + gr * 8, has_z);
+      load_codes<CW>(ch[u], wl + (size_t)cu * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
+      load_x<CW>(ch[u], xl + cu * 16 * CW);
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) compute<CW>(acc, ch[u]);
   }
   for (; c < cend; ++c) {
-    Chunk<CW> ch;
     const int gr = c >> cpg_log2;
-    load<CW>(ch, wl + (size_t)c * CW * 32, xl + c * 16 * CW, sl + gr * 8, zl + gr * 8, has_z);
-    compute<CW>(acc, ch);
+    load_codes<CW>(ch[0], wl + (size_t)c * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
+    load_x<CW>(ch[0], xl + c * 16 * CW);
+    compute<CW>(acc, ch[0]);
   }
   if (WARPS > 1) {  // the warps' partial sums over their parts of K
     __shared__ float red[WARPS][32][4];
@@ -251,6 +288,41 @@ def build(source: str, name: str, device_index: int):
     return torch.cuda._compile_kernel(source, name, f"{cap[0]}{cap[1]}", nvcc_options=["-std=c++17"])
 
 
+class _LaunchAttribute(ctypes.Structure):  # cuda.h's CUlaunchAttribute: an id, then a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_pad", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.Stream, pdl: bool) -> None:
+    """Launch a compiled kernel on `stream` (cuLaunchKernelEx), with programmatic dependent launch
+    if `pdl`: the grid may start before the previous kernel ends, and waits for it in `wait_previous_kernel`.
+    (torch.cuda._compile_kernel's own launcher takes no launch attributes.)"""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_mem=0, stream=stream.cuda_stream,
+                           attrs=ctypes.pointer(attr), num_attrs=int(pdl))
+    error = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    if error:
+        name = ctypes.c_char_p()
+        _libcuda().cuGetErrorString(error, ctypes.byref(name))
+        raise RuntimeError(f"mma GEMV launch failed: CUDA error {error} ({(name.value or b'?').decode()})")
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
 @functools.cache
 def _kernel(cw: int, unroll: int, warps: int, device_index: int):
     return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", device_index)
@@ -335,9 +407,11 @@ def tuned_configs() -> dict[str, str]:
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None, N: int,
-           group_size: int, gelu: bool = False, config: tuple[int, int] | None = None) -> torch.Tensor:
+           group_size: int, gelu: bool = False, config: tuple[int, int] | None = None,
+           pdl: bool | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (chunks per
-    batch, warps) skips the tuner."""
+    batch, warps) skips the tuner; `pdl` (default: on sm_90 and later) launches it as a programmatic
+    dependent of the previous kernel."""
     M, K = x.shape
     NT, NC, V = words.shape[:3]
     cw = 4 * V
@@ -350,10 +424,13 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)
-    kernel = _kernel(cw, unroll, warps, x.device.index or 0)
-    kernel(grid=(NT, 1, 1), block=(32 * warps, 1, 1),
-           args=[words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
-                 x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)])  # z unread if symmetric
+    index = x.device.index or 0
+    if pdl is None:
+        pdl = torch.cuda.get_device_capability(index) >= (9, 0)
+    launch_kernel(_kernel(cw, unroll, warps, index), NT, 32 * warps,
+                  [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
+                   x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)],
+                  torch.cuda.current_stream(x.device), pdl)  # z unread if symmetric
     return y
 
 

@@ -196,6 +196,7 @@ def _gemv_rows_kernel(
     GELU: tl.constexpr = False,  # the output through GELU (the MLP's first linear: one kernel fewer per block)
     EVEN: tl.constexpr = False,  # whole tiles only (set by _whole_tiles): no masks
     STAGES: tl.constexpr = 1,
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent (sm_90): wait for the previous kernel
 ):
     RPW: tl.constexpr = 16 // BITS  # rows per word: 4 or 2 (rows 2 and 3 exist at 4 bits only)
     C: tl.constexpr = PG // R
@@ -212,6 +213,9 @@ def _gemv_rows_kernel(
     x_row = x_ptr + m * stride_xm
     x32 = x32_ptr + m * (stride_xm // 2)
     same = (rw * 0)[:, None, None]  # adds nothing, but gives the activation loads the weights' (3-d) shape
+    if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start (cuda_gemv.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for g0 in tl.range(0, NG, GPI, num_stages=STAGES):
         g = g0 + rg
         sg = g // SG_DIV
@@ -373,10 +377,12 @@ def launch(
     N: int,
     gelu: bool = False,
     config: dict | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """The kernel on explicit tensors (words from `to_interleaved` of N rows); `config` (the autotuner's
     keys) skips the autotuner, as Triton's CPU interpreter (TRITON_INTERPRET=1, which tests the kernel
-    without a GPU) needs."""
+    without a GPU) needs; `pdl` (default: on sm_90 and later) launches it as a programmatic dependent of
+    the previous kernel."""
     M, K = x.shape
     rpw = pack.rows_per_word(bits)
     G, sg_div = tile_group(group_size, K, bits)
@@ -384,6 +390,8 @@ def launch(
     stride_sn = 0 if scales.shape[0] == 1 else scales.stride(0)
     stride_zn = 0 if zeros is None or zeros.shape[0] == 1 else zeros.stride(0)
     fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
+    if pdl is None:
+        pdl = fast and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
     def grid(meta):
         return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)
@@ -392,7 +400,7 @@ def launch(
         x, x.view(torch.int32) if fast else x, words, scales, scales if zeros is None else zeros, y,
         N, K, triton.cdiv(K, G), sg_div, x.stride(0), words.stride(0), stride_sn, stride_zn, y.stride(0),
         BITS=bits, PG=G // 2, HAS_Z=zeros is not None, X_BF16=x.dtype == torch.bfloat16, FAST=fast, GELU=gelu,
-        **(config or {}),
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}), **(config or {}),
     )  # fmt: skip  (the int32 view is unread when not fast; zeros unread when HAS_Z is off)
     return y
 
