@@ -391,7 +391,8 @@ def launch(
     stride_zn = 0 if zeros is None or zeros.shape[0] == 1 else zeros.stride(0)
     fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
     if pdl is None:
-        pdl = fast and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        pdl = (fast and x.is_cuda and torch.version.hip is None  # ROCm reports its gfx version here
+               and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
     def grid(meta):
         return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)
