@@ -257,9 +257,10 @@ def from_mma_layout(words: torch.Tensor, N: int) -> torch.Tensor:
     """The codes (N, K) back from `to_mma_layout`'s words (prefill dequantizes from the layout alone)."""
     NT, NC, V = words.shape[:3]
     cw = 4 * V
-    w = (words.to(torch.int64) & 0xFFFFFFFF).view(NT, NC, V, 8, 4, 4)
-    w = w.permute(0, 1, 3, 4, 2, 5).reshape(NT, NC, 8, 4, cw, 1)
-    nibbles = (w >> (4 * torch.arange(8, device=words.device))) & 0xF  # T, c, g, t, i, (e2, jh, h)
+    # in bytes (little-endian: byte b holds nibbles 2 b and 2 b + 1), so prefill unpacks 1 byte per code
+    b = words.contiguous().view(torch.uint8).view(NT, NC, V, 8, 4, 4, 4)  # T, c, v, g, t, e, byte
+    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1)  # ..., byte, low/high: nibble 2 byte + low/high
+    nibbles = nibbles.permute(0, 1, 3, 4, 2, 5, 6, 7).reshape(NT, NC, 8, 4, cw, 8)  # T, c, g, t, i, nibble
     q = nibbles.view(NT, NC, 8, 4, cw, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5)  # T, h, g, c, t, i, jh, e2
     return q.reshape(NT * 16, NC * 16 * cw)[:N].to(torch.uint8)
 
