@@ -13,7 +13,9 @@ code words ("read-int4": what streaming these bytes costs with no arithmetic, th
 this shape; the best of a few tiles), the first Triton GEMV (gemv_first.py: "-bytes", "-halves", "-pairs"),
 and PyTorch's stock int8 weight-only (eager F.linear on the int8 matrix, then scales) and int4 tinygemm
 (`_weight_int4pack_mm`). Every quantized variant's output is checked against its dequantized weights first
-(the `err` column, relative L2), so a wrong kernel cannot post a time.
+(the `err` column, relative L2), so a wrong kernel cannot post a time. On sm_90 and later the Triton, mma
+and read-only kernels launch as programmatic dependents, as in a decoded model (each call waits for the
+one before it but may start during its end); cuBLAS and PyTorch's ops do not.
 Writes results/gemv_<gpu>.json.
 """
 
@@ -99,17 +101,20 @@ __global__ void __launch_bounds__(WARPS * 32) read_words(const u32* __restrict__
   const int cbeg = (NC * warp) / WARPS, cend = (NC * (warp + 1)) / WARPS;
   const u32* wl = w + (size_t)blockIdx.x * NC * CW * 32 + lane * 4;
   u32 acc = 0;
+  bool waited = false;
   for (int c = cbeg; c + UNROLL <= cend; c += UNROLL) {
     u32 r[UNROLL][CW];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
       for (int v = 0; v < CW / 4; ++v) ld_stream(r[u] + 4 * v, wl + (size_t)(c + u) * CW * 32 + 128 * v);
+    if (!waited) wait_previous_kernel(), waited = true;  // after the first batch's loads, as w4_gemv
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
       for (int i = 0; i < CW; ++i) acc ^= r[u][i];
   }
+  if (!waited) wait_previous_kernel();
   if (acc == 0x9E3779B9u) out[0] = acc;  // almost never true, but the compiler cannot know
 }
 """
@@ -131,8 +136,9 @@ class ReadOnly:
         return cuda_gemv.build(READ_SOURCE, f"read_words<{cw}, {tile[0]}, {tile[1]}>", self.words.device.index or 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.run(grid=(self.words.shape[0], 1, 1), block=(32 * self.tile[1], 1, 1),
-                 args=[self.words, self.out, self.words.shape[1]])
+        pdl = torch.cuda.get_device_capability() >= (9, 0)  # launched as the mma GEMV is
+        cuda_gemv.launch_kernel(self.run, self.words.shape[0], 32 * self.tile[1], [self.words, self.out,
+                                self.words.shape[1]], torch.cuda.current_stream(), pdl)
         return self.out
 
     def read_tensors(self) -> list[torch.Tensor]:
