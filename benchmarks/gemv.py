@@ -136,9 +136,9 @@ class ReadOnly:
         return cuda_gemv.build(READ_SOURCE, f"read_words<{cw}, {tile[0]}, {tile[1]}>", self.words.device.index or 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        pdl = torch.cuda.get_device_capability() >= (9, 0)  # launched as the mma GEMV is
+        index = self.words.device.index or 0  # launched as the mma GEMV is
         cuda_gemv.launch_kernel(self.run, self.words.shape[0], 32 * self.tile[1], [self.words, self.out,
-                                self.words.shape[1]], torch.cuda.current_stream(), pdl)
+                                self.words.shape[1]], torch.cuda.current_stream(), cuda_gemv.pdl_available(index))
         return self.out
 
     def read_tensors(self) -> list[torch.Tensor]:

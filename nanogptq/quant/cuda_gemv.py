@@ -303,6 +303,13 @@ class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
+@functools.cache
+def pdl_available(device_index: int) -> bool:
+    """Whether kernels on this GPU can launch as programmatic dependents: NVIDIA sm_90 and later (ROCm
+    reports its gfx version as the capability). Cached: the GEMVs ask at every launch."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.Stream, pdl: bool) -> None:
     """Launch a compiled kernel on `stream` (cuLaunchKernelEx), with programmatic dependent launch
     if `pdl`: the grid may start before the previous kernel ends, and waits for it in `wait_previous_kernel`.
@@ -426,8 +433,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)
     index = x.device.index or 0
-    if pdl is None:
-        pdl = torch.cuda.get_device_capability(index) >= (9, 0)
+    pdl = pdl_available(index) if pdl is None else pdl
     launch_kernel(_kernel(cw, unroll, warps, index), NT, 32 * warps,
                   [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
                    x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)],

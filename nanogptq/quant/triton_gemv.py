@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogptq.quant import pack
+from nanogptq.quant import cuda_gemv, pack
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 INTERPRETER_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
@@ -391,8 +391,7 @@ def launch(
     stride_zn = 0 if zeros is None or zeros.shape[0] == 1 else zeros.stride(0)
     fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
     if pdl is None:
-        pdl = (fast and x.is_cuda and torch.version.hip is None  # ROCm reports its gfx version here
-               and torch.cuda.get_device_capability(x.device) >= (9, 0))
+        pdl = fast and x.is_cuda and cuda_gemv.pdl_available(x.device.index or 0)
 
     def grid(meta):
         return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)
