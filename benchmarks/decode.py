@@ -210,8 +210,11 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def time_decode(model: GPT, args, device: torch.device, pdl: bool = True) -> tuple[float, float, list[float]]:
-    """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s)."""
+def time_decode(
+    model: GPT, args, device: torch.device, pdl: bool = True, label: str = ""
+) -> tuple[float, float, list[float]]:
+    """(prefill tokens/s, median decode tokens/s, every repeat's decode tokens/s). `label` names the
+    --trace file (PATH_label.json)."""
     # a small model's context may be short: keep prompt + generated + warm-up tokens inside it
     room = model.config.block_size - args.warmup
     P = min(args.prompt_len, room // 2)
@@ -250,13 +253,19 @@ def time_decode(model: GPT, args, device: torch.device, pdl: bool = True) -> tup
         if r:
             decode.append(n / (time.perf_counter() - t0))
     if args.profile:
-        profile_steps(step, logits.argmax(-1), P, args.profile, device)
+        trace = args.trace and f"{args.trace.removesuffix('.json')}_{label}.json"
+        profile_steps(step, logits.argmax(-1), P, args.profile, device, trace)
     model.clear_kv_cache()
     return statistics.median(prefill[1:]), statistics.median(decode), decode
 
 
-def profile_steps(step, tok: torch.Tensor, pos0: int, steps: int, device: torch.device) -> None:
-    """Print where a decode step's GPU time goes: the kernels' share of `steps` profiled steps."""
+def profile_steps(step, tok: torch.Tensor, pos0: int, steps: int, device: torch.device, trace: str | None) -> None:
+    """Print where a decode step's GPU time goes: the kernels' share of `steps` profiled steps, and on the GPU
+    the timeline: the steps' span, the time some kernel runs (the union of their intervals: under
+    programmatic dependent launch neighbours overlap, so the kernels' sum exceeds it) and the idle gaps.
+    `trace`: also write the profile as a Chrome trace (JSON) there."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     pos = torch.tensor([pos0], device=device)
@@ -271,6 +280,36 @@ def profile_steps(step, tok: torch.Tensor, pos0: int, steps: int, device: torch.
     print(f"  profile: {total / steps:.0f} us of {device.type} time per step")
     for t, count, name in sorted(events, reverse=True)[:14]:
         print(f"  {t / steps:8.1f} us {100 * t / total:5.1f}% {count / steps:6.1f}x  {name[:90]}")
+    if device.type != "cuda":
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace or str(Path(tmp) / "trace.json")
+        prof.export_chrome_trace(path)
+        kernels = sorted(
+            (e["ts"], e["ts"] + e["dur"], e["name"])
+            for e in json.loads(Path(path).read_text())["traceEvents"]
+            if e.get("cat") == "kernel"
+        )
+    # Each kernel's share of the timeline: the time it runs past every kernel that started before it. Under
+    # programmatic dependent launch a kernel starts before its predecessor ends and waits in its first
+    # instructions, so its own duration counts that wait; this counts what it adds to the step.
+    added: dict[str, float] = {}
+    busy, end = 0.0, -math.inf
+    for t0, t1, name in kernels:
+        extra = max(0.0, t1 - max(t0, end))
+        added[name] = added.get(name, 0.0) + extra
+        busy += extra
+        end = max(end, t1)
+    span = kernels[-1][1] - kernels[0][0]
+    summed = sum(t1 - t0 for t0, t1, _ in kernels)
+    print(
+        f"  timeline: {span / steps:.0f} us per step from the first kernel's start to the last one's end, "
+        f"some kernel running {busy / steps:.0f} us, idle {(span - busy) / steps:.0f} us; the kernels' "
+        f"durations sum to {summed / steps:.0f} us ({len(kernels) / steps:.0f} kernels per step). "
+        f"Each kernel's time past the ones before it, per step:"
+    )
+    for name, t in sorted(added.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"  {t / steps:8.1f} us {100 * t / busy:5.1f}%  {name[:90]}")
 
 
 def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch.device) -> dict:
@@ -315,7 +354,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
     row["resident_bytes"] = resident_bytes(model)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    prefill, decode, runs = time_decode(model, args, device, v.pdl)
+    prefill, decode, runs = time_decode(model, args, device, v.pdl, f"{size}_{v.name}")
     row.update(prefill_tok_s=prefill, decode_tok_s=decode, decode_runs=runs)
     if gpu:
         row["mma_tiles"] = cuda_gemv.tuned_configs()  # the tensor-core GEMV's tuned tiles so far
@@ -334,8 +373,13 @@ def run_checkpoint(path: str, kernel: str, args, device: torch.device) -> dict:
 
     model = load_for_generation(path, device, dtype=args.ckpt_dtype, kernel=kernel).model
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)}) or ["-"]
-    row = {"size": Path(path).name, "variant": "checkpoint", "kernels": "+".join(kernels), "err": None,
-           "act_dtype": {v: k for k, v in DTYPES.items()}[model.transformer.wpe.weight.dtype]}
+    row = {
+        "size": Path(path).name,
+        "variant": "checkpoint",
+        "kernels": "+".join(kernels),
+        "err": None,
+        "act_dtype": {v: k for k, v in DTYPES.items()}[model.transformer.wpe.weight.dtype],
+    }
     row["weight_bytes"], row["resident_bytes"] = weight_bytes(model), resident_bytes(model)
     row["prefill_tok_s"], row["decode_tok_s"], row["decode_runs"] = time_decode(model, args, device)
     return row
@@ -405,10 +449,19 @@ def main() -> None:
         default=None,
         help="replay the decode step from a CUDA graph (default: on for CUDA; CUDA only)",
     )
-    p.add_argument("--act-dtype", choices=list(ACT_DTYPES), default="bf16",
-                   help="CUDA: the quantized variants' activation dtype (the float baseline stays bf16)")
+    p.add_argument(
+        "--act-dtype",
+        choices=list(ACT_DTYPES),
+        default="bf16",
+        help="CUDA: the quantized variants' activation dtype (the float baseline stays bf16)",
+    )
     p.add_argument("--sdpa", action="store_true", help="decode steps on SDPA, not the split-cache Triton kernel")
     p.add_argument("--profile", type=int, default=0, help="profile this many decode steps, print the top kernels")
+    p.add_argument(
+        "--trace",
+        default=None,
+        help="with --profile on CUDA: each variant's profiled steps as a Chrome trace, PATH_<size>_<variant>.json",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="default results/decode_<device>.json")
     args = p.parse_args()

@@ -13,6 +13,7 @@ split kernel's TARGET_PROGRAMS, BLOCK_L and NUM_WARPS. Writes results/decode_att
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -30,8 +31,8 @@ def sdpa(q, k, v, mask, pos):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def split_triton(q, k, v, mask, pos):  # nanogptq's kernel: the position is the mask
-    return torch.ops.nanogptq.decode_attention(q, k, v, pos)
+def split_triton(q, k, v, mask, pos, counts):  # nanogptq's kernel: the position is the mask
+    return torch.ops.nanogptq.decode_attention(q, k, v, pos, counts)
 
 
 def matmul_softmax(q, k, v, mask, pos):
@@ -69,8 +70,9 @@ def main() -> None:
         mask = (torch.arange(L, device="cuda") <= pos)[None, :]
         ref = sdpa(q, *caches[0], mask, pos).float()
         forms = [("sdpa", sdpa, None), ("matmul-softmax", matmul_softmax, None)]
+        counts = torch.zeros(args.heads, device="cuda", dtype=torch.int32)  # as the model's KV cache holds them
         forms += [
-            (f"split-cache triton p{tp} b{bl} w{nw}", split_triton, (tp, bl, nw))
+            (f"split-cache triton p{tp} b{bl} w{nw}", functools.partial(split_triton, counts=counts), (tp, bl, nw))
             for tp in args.programs
             for bl in args.block
             for nw in args.warps

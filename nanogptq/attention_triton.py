@@ -6,27 +6,35 @@ every head is cut into S chunks, so B * H * S programs read it at once, each com
 
     m = max_j s_j,  den = sum_j exp(s_j - m),  a = sum_j exp(s_j - m) v_j,   s_j = q . k_j / sqrt(D)
 
-for the positions j <= pos only (the mask is the position itself, no tensor); a second kernel merges the
-chunks: M = max m_c, y = sum_c exp(m_c - M) a_c / sum_c exp(m_c - M) den_c. Accumulation is fp32. The cache
-is written by the caller (index_copy_) before the call; the op reads it and never mutates it, so
-torch.compile and CUDA graphs take it as an ordinary kernel (`torch.ops.nanogptq.decode_attention`).
+for the positions j <= pos only (the mask is the position itself, no tensor), then merges the chunks:
+M = max m_c, y = sum_c exp(m_c - M) a_c / sum_c exp(m_c - M) den_c. The merge runs in the same kernel, in
+the last of a head's S programs to finish: each program stores its partial, then takes a ticket from the
+head's counter (an atomic add; a barrier first, so the whole program's stores precede it); the one that
+draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero. A second
+kernel for the merge had cost 1.8 us per layer, and its launch as much again. Accumulation is fp32. The
+cache is written by the caller (index_copy_) before the call; the op reads it and never mutates it, and
+leaves the counters as it found them (zero), so torch.compile and CUDA graphs take it as an ordinary
+kernel (`torch.ops.nanogptq.decode_attention`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# measured on the H100, 32 heads x 128, a 584-position cache read from HBM (benchmarks/decode_attention.py
-# --programs 264 528 1056 --block 32 64): 528 programs of 64-position steps 10.2 us, 264 x 32 13.3 us
-TARGET_PROGRAMS = 528  # about four per H100 SM: enough loads in flight to stream the cache
+# On the H200, 32 heads x 128, a 584-position cache read from HBM, merge in the kernel
+# (benchmarks/decode_attention.py --cache 584 --programs 528 1056 --block 16 64 --warps 1 4,
+# results/decode_attention_fused_h200.json): 1056 programs of one warp and 16-position steps 7.7 us per
+# layer, the previous defaults (528 programs, 4 warps, 64-position steps, chosen on the H100 with a separate
+# merge kernel, where 528 x 64 ran 10.2 us and 264 x 32 13.3 us) 9.4 us
+TARGET_PROGRAMS = 1056  # about eight per SM of an H100 or H200: enough loads in flight to stream the cache
 MAX_CHUNK = 256  # positions per program: its loop over the chunk is serial
-BLOCK_L = 64  # positions per loop step; chunks are whole steps (a ragged last step is a wasted load)
-NUM_WARPS = 4
+MAX_SPLITS = 32  # chunks per head: the merging program loads all their partials at once
+BLOCK_L = 16  # positions per loop step; chunks are whole steps (a ragged last step is a wasted load)
+NUM_WARPS = 1
 
 
 @triton.jit
@@ -38,6 +46,8 @@ def _partial_kernel(
     m_ptr,
     l_ptr,
     a_ptr,
+    y_ptr,
+    count_ptr,
     H,
     L,
     CHUNK,
@@ -50,6 +60,7 @@ def _partial_kernel(
     stride_kl,
     D: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -81,21 +92,20 @@ def _partial_kernel(
     tl.store(m_ptr + out, m)  # an empty chunk (past `last`) leaves m = -inf, den = 0: weight 0 below
     tl.store(l_ptr + out, den)
     tl.store(a_ptr + out * D + rd, acc)
-
-
-@triton.jit
-def _merge_kernel(m_ptr, l_ptr, a_ptr, y_ptr, S, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    bh = tl.program_id(0)
-    rs = tl.arange(0, BLOCK_S)
-    smask = rs < S
-    m = tl.load(m_ptr + bh * S + rs, mask=smask, other=float("-inf"))
-    den = tl.load(l_ptr + bh * S + rs, mask=smask, other=0.0)
-    big = tl.max(m, axis=0)  # chunk 0 always holds position 0, so this is finite
-    w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
-    rd = tl.arange(0, D)
-    a = tl.load(a_ptr + (bh * S + rs)[:, None] * D + rd[None, :], mask=smask[:, None], other=0.0)
-    y = tl.sum(w[:, None] * a, axis=0) / tl.sum(w * den, axis=0)
-    tl.store(y_ptr + bh * D + rd, y.to(y_ptr.dtype.element_ty))
+    tl.debug_barrier()  # all of this program's stores, before its one thread's release below
+    ticket = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if ticket == S - 1:  # the head's last program: the others' partials are visible (acquire)
+        rs = tl.arange(0, BLOCK_S)
+        smask = rs < S
+        ms = tl.load(m_ptr + bh * S + rs, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        dens = tl.load(l_ptr + bh * S + rs, mask=smask, other=0.0, cache_modifier=".cg")
+        big = tl.max(ms, axis=0)  # chunk 0 always holds position 0, so this is finite
+        w = tl.where(smask & (ms > float("-inf")), tl.exp(ms - big), 0.0)
+        parts = tl.load(a_ptr + (bh * S + rs)[:, None] * D + rd[None, :], mask=smask[:, None], other=0.0,
+                        cache_modifier=".cg")
+        y = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w * dens, axis=0)
+        tl.store(y_ptr + bh * D + rd, y.to(y_ptr.dtype.element_ty))
+        tl.store(count_ptr + bh, 0)  # ready for the next call
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -105,30 +115,36 @@ def supports(q: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("nanogptq::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """q (B, H, 1, D), the caches k, v (B, H, L, D) (same strides), pos (1,) the query's position:
-    softmax(q k^T / sqrt(D)) v over the cache positions <= pos. -> (B, H, 1, D) in q's dtype."""
+    softmax(q k^T / sqrt(D)) v over the cache positions <= pos. -> (B, H, 1, D) in q's dtype. `counts`: B * H
+    int32 zeros the kernel uses and leaves zero (the KV cache keeps them, so a step allocates nothing);
+    fresh ones if None."""
     B, H, _, D = q.shape
     L = k.size(2)
     assert k.stride() == v.stride() and k.stride(3) == 1 and q.stride(3) == 1
-    # enough chunks to fill the GPU, and chunks of at most MAX_CHUNK positions for long caches
-    block_l = 16 if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_L
-    S = max(1, min(triton.cdiv(L, block_l), triton.cdiv(TARGET_PROGRAMS, B * H)), triton.cdiv(L, MAX_CHUNK))
-    chunk = triton.cdiv(triton.cdiv(L, S), block_l) * block_l
+    # enough chunks to fill the GPU, at most MAX_SPLITS (the merge holds them all), and chunks of at most
+    # MAX_CHUNK positions for long caches
+    S = max(1, min(triton.cdiv(L, BLOCK_L), triton.cdiv(TARGET_PROGRAMS, B * H), MAX_SPLITS), triton.cdiv(L, MAX_CHUNK))
+    chunk = triton.cdiv(triton.cdiv(L, S), BLOCK_L) * BLOCK_L
     S = triton.cdiv(L, chunk)
     m = torch.empty(B * H * S, device=q.device, dtype=torch.float32)
     den = torch.empty_like(m)
     a = torch.empty(B * H * S, D, device=q.device, dtype=torch.float32)
     y = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    if counts is None:
+        counts = torch.zeros(B * H, device=q.device, dtype=torch.int32)
+    assert counts.dtype == torch.int32 and counts.numel() >= B * H
     _partial_kernel[(B * H, S)](
-        q, k, v, pos, m, den, a, H, L, chunk, S, 1.0 / math.sqrt(D),
+        q, k, v, pos, m, den, a, y, counts, H, L, chunk, S, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        D=D, BLOCK_L=block_l, num_warps=NUM_WARPS,
+        D=D, BLOCK_L=BLOCK_L, BLOCK_S=triton.next_power_of_2(S), num_warps=NUM_WARPS,
     )  # fmt: skip
-    _merge_kernel[(B * H,)](m, den, a, y, S, D=D, BLOCK_S=triton.next_power_of_2(S), num_warps=4)
     return y
 
 
 @decode_attention.register_fake
-def _(q, k, v, pos):
+def _(q, k, v, pos, counts=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -71,6 +71,8 @@ class KVCache(nn.Module):
         super().__init__()
         shape = (2, batch, n_head, max_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # the split-cache attention's per-head counters (zero between calls: its programs take tickets)
+        self.register_buffer("counts", torch.zeros(batch * n_head, dtype=torch.int32, device=device), persistent=False)
         # one-token steps on CUDA use the split-cache Triton kernel (attention_triton.py) where it can run
         self.split_decode = torch.device(device).type == "cuda" and head_dim & (head_dim - 1) == 0 and _has_triton()
 
@@ -189,7 +191,8 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             if T == 1 and self.kv_cache.split_decode:
-                y = torch.ops.nanogptq.decode_attention(q, k.to(q.dtype), v.to(q.dtype), input_pos)
+                k, v, counts = k.to(q.dtype), v.to(q.dtype), self.kv_cache.counts
+                y = torch.ops.nanogptq.decode_attention(q, k, v, input_pos, counts)
             else:
                 y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
