@@ -10,11 +10,10 @@ for the positions j <= pos only (the mask is the position itself, no tensor), th
 M = max m_c, y = sum_c exp(m_c - M) a_c / sum_c exp(m_c - M) den_c. The merge runs in the same kernel, in
 the last of a head's S programs to finish: each program stores its partial, then takes a ticket from the
 head's counter (an atomic add; a barrier first, so the whole program's stores precede it); the one that
-draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero. A second
-kernel for the merge had cost 1.8 us per layer, and its launch as much again. Accumulation is fp32. The
-cache is written by the caller (index_copy_) before the call; the op reads it and never mutates it, and
-leaves the counters as it found them (zero), so torch.compile and CUDA graphs take it as an ordinary
-kernel (`torch.ops.nanogptq.decode_attention`).
+draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero (a second
+kernel did the merge before). Accumulation is fp32. The cache is written by the caller (index_copy_)
+before the call; the op reads it and never mutates it, and leaves the counters as it found them (zero), so
+torch.compile and CUDA graphs take it as an ordinary kernel (`torch.ops.nanogptq.decode_attention`).
 """
 
 from __future__ import annotations
