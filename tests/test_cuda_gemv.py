@@ -125,6 +125,10 @@ def test_launch_rejects_what_the_kernel_cannot_read():
               torch.zeros(1, 256, dtype=torch.float16), torch.zeros(0, 128, dtype=torch.float16)):
         with pytest.raises(ValueError, match="mma GEMV: x must be fp16"):
             cuda_gemv.launch(x, words, s_pairs, z_pairs, 16, 128)
+    # a block of 4 row tiles on a layer of one (the tuner skips such configs)
+    with pytest.raises(ValueError, match="4 row tiles per block, but the layer has 1"):
+        cuda_gemv.launch(torch.zeros(1, 128, dtype=torch.float16), words, s_pairs, z_pairs, 16, 128,
+                         config=(1, 8, 4, True))
 
 
 def test_launch_structs_have_cuda_h_layout():

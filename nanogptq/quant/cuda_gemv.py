@@ -21,6 +21,10 @@ its blocks may start while that kernel ends, load their first codes (constant) a
 compiled step's fused kernels doing the same (model.compile_blocks), a decoded model's kernels overlap
 their ends and starts instead of draining the GPU between them.
 
+The tuner (`time_configs`) picks per shape how many chunks a warp loads per batch, how many warps split K,
+how many consecutive row tiles a block takes (1, 2 or 4: they share each activation load, at the cost of
+registers) and whether x is read through the non-coherent path.
+
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
 k within a chunk works if codes and activations agree: lane (g, t) (g = lane / 4, t = lane % 4) covers the
@@ -46,10 +50,14 @@ log = logging.getLogger(__name__)
 
 GROUP_CW = (8, 4)  # words per lane per chunk: chunks of 128 or 64 columns; a group holds whole chunks
 MAX_ROWS = 8  # activation rows: the B operand's 8 columns
-# (chunks per batch of loads, warps per block splitting K): the tuner's candidates. On the H200 it picks
+# (chunks per batch of loads, warps per block splitting K, row tiles per block, activations through the
+# non-coherent path): the tuner's candidates. With one tile and plain loads, on the H200 it picked
 # (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 / 16384x4096 / 4096x16384
-# (the mma_tiles of results/decode_cuda_7b_mma_h200.json).
-CONFIGS = ((2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (1, 8))
+# (the mma_tiles of results/decode_cuda_7b_fused_h200.json); the other four won some of those shapes in a
+# dev-script sweep and lost others.
+CONFIGS = ((2, 2, 1, False), (2, 4, 1, False), (2, 8, 1, False), (4, 2, 1, False), (4, 4, 1, False),
+           (1, 8, 1, False), (2, 4, 2, False), (2, 8, 2, False), (2, 4, 1, True), (1, 8, 4, True))
+Config = tuple[int, int, int, bool]
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -99,119 +107,148 @@ __device__ __forceinline__ u16 f2h(float f) {
   return h;
 }
 
-template <int CW>
-struct Chunk {  // one lane's share of one chunk: CW words of codes, 2 CW activation pairs, its group's grid
-  u32 w[CW];
+template <int CW, int TILES>
+struct Chunk {  // one lane's share of one chunk of TILES row tiles: codes and grids, 2 CW activation pairs
+  u32 w[TILES][CW];
   u32 x[2 * CW];
-  u32 s, z;
+  u32 s[TILES], z[TILES];
 };
 
-template <int CW>
-__device__ __forceinline__ void load_codes(Chunk<CW>& ch, const u32* w, const u32* s, const u16* z, bool has_z) {
+template <int CW, int TILES>
+__device__ __forceinline__ void load_codes(Chunk<CW, TILES>& ch, const u32* w, size_t tile_words, const u32* s,
+                                           const u16* z, int tile_grids, bool has_z) {
 #pragma unroll
-  for (int v = 0; v < CW / 4; ++v) ld_stream(ch.w + 4 * v, w + 128 * v);
-  ch.s = *s;
-  ch.z = has_z ? (u32)*z : 0x0808u;  // symmetric grids: z = 8
+  for (int tt = 0; tt < TILES; ++tt) {
+#pragma unroll
+    for (int v = 0; v < CW / 4; ++v) ld_stream(ch.w[tt] + 4 * v, w + tt * tile_words + 128 * v);
+    ch.s[tt] = s[tt * tile_grids];
+    ch.z[tt] = has_z ? (u32)z[tt * tile_grids] : 0x0808u;  // symmetric grids: z = 8
+  }
 }
 
-template <int CW>
-__device__ __forceinline__ void load_x(Chunk<CW>& ch, const u16* x) {
-  // x is written by the previous kernel: a plain load (not .nc, which assumes data constant for the kernel's
-  // lifetime), which the compiler keeps below the wait's memory clobber but schedules freely otherwise
+template <int CW, bool XNC>
+__device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
+  // x is written by the previous kernel, and read only after waiting for it (`wait_previous_kernel`, whose
+  // memory clobber keeps these loads below it). XNC: through the non-coherent path (volatile asm, so it
+  // stays below the wait too), which assumes data no one writes while the kernel reads it: true after the
+  // wait, and no line of x is read before it. Else a plain load, which the compiler schedules freely.
 #pragma unroll
   for (int v = 0; v < CW / 2; ++v) {
-    const u32x4 r = *reinterpret_cast<const u32x4*>(x + 8 * v);
-    ch.x[4 * v] = r.x, ch.x[4 * v + 1] = r.y, ch.x[4 * v + 2] = r.z, ch.x[4 * v + 3] = r.w;
+    if (XNC) {
+      asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(xr[4 * v]), "=r"(xr[4 * v + 1]), "=r"(xr[4 * v + 2]), "=r"(xr[4 * v + 3])
+                   : "l"(x + 8 * v));
+    } else {
+      const u32x4 r = *reinterpret_cast<const u32x4*>(x + 8 * v);
+      xr[4 * v] = r.x, xr[4 * v + 1] = r.y, xr[4 * v + 2] = r.z, xr[4 * v + 3] = r.w;
+    }
   }
 }
 
-template <int CW>
-__device__ __forceinline__ void compute(float (&acc)[4], const Chunk<CW>& ch) {
-  const u32 olo = (0xE400u + (ch.z & 0xFFu)) * 0x10001u;   // -(1024 + z) for row g, in both halves
-  const u32 ohi = (0xD400u + 16u * (ch.z >> 8)) * 0x10001u;  // -(64 + z) for row g + 8
-  const u32 k16 = 0x2C002C00u;                                // 1/16
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
+template <int CW, int TILES>
+__device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, TILES>& ch) {
 #pragma unroll
-  for (int i = 0; i < CW; ++i) {
-    const u32 q = ch.w[i], q2 = q >> 8;
-    const u32 a0 = hadd2(lop3_or(q, 0x000F000Fu), olo);        // nibbles 0, 4: row g
-    const u32 a1 = hfma2(lop3_or(q, 0x00F000F0u), k16, ohi);   // nibbles 1, 5: row g + 8
-    const u32 a2 = hadd2(lop3_or(q2, 0x000F000Fu), olo);       // nibbles 2, 6: row g
-    const u32 a3 = hfma2(lop3_or(q2, 0x00F000F0u), k16, ohi);  // nibbles 3, 7: row g + 8
-    mma(d, a0, a1, a2, a3, ch.x[2 * i], ch.x[2 * i + 1]);
+  for (int tt = 0; tt < TILES; ++tt) {  // the tiles share the chunk's activations (the B operand)
+    const u32 olo = (0xE400u + (ch.z[tt] & 0xFFu)) * 0x10001u;   // -(1024 + z) for row g, in both halves
+    const u32 ohi = (0xD400u + 16u * (ch.z[tt] >> 8)) * 0x10001u;  // -(64 + z) for row g + 8
+    const u32 k16 = 0x2C002C00u;                                    // 1/16
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < CW; ++i) {
+      const u32 q = ch.w[tt][i], q2 = q >> 8;
+      const u32 a0 = hadd2(lop3_or(q, 0x000F000Fu), olo);        // nibbles 0, 4: row g
+      const u32 a1 = hfma2(lop3_or(q, 0x00F000F0u), k16, ohi);   // nibbles 1, 5: row g + 8
+      const u32 a2 = hadd2(lop3_or(q2, 0x000F000Fu), olo);       // nibbles 2, 6: row g
+      const u32 a3 = hfma2(lop3_or(q2, 0x00F000F0u), k16, ohi);  // nibbles 3, 7: row g + 8
+      mma(d, a0, a1, a2, a3, ch.x[2 * i], ch.x[2 * i + 1]);
+    }
+    const float s_lo = h2f(ch.s[tt] & 0xFFFFu), s_hi = h2f(ch.s[tt] >> 16);
+    acc[tt][0] += d[0] * s_lo;
+    acc[tt][1] += d[1] * s_lo;
+    acc[tt][2] += d[2] * s_hi;
+    acc[tt][3] += d[3] * s_hi;
   }
-  const float s_lo = h2f(ch.s & 0xFFFFu), s_hi = h2f(ch.s >> 16);
-  acc[0] += d[0] * s_lo;
-  acc[1] += d[1] * s_lo;
-  acc[2] += d[2] * s_hi;
-  acc[3] += d[3] * s_hi;
 }
 
-template <int CW, int UNROLL, int WARPS>
+template <int CW, int UNROLL, int WARPS, int TILES, bool XNC>
 __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
     int gelu) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3, T = blockIdx.x;
+  const int g = lane >> 2, t = lane & 3;
+  // TILES consecutive row tiles per block (they share each activation load); the last block's may overlap
+  // the block before it, which then computes and writes those rows' same values twice (NT >= TILES)
+  const int NT = (N + 15) / 16, T0 = min((int)blockIdx.x * TILES, NT - TILES);
   const int cbeg = (NC * warp) / WARPS, cend = (NC * (warp + 1)) / WARPS;
-  const u32* wl = w + (size_t)T * NC * CW * 32 + lane * 4;
+  const size_t tile_words = (size_t)NC * CW * 32;
+  const int tile_grids = NGR * 8;
+  const u32* wl = w + (size_t)T0 * tile_words + lane * 4;
   // lane g's B column is activation row g; columns g >= M repeat the last row, and are not stored
   const u16* xl = x + (size_t)min(g, M - 1) * x_stride + 4 * CW * t;
-  const u32* sl = s + (size_t)T * NGR * 8 + g;
-  const u16* zl = z + (size_t)T * NGR * 8 + g;  // unread when !has_z
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const u32* sl = s + (size_t)T0 * tile_grids + g;
+  const u16* zl = z + (size_t)T0 * tile_grids + g;  // unread when !has_z
+  float acc[TILES][4];
+#pragma unroll
+  for (int tt = 0; tt < TILES; ++tt) acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
   // The first batch's codes and grid are constant, so they are loaded before waiting on the kernel that
   // writes x: under programmatic dependent launch they stream while that kernel ends.
   // (A warp with fewer chunks loads some of the tile's again, branch-free, and skips their compute.)
   const int first = max(0, min(UNROLL, cend - cbeg));
-  Chunk<CW> ch[UNROLL];
+  Chunk<CW, TILES> ch[UNROLL];
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int cu = min(cbeg + u, NC - 1), gr = cu >> cpg_log2;
-    load_codes<CW>(ch[u], wl + (size_t)cu * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
+    load_codes<CW, TILES>(ch[u], wl + (size_t)cu * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
   }
   wait_previous_kernel();
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) load_x<CW>(ch[u], xl + min(cbeg + u, NC - 1) * 16 * CW);
+  for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u)
-    if (u < first) compute<CW>(acc, ch[u]);
+    if (u < first) compute<CW, TILES>(acc, ch[u]);
   int c = cbeg + first;
   for (; c + UNROLL <= cend; c += UNROLL) {  // all of a batch's loads in flight before its first mma
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int cu = c + u, gr = cu >> cpg_log2;
-      load_codes<CW>(ch[u], wl + (size_t)cu * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
-      load_x<CW>(ch[u], xl + cu * 16 * CW);
+      load_codes<CW, TILES>(ch[u], wl + (size_t)cu * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids,
+                            has_z);
+      load_x<CW, XNC>(ch[u].x, xl + cu * 16 * CW);
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) compute<CW>(acc, ch[u]);
+    for (int u = 0; u < UNROLL; ++u) compute<CW, TILES>(acc, ch[u]);
   }
   for (; c < cend; ++c) {
     const int gr = c >> cpg_log2;
-    load_codes<CW>(ch[0], wl + (size_t)c * CW * 32, sl + gr * 8, zl + gr * 8, has_z);
-    load_x<CW>(ch[0], xl + c * 16 * CW);
-    compute<CW>(acc, ch[0]);
+    load_codes<CW, TILES>(ch[0], wl + (size_t)c * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
+    load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
+    compute<CW, TILES>(acc, ch[0]);
   }
   if (WARPS > 1) {  // the warps' partial sums over their parts of K
-    __shared__ float red[WARPS][32][4];
+    __shared__ float red[WARPS][TILES][32][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) red[warp][lane][j] = acc[j];
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[warp][tt][lane][j] = acc[tt][j];
     __syncthreads();
     if (warp) return;
 #pragma unroll
     for (int wk = 1; wk < WARPS; ++wk)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] += red[wk][lane][j];
+      for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[tt][j] += red[wk][tt][lane][j];
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
-    const int n = 16 * T + g + 8 * (j >> 1), m = 2 * t + (j & 1);
-    float v = acc[j];
-    if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-    if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
-  }
+  for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
+      const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
+      float v = acc[tt][j];
+      if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+      if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
+    }
 }
 """
 
@@ -332,8 +369,9 @@ def _libcuda() -> ctypes.CDLL:
 
 
 @functools.cache
-def _kernel(cw: int, unroll: int, warps: int, device_index: int):
-    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}>", device_index)
+def _kernel(cw: int, config: Config, device_index: int):
+    unroll, warps, tiles, xnc = config
+    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {str(xnc).lower()}>", device_index)
 
 
 @functools.cache
@@ -341,7 +379,7 @@ def compiles(device_index: int) -> bool:
     """Whether the kernel builds here (NVRTC found, the GPU's architecture known to it): "auto" falls back
     to the Triton GEMV where it does not, with a warning saying why."""
     try:
-        _kernel(8, *heuristic_config(1), device_index)
+        _kernel(8, heuristic_config(1), device_index)
     except Exception as e:  # a missing or too old libnvrtc, an unknown architecture: probing, not an error
         log.warning("the tensor-core GEMV does not build on this GPU (%s: %s); 4-bit layers fall back to the "
                     "Triton GEMV", type(e).__name__, e)
@@ -349,18 +387,19 @@ def compiles(device_index: int) -> bool:
     return True
 
 
-def heuristic_config(n_tiles: int) -> tuple[int, int]:
+def heuristic_config(n_tiles: int) -> Config:
     """Without timing (during a CUDA-graph capture): few row tiles need more warps per tile to keep enough
     loads in flight."""
-    return (2, 8) if n_tiles < 512 else (2, 2)
+    return (2, 8, 1, False) if n_tiles < 512 else (2, 2, 1, False)
 
 
-_TUNED: dict[tuple, tuple[int, int]] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
+_TUNED: dict[tuple, Config] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
 
 
-def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device) -> tuple[int, int]:
-    """The fastest of CONFIGS for this shape, timed on random codes in copies that together exceed the L2
-    cache three times, called in turn, as a decoded model reads each weight once per token from HBM.
+def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device) -> Config:
+    """The fastest of CONFIGS for this shape (of those with no more tiles per block than the layer has),
+    timed on random codes in copies that together exceed the L2 cache three times, called in turn, as a
+    decoded model reads each weight once per token from HBM.
     (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, its
     picks made the 7 B int4 step 482.0 tokens/s against 498.2 on the Triton GEMV in the same run,
     results/decode_cuda_7b_mma_dobench_h200.json; timed in a graph, 510.1 against 503.2.)"""
@@ -374,7 +413,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
                                    torch.full((N, ng), 8, dtype=torch.uint8, device=device), N)
     x = torch.randn(M, K, dtype=torch.float16, device=device)
 
-    def seconds(cfg: tuple[int, int]) -> float:
+    def seconds(cfg: Config) -> float:
         # in a CUDA graph: launched from Python one by one, the calls would be timed at the host's pace
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -396,10 +435,10 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
             runs.append(start.elapsed_time(end))
         return sorted(runs)[1]
 
-    return min(CONFIGS, key=seconds)
+    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0]), key=seconds)
 
 
-def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -> tuple[int, int]:
+def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -> Config:
     cw, (M, K) = 4 * words.shape[2], x.shape
     key = (N, K, M, cw, group_size, x.device)
     if key not in _TUNED:
@@ -411,14 +450,14 @@ def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -
 
 def tuned_configs() -> dict[str, str]:
     """The tuner's picks so far (N, K, rows, words per chunk, group), for benchmark reports."""
-    return {f"mma {key[:5]}": f"unroll={u} warps={w}" for key, (u, w) in _TUNED.items()}
+    return {f"mma {key[:5]}": "unroll={} warps={} tiles={} xnc={:d}".format(*cfg) for key, cfg in _TUNED.items()}
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None, N: int,
-           group_size: int, gelu: bool = False, config: tuple[int, int] | None = None,
+           group_size: int, gelu: bool = False, config: Config | None = None,
            pdl: bool | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (chunks per
-    batch, warps) skips the tuner; `pdl` (default: on sm_90 and later) launches it as a programmatic
+    """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (one of CONFIGS)
+    skips the tuner; `pdl` (default: on sm_90 and later) launches it as a programmatic
     dependent of the previous kernel."""
     M, K = x.shape
     NT, NC, V = words.shape[:3]
@@ -428,13 +467,16 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
                          f"{x.dtype} {tuple(x.shape)}")
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
         x = x.contiguous().clone()  # a fresh allocation is aligned
-    unroll, warps = config or pick_config(x, words, N, group_size)
+    config = config or pick_config(x, words, N, group_size)
+    tiles = config[2]
+    if tiles > NT:
+        raise ValueError(f"mma GEMV: {tiles} row tiles per block, but the layer has {NT}")
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)
     index = x.device.index or 0
     pdl = pdl_available(index) if pdl is None else pdl
-    launch_kernel(_kernel(cw, unroll, warps, index), NT, 32 * warps,
+    launch_kernel(_kernel(cw, config, index), -(-NT // tiles), 32 * config[1],
                   [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
                    x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)],
                   torch.cuda.current_stream(x.device), pdl)  # z unread if symmetric
