@@ -11,8 +11,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-# result files are named by the GPU (h100, h200, ...). "fused": the decode attention's merge inside its
-# kernel, "pdl" files came from before that, with the kernels launched as programmatic dependents (sm_90),
+# result files are named by the GPU (h100, h200, ...). "tiles": the tensor-core GEMV's tuner also choosing
+# row tiles per block and the activations' load path, "fused" files came from before that, with the decode
+# attention's merge inside its kernel, "pdl" files from before that, with the kernels launched as programmatic dependents (sm_90),
 # otherwise as "mma". "mma": 4 bits on the tensor-core GEMV (cuda_gemv.py),
 # 8 bits on the Triton GEMV, quantized models on fp16 activations (the float baseline stays bf16); "even" /
 # "fp16act" files came from before the tensor-core GEMV (4 bits on Triton), "interleaved" ones from the
@@ -21,18 +22,18 @@ GPU=$($PY -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower(
 if [ "$PART" = all ] || [ "$PART" = 1 ]; then
   timeout 330 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
   timeout 200 $PY benchmarks/gemv.py --variants bf16 fp16 triton-int8-fp16 triton-int4-g128-fp16 \
-    mma-int4-g128-fp16 read-int4-g128-fp16 --json "$OUT/gemv_mma_$GPU.json"
+    mma-int4-g128-fp16 read-int4-g128-fp16 --json "$OUT/gemv_all_$GPU.json"
   timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_$GPU.json"
 fi
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
   # int4: the tensor-core GEMV (auto); triton-int4: the same model on the Triton GEMV; nopdl-int4: compiled
   # without programmatic dependent launch; all in the same run
   timeout 250 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 triton-int4 nopdl-int4 \
-    --json "$OUT/decode_cuda_7b_fused_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_7b_tiles_$GPU.json" | grep -v '^{'
   timeout 180 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 triton-int4 nopdl-int4 \
-    --json "$OUT/decode_cuda_xl_fused_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_xl_tiles_$GPU.json" | grep -v '^{'
   timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 w8a8 \
-    --json "$OUT/decode_cuda_small_fused_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_small_tiles_$GPU.json" | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention
