@@ -12,8 +12,9 @@ exact fp16 (q - z): per word a shift, four LOP3s (the 0x6400 trick: 1024 + q, or
 nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 10 instructions per
 8 weights before loads and addressing, where the Triton GEMV's loop (triton_gemv.py) costs 2.3-2.9 per
 weight all told (benchmarks/gemv_sass.py); and the sums are fp32 (the Triton kernel's innermost ones are
-fp16). On the H200 it runs the 7 B linears at 1.02-1.15x the Triton GEMV's speed (benchmarks/gemv.py); both
-stay below what merely streaming the same bytes reaches in kernels of this size (the "read-int4" rows).
+fp16). On the H200, before PDL, it ran the 7 B linears at 1.02-1.15x the Triton GEMV's speed
+(benchmarks/gemv.py, results/gemv_mma_h200.json); both stay below what merely streaming the same bytes
+reaches in kernels of this size (the "read-int4" rows).
 
 The kernel is launched as a programmatic dependent of the kernel before it (sm_90 and later, `launch_kernel`):
 its blocks may start while that kernel ends, load their first codes (constant) and then wait for it
