@@ -17,8 +17,8 @@ Decoding uses the model's own static KV cache, so every step has the same shapes
 replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unless --no-graph, and with
 --compile each transformer block is also compiled by torch.compile first (regional compilation: the 32-48
 identical blocks share one compiled graph), which fuses the small elementwise kernels between the matmuls.
-int8 and int4 run on the kernels --kernel auto picks: on CUDA the Triton GEMV (on its INTERLEAVED words;
-the int4 model's head at 8 bits); for comparison in the same run, the "stock-" variants run
+int8 and int4 run on the kernels --kernel auto picks: on CUDA the tensor-core GEMV at 4 bits and the Triton
+GEMV at 8 (the int4 model's head is 8-bit); for comparison in the same run, the "stock-" variants run
 PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack), "triton-int4" the int4 model
 on the Triton GEMV, and "nopdl-int4" the int4 model compiled without programmatic dependent launch
 (model.compile_blocks; the tensor-core GEMV itself still waits on and releases its neighbours).
