@@ -128,7 +128,23 @@ def test_launch_rejects_what_the_kernel_cannot_read():
     # a block of 4 row tiles on a layer of one (the tuner skips such configs)
     with pytest.raises(ValueError, match="4 row tiles per block, but the layer has 1"):
         cuda_gemv.launch(torch.zeros(1, 128, dtype=torch.float16), words, s_pairs, z_pairs, 16, 128,
-                         config=(1, 8, 4, True))
+                         config=(1, 8, 4, True, False))
+    # x staged in shared memory: one activation row only
+    with pytest.raises(ValueError, match="stages x in shared memory"):
+        cuda_gemv.launch(torch.zeros(2, 128, dtype=torch.float16), words, s_pairs, z_pairs, 16, 128,
+                         config=(2, 8, 1, False, True))
+
+
+def test_x_shared_bytes_fit_the_block_shared_memory():
+    """Staging x takes 2 K bytes of one row, beside the reduction's 512 bytes per warp and tile; where they
+    would pass the 48 KB a block gets without opting in, the config cannot run (the tuner skips it)."""
+    assert cuda_gemv.x_shared_bytes(1, 4096, (2, 8, 1, False, True)) == 8192
+    assert cuda_gemv.x_shared_bytes(1, 4096, (2, 8, 1, False, False)) == 0
+    assert cuda_gemv.x_shared_bytes(2, 4096, (2, 8, 1, False, True)) is None
+    assert cuda_gemv.x_shared_bytes(1, 16384, (4, 8, 2, False, True)) == 32768  # + 8 KB: fits
+    assert cuda_gemv.x_shared_bytes(1, 22528, (2, 8, 1, False, True)) == 45056  # 44 + 4 KB: just fits
+    assert cuda_gemv.x_shared_bytes(1, 23552, (2, 8, 1, False, True)) is None  # 46 + 4 KB > 48 KB
+    assert all(cuda_gemv.x_shared_bytes(1, 1600, cfg) is not None for cfg in cuda_gemv.CONFIGS)
 
 
 def test_launch_structs_have_cuda_h_layout():

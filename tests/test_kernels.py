@@ -463,12 +463,17 @@ def test_cuda_mma_gemv_every_config_and_in_a_graph(gelu):
     from nanogptq.quant import cuda_gemv
 
     m = layer(100, 512, 4, 128, False, "mma", device="cuda")  # 100 rows: a padded last tile
-    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
-    ref = reference(m, x).float()
-    ref = F.gelu(ref) if gelu else ref
-    for cfg in cuda_gemv.CONFIGS:
-        y = cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, 128, gelu, config=cfg)
-        assert rel_err(y, ref) < 2e-3, cfg
+    for rows in (1, 2):  # x staged in shared memory takes one row only
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.float16)
+        ref = reference(m, x).float()
+        ref = F.gelu(ref) if gelu else ref
+        for cfg in cuda_gemv.CONFIGS:
+            if cuda_gemv.x_shared_bytes(rows, 512, cfg) is None:
+                with pytest.raises(ValueError, match="shared memory"):
+                    cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, 128, gelu, config=cfg)
+                continue
+            y = cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, 128, gelu, config=cfg)
+            assert rel_err(y, ref) < 2e-3, (rows, cfg)
     fresh = torch.randn(3, 512, device="cuda", dtype=torch.float16)  # 3 rows: a shape not yet tuned
     cuda_gemv._TUNED.pop((100, 512, 3, 8, 128, fresh.device), None)
     graph, out = torch.cuda.CUDAGraph(), None

@@ -24,7 +24,8 @@ their ends and starts instead of draining the GPU between them.
 
 The tuner (`time_configs`) picks per shape how many chunks a warp loads per batch, how many warps split K,
 how many consecutive row tiles a block takes (1, 2 or 4: they share each activation load, at the cost of
-registers) and whether x is read through the non-coherent path.
+registers), whether x is read through the non-coherent path, and whether each warp first copies its part of
+x to shared memory (one activation row only), so that no registers hold x while the codes load.
 
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
@@ -52,13 +53,18 @@ log = logging.getLogger(__name__)
 GROUP_CW = (8, 4)  # words per lane per chunk: chunks of 128 or 64 columns; a group holds whole chunks
 MAX_ROWS = 8  # activation rows: the B operand's 8 columns
 # (chunks per batch of loads, warps per block splitting K, row tiles per block, activations through the
-# non-coherent path): the tuner's candidates. With one tile and plain loads, on the H200 it picked
-# (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 / 16384x4096 / 4096x16384
-# (the mma_tiles of results/decode_cuda_7b_fused_h200.json); the other four won some of those shapes in a
-# dev-script sweep and lost others.
-CONFIGS = ((2, 2, 1, False), (2, 4, 1, False), (2, 8, 1, False), (4, 2, 1, False), (4, 4, 1, False),
-           (1, 8, 1, False), (2, 4, 2, False), (2, 8, 2, False), (2, 4, 1, True), (1, 8, 4, True))
-Config = tuple[int, int, int, bool]
+# non-coherent path, activations staged in shared memory): the tuner's candidates. With one tile and plain
+# loads, on the H200 it picked (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 /
+# 16384x4096 / 4096x16384 (the mma_tiles of results/decode_cuda_7b_fused_h200.json); the others won some
+# shapes in dev-script sweeps and lost others. Staging x (one activation row only, `x_shared_bytes`) frees
+# the registers that held it while the codes load, which makes room for deeper batches: in one such sweep
+# it took GPT-2-XL's four linears from 15.9 to 12.0 us and the 7 B ones from 36.6 to 35.8.
+CONFIGS = ((2, 2, 1, False, False), (2, 4, 1, False, False), (2, 8, 1, False, False), (4, 2, 1, False, False),
+           (4, 4, 1, False, False), (1, 8, 1, False, False), (2, 4, 2, False, False), (2, 8, 2, False, False),
+           (2, 4, 1, True, False), (1, 8, 4, True, False),
+           (2, 4, 1, False, True), (2, 8, 1, False, True), (4, 8, 1, False, True), (8, 4, 1, False, True),
+           (8, 8, 1, False, True), (4, 4, 2, False, True), (4, 8, 2, False, True))
+Config = tuple[int, int, int, bool, bool]
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -146,6 +152,15 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
   }
 }
 
+template <int CW>
+__device__ __forceinline__ void load_x_shared(u32 (&xr)[2 * CW], const u16* xs) {  // a chunk's x from shared memory
+#pragma unroll
+  for (int v = 0; v < CW / 2; ++v) {
+    const u32x4 r = *reinterpret_cast<const u32x4*>(xs + 8 * v);
+    xr[4 * v] = r.x, xr[4 * v + 1] = r.y, xr[4 * v + 2] = r.z, xr[4 * v + 3] = r.w;
+  }
+}
+
 template <int CW, int TILES>
 __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, TILES>& ch) {
 #pragma unroll
@@ -171,7 +186,7 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
   }
 }
 
-template <int CW, int UNROLL, int WARPS, int TILES, bool XNC>
+template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS>
 __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
@@ -187,6 +202,11 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
   const u32* wl = w + (size_t)T0 * tile_words + lane * 4;
   // lane g's B column is activation row g; columns g >= M repeat the last row, and are not stored
   const u16* xl = x + (size_t)min(g, M - 1) * x_stride + 4 * CW * t;
+  // XS (one activation row): each warp copies its columns of x to shared memory once, then reads each chunk's
+  // fragments from there just before its mma, so no registers hold x while the codes load
+  extern __shared__ __align__(16) u16 x_shared[];
+  u16* xw = x_shared + (size_t)cbeg * 16 * CW;
+  const u16* xsl = xw + 4 * CW * t;
   const u32* sl = s + (size_t)T0 * tile_grids + g;
   const u16* zl = z + (size_t)T0 * tile_grids + g;  // unread when !has_z
   float acc[TILES][4];
@@ -203,11 +223,24 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     load_codes<CW, TILES>(ch[u], wl + (size_t)cu * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
   }
   wait_previous_kernel();
+  if (XS) {
+    const u16* xg = x + (size_t)cbeg * 16 * CW;
+    for (int p = lane; p < (cend - cbeg) * 2 * CW; p += 32) {  // 16-byte pieces, 2 CW per chunk
+      u32 r[4];
+      load_x<2, XNC>(r, xg + 8 * p);
+      *reinterpret_cast<u32x4*>(xw + 8 * p) = u32x4{r[0], r[1], r[2], r[3]};
+    }
+    __syncwarp();
+  } else {
 #pragma unroll
-  for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
+    for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
+  }
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u)
-    if (u < first) compute<CW, TILES>(acc, ch[u]);
+    if (u < first) {
+      if (XS) load_x_shared<CW>(ch[u].x, xsl + u * 16 * CW);
+      compute<CW, TILES>(acc, ch[u]);
+    }
   int c = cbeg + first;
   for (; c + UNROLL <= cend; c += UNROLL) {  // all of a batch's loads in flight before its first mma
 #pragma unroll
@@ -215,15 +248,19 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
       const int cu = c + u, gr = cu >> cpg_log2;
       load_codes<CW, TILES>(ch[u], wl + (size_t)cu * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids,
                             has_z);
-      load_x<CW, XNC>(ch[u].x, xl + cu * 16 * CW);
+      if (!XS) load_x<CW, XNC>(ch[u].x, xl + cu * 16 * CW);
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) compute<CW, TILES>(acc, ch[u]);
+    for (int u = 0; u < UNROLL; ++u) {
+      if (XS) load_x_shared<CW>(ch[u].x, xsl + (c + u - cbeg) * 16 * CW);
+      compute<CW, TILES>(acc, ch[u]);
+    }
   }
   for (; c < cend; ++c) {
     const int gr = c >> cpg_log2;
     load_codes<CW, TILES>(ch[0], wl + (size_t)c * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
-    load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
+    if (XS) load_x_shared<CW>(ch[0].x, xsl + (c - cbeg) * 16 * CW);
+    else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
   if (WARPS > 1) {  // the warps' partial sums over their parts of K
@@ -348,14 +385,15 @@ def pdl_available(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.Stream, pdl: bool) -> None:
+def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.Stream, pdl: bool,
+                  shared_mem: int = 0) -> None:
     """Launch a compiled kernel on `stream` (cuLaunchKernelEx), with programmatic dependent launch
     if `pdl`: the grid may start before the previous kernel ends, and waits for it in `wait_previous_kernel`.
     (torch.cuda._compile_kernel's own launcher takes no launch attributes.)"""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
     attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_mem=0, stream=stream.cuda_stream,
+    config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_mem=shared_mem, stream=stream.cuda_stream,
                            attrs=ctypes.pointer(attr), num_attrs=int(pdl))
     error = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
     if error:
@@ -371,8 +409,22 @@ def _libcuda() -> ctypes.CDLL:
 
 @functools.cache
 def _kernel(cw: int, config: Config, device_index: int):
-    unroll, warps, tiles, xnc = config
-    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {str(xnc).lower()}>", device_index)
+    unroll, warps, tiles, xnc, xs = config
+    flags = f"{str(xnc).lower()}, {str(xs).lower()}"
+    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {flags}>", device_index)
+
+
+SHARED_LIMIT = 48 * 1024  # a block's shared memory without the opt-in attribute
+
+
+def x_shared_bytes(M: int, K: int, config: Config) -> int | None:
+    """The dynamic shared memory a config stages x in: 0 without staging, None where staging cannot run (more
+    than one activation row, or x too wide to fit beside the reduction's buffer)."""
+    _, warps, tiles, _, xs = config
+    reduction = 4 * warps * tiles * 32 * 4 if warps > 1 else 0
+    if not xs:
+        return 0
+    return 2 * K if M == 1 and 2 * K + reduction <= SHARED_LIMIT else None
 
 
 @functools.cache
@@ -391,24 +443,25 @@ def compiles(device_index: int) -> bool:
 def heuristic_config(n_tiles: int) -> Config:
     """Without timing (during a CUDA-graph capture): few row tiles need more warps per tile to keep enough
     loads in flight."""
-    return (2, 8, 1, False) if n_tiles < 512 else (2, 2, 1, False)
+    return (2, 8, 1, False, False) if n_tiles < 512 else (2, 2, 1, False, False)
 
 
 _TUNED: dict[tuple, Config] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
 
 
 def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device) -> Config:
-    """The fastest of CONFIGS for this shape (of those with no more tiles per block than the layer has),
-    timed on random codes in copies that together exceed the L2 cache three times, called in turn, as a
-    decoded model reads each weight once per token from HBM. (At most 32 copies: a layer of less than
-    1/32 of the L2 cache, 1.9 MB on the H200, is timed from L2, GPT-2-XL's 1600 x 1600 among them.)
+    """The fastest of CONFIGS for this shape (of those that can run it: no more tiles per block than the layer
+    has, x staged only where it fits), timed on random codes in copies that together exceed the L2 cache
+    three times, called in turn, as a decoded model reads each weight once per token from HBM. (At most
+    256 copies: a layer of less than 1/256 of the L2 cache, 234 KB on the H200, is timed from L2, where a
+    model of such layers lives anyway.)
     (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, its
     picks made the 7 B int4 step 482.0 tokens/s against 498.2 on the Triton GEMV in the same run,
     results/decode_cuda_7b_mma_dobench_h200.json; timed in a graph, 510.1 against 503.2.)"""
     shape = (-(-N // 16), K // (16 * cw), cw // 4, 32, 4)
     n_bytes = 4 * math.prod(shape)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    n_copies = min(max(2, -(-3 * l2 // n_bytes)), 32)  # small layers: a model of them lives in L2 anyway
+    n_copies = min(max(2, -(-3 * l2 // n_bytes)), 256)
     copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device) for _ in range(n_copies)]
     ng = 1 if group_size <= 0 else K // group_size
     s_pairs, z_pairs = grid_layout(torch.full((N, ng), 0.01, dtype=torch.float16, device=device),
@@ -437,7 +490,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
             runs.append(start.elapsed_time(end))
         return sorted(runs)[1]
 
-    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0]), key=seconds)
+    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0] and x_shared_bytes(M, K, cfg) is not None), key=seconds)
 
 
 def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -> Config:
@@ -452,7 +505,8 @@ def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -
 
 def tuned_configs() -> dict[str, str]:
     """The tuner's picks so far (N, K, rows, words per chunk, group), for benchmark reports."""
-    return {f"mma {key[:5]}": "unroll={} warps={} tiles={} xnc={:d}".format(*cfg) for key, cfg in _TUNED.items()}
+    form = "unroll={} warps={} tiles={} xnc={:d} xs={:d}"
+    return {f"mma {key[:5]}": form.format(*cfg) for key, cfg in _TUNED.items()}
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None, N: int,
@@ -470,9 +524,12 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
         x = x.contiguous().clone()  # a fresh allocation is aligned
     config = config or pick_config(x, words, N, group_size)
-    tiles = config[2]
+    tiles, shared = config[2], x_shared_bytes(M, K, config)
     if tiles > NT:
         raise ValueError(f"mma GEMV: {tiles} row tiles per block, but the layer has {NT}")
+    if shared is None:
+        raise ValueError(f"mma GEMV: config {config} stages x in shared memory, which takes one row whose "
+                         f"{2 * K} bytes fit in {SHARED_LIMIT} beside the reduction's; got {M} rows")
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)
@@ -481,7 +538,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
     launch_kernel(_kernel(cw, config, index), -(-NT // tiles), 32 * config[1],
                   [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
                    x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)],
-                  torch.cuda.current_stream(x.device), pdl)  # z unread if symmetric
+                  torch.cuda.current_stream(x.device), pdl, shared)  # z unread if symmetric
     return y
 
 
