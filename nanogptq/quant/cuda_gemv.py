@@ -57,8 +57,10 @@ MAX_ROWS = 8  # activation rows: the B operand's 8 columns
 # loads, on the H200 it picked (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 /
 # 16384x4096 / 4096x16384 (the mma_tiles of results/decode_cuda_7b_fused_h200.json); the others won some
 # shapes in dev-script sweeps and lost others. Staging x (one activation row only, `x_shared_bytes`) frees
-# the registers that held it while the codes load, which makes room for deeper batches: in one such sweep
-# it took GPT-2-XL's four linears from 15.9 to 12.0 us and the 7 B ones from 36.6 to 35.8.
+# the registers that held it while the codes load, which makes room for deeper batches: with these
+# candidates the 7 B linears take 35.0 us per layer against 36.1 (benchmarks/gemv.py, results/gemv_xs_h200.json
+# against gemv_tiles_h200.json) and GPT-2-XL's int4 step ran at 1.78x bf16 against 1.63x
+# (benchmarks/decode.py, results/decode_cuda_xl_xs_h200.json against decode_cuda_xl_tiles_h200.json).
 CONFIGS = ((2, 2, 1, False, False), (2, 4, 1, False, False), (2, 8, 1, False, False), (4, 2, 1, False, False),
            (4, 4, 1, False, False), (1, 8, 1, False, False), (2, 4, 2, False, False), (2, 8, 2, False, False),
            (2, 4, 1, True, False), (1, 8, 4, True, False),
