@@ -140,7 +140,8 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
   // x is written by the previous kernel, and read only after waiting for it (`wait_previous_kernel`, whose
   // memory clobber keeps these loads below it). XNC: through the non-coherent path (volatile asm, so it
   // stays below the wait too), which assumes data no one writes while the kernel reads it: true after the
-  // wait, and no line of x is read before it. Else a plain load, which the compiler schedules freely.
+  // wait, and no line of x is read before it. Else a plain load, which the compiler schedules freely (also
+  // what reads a chunk's x back from shared memory: XS below).
 #pragma unroll
   for (int v = 0; v < CW / 2; ++v) {
     if (XNC) {
@@ -151,15 +152,6 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
       const u32x4 r = *reinterpret_cast<const u32x4*>(x + 8 * v);
       xr[4 * v] = r.x, xr[4 * v + 1] = r.y, xr[4 * v + 2] = r.z, xr[4 * v + 3] = r.w;
     }
-  }
-}
-
-template <int CW>
-__device__ __forceinline__ void load_x_shared(u32 (&xr)[2 * CW], const u16* xs) {  // a chunk's x from shared memory
-#pragma unroll
-  for (int v = 0; v < CW / 2; ++v) {
-    const u32x4 r = *reinterpret_cast<const u32x4*>(xs + 8 * v);
-    xr[4 * v] = r.x, xr[4 * v + 1] = r.y, xr[4 * v + 2] = r.z, xr[4 * v + 3] = r.w;
   }
 }
 
@@ -240,7 +232,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u)
     if (u < first) {
-      if (XS) load_x_shared<CW>(ch[u].x, xsl + u * 16 * CW);
+      if (XS) load_x<CW, false>(ch[u].x, xsl + u * 16 * CW);
       compute<CW, TILES>(acc, ch[u]);
     }
   int c = cbeg + first;
@@ -254,14 +246,14 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      if (XS) load_x_shared<CW>(ch[u].x, xsl + (c + u - cbeg) * 16 * CW);
+      if (XS) load_x<CW, false>(ch[u].x, xsl + (c + u - cbeg) * 16 * CW);
       compute<CW, TILES>(acc, ch[u]);
     }
   }
   for (; c < cend; ++c) {
     const int gr = c >> cpg_log2;
     load_codes<CW, TILES>(ch[0], wl + (size_t)c * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
-    if (XS) load_x_shared<CW>(ch[0].x, xsl + (c - cbeg) * 16 * CW);
+    if (XS) load_x<CW, false>(ch[0].x, xsl + (c - cbeg) * 16 * CW);
     else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
