@@ -155,6 +155,16 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
   }
 }
 
+template <int CW, bool XNC>
+__device__ __forceinline__ void stage_x(u16* xw, const u16* xg, int chunks) {  // a warp's chunks of x to shared
+  for (int p = (threadIdx.x & 31); p < chunks * 2 * CW; p += 32) {  // 16-byte pieces, 2 CW per chunk
+    u32 r[4];
+    load_x<2, XNC>(r, xg + 8 * p);
+    *reinterpret_cast<u32x4*>(xw + 8 * p) = u32x4{r[0], r[1], r[2], r[3]};
+  }
+  __syncwarp();
+}
+
 template <int CW, int TILES>
 __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, TILES>& ch) {
 #pragma unroll
@@ -178,6 +188,36 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
     acc[tt][2] += d[2] * s_hi;
     acc[tt][3] += d[3] * s_hi;
   }
+}
+
+template <int WARPS, int TILES>
+__device__ __forceinline__ void store_sums(float (&acc)[TILES][4], u16* __restrict__ y, int T0, int M, int N,
+                                           int y_stride, int gelu) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  if (WARPS > 1) {  // the warps' partial sums over their parts of K
+    __shared__ float red[WARPS][TILES][32][4];
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[warp][tt][lane][j] = acc[tt][j];
+    __syncthreads();
+    if (warp) return;
+#pragma unroll
+    for (int wk = 1; wk < WARPS; ++wk)
+#pragma unroll
+      for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[tt][j] += red[wk][tt][lane][j];
+  }
+#pragma unroll
+  for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
+      const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
+      float v = acc[tt][j];
+      if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+      if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
+    }
 }
 
 template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS>
@@ -218,13 +258,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
   }
   wait_previous_kernel();
   if (XS) {
-    const u16* xg = x + (size_t)cbeg * 16 * CW;
-    for (int p = lane; p < (cend - cbeg) * 2 * CW; p += 32) {  // 16-byte pieces, 2 CW per chunk
-      u32 r[4];
-      load_x<2, XNC>(r, xg + 8 * p);
-      *reinterpret_cast<u32x4*>(xw + 8 * p) = u32x4{r[0], r[1], r[2], r[3]};
-    }
-    __syncwarp();
+    stage_x<CW, XNC>(xw, x + (size_t)cbeg * 16 * CW, cend - cbeg);
   } else {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
@@ -257,30 +291,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
-  if (WARPS > 1) {  // the warps' partial sums over their parts of K
-    __shared__ float red[WARPS][TILES][32][4];
-#pragma unroll
-    for (int tt = 0; tt < TILES; ++tt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) red[warp][tt][lane][j] = acc[tt][j];
-    __syncthreads();
-    if (warp) return;
-#pragma unroll
-    for (int wk = 1; wk < WARPS; ++wk)
-#pragma unroll
-      for (int tt = 0; tt < TILES; ++tt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[tt][j] += red[wk][tt][lane][j];
-  }
-#pragma unroll
-  for (int tt = 0; tt < TILES; ++tt)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
-      const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
-      float v = acc[tt][j];
-      if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-      if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
-    }
+  store_sums<WARPS, TILES>(acc, y, T0, M, N, y_stride, gelu);
 }
 """
 
