@@ -21,7 +21,9 @@ int8 and int4 run on the kernels --kernel auto picks: on CUDA the tensor-core GE
 GEMV at 8 (the int4 model's head is 8-bit); for comparison in the same run, the "stock-" variants run
 PyTorch's own ops alone (tinygemm at 4 bits; their 8-bit head on int8pack), "triton-int4" the int4 model
 on the Triton GEMV, and "nopdl-int4" the int4 model compiled without programmatic dependent launch
-(model.compile_blocks; the tensor-core GEMV itself still waits on and releases its neighbours).
+(model.compile_blocks; the tensor-core GEMV itself still waits on and releases its neighbours), and
+"unfused-int4" the int4 model with its LayerNorms and residual adds as kernels of their own (quant.fuse_blocks
+off: by default the tensor-core GEMVs apply them on one-token steps).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from nanogptq.quant import (
     QuantLinear,
     cuda_gemv,
     free_packed_buffers,
+    fuse_blocks,
     fuse_mlp_gelu,
     quantize,
 )
@@ -81,6 +84,7 @@ class Variant:
     group_size: int = -1
     symmetric: bool = True
     pdl: bool = True  # --compile: fused kernels with programmatic dependent launch (model.compile_blocks)
+    fuse: bool = True  # LayerNorms and residual adds inside the GEMVs where they can apply them (fuse_blocks)
 
 
 def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
@@ -101,6 +105,7 @@ def variants(cfg: GPTConfig, gpu: bool) -> list[Variant]:
         out.insert(5, Variant(f"stock-int4-g{g4}", 4, ("int4pack", "int8pack", "dequant"), g4, False))
         out.insert(6, Variant(f"triton-int4-g{g4}", 4, ("triton", "int8pack", "dequant"), g4, False))
         out.insert(7, Variant(f"nopdl-int4-g{g4}", 4, AUTO_ORDER, g4, False, pdl=False))
+        out.insert(8, Variant(f"unfused-int4-g{g4}", 4, AUTO_ORDER, g4, False, fuse=False))
     return out
 
 
@@ -197,10 +202,13 @@ def resident_bytes(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def last_logits(model: GPT, prompt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The prompt's last logits through the model's own cached decoding path (cache in the model's dtype)."""
-    model.setup_kv_cache(1, prompt.size(1))
+    """The prompt's last logits through the model's own cached decoding path (cache in the model's dtype):
+    all tokens but the last as a prefill, then the last as a one-token step, the step the timing runs."""
+    n = prompt.size(1)
+    model.setup_kv_cache(1, n)
     try:
-        return model(prompt, input_pos=torch.arange(prompt.size(1), device=prompt.device))[0].float()
+        model(prompt[:, :-1], input_pos=torch.arange(n - 1, device=prompt.device))
+        return model(prompt[:, -1:], input_pos=torch.tensor([n - 1], device=prompt.device))[0].float()
     finally:
         model.clear_kv_cache()
 
@@ -348,6 +356,7 @@ def run_variant(name_cfg: tuple[str, GPTConfig], v: Variant, args, device: torch
         cast_activations(model, dtype)  # LayerNorms, embeddings; the grids stay as stored
         row["kernels"] = "+".join(set_kernels(model, v.kernels))
         fuse_mlp_gelu(model)  # as finalize_quantized_model does on load (quantize() has done it already)
+        row["fused_blocks"] = fuse_blocks(model) if v.fuse else 0  # as finalize_quantized_model does
         row["freed_layers"] = free_packed_buffers(model)  # as `sample` and the demo load: layouts only
     row["err"] = 0.0 if ref is None else rel_err(last_logits(model, prompt, dtype), ref)
     row["weight_bytes"] = weight_bytes(model)

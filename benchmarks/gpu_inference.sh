@@ -11,7 +11,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-# result files are named by the GPU (h100, h200, ...). "xs": the tensor-core GEMV's tuner also choosing
+# result files are named by the GPU (h100, h200, ...). "fold": the blocks' LayerNorms and residual adds inside
+# the tensor-core GEMVs (quant.fuse_blocks; unfused-int4 without), "xs" files came from before that, with
+# the tensor-core GEMV's tuner also choosing
 # whether x is staged in shared memory, "tiles" files came from before that, with the tuner choosing
 # row tiles per block and the activations' load path, "fused" files came from before that, with the decode
 # attention's merge inside its kernel, "pdl" files from before that, with the kernels launched as programmatic dependents (sm_90),
@@ -27,15 +29,15 @@ if [ "$PART" = all ] || [ "$PART" = 1 ]; then
   timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_$GPU.json"
 fi
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
-  # int4: the tensor-core GEMV (auto); triton-int4: the same model on the Triton GEMV; all in the same run
-  # (nopdl-int4, compiled without programmatic dependent launch, is left out to fit the device time;
-  # results/decode_cuda_7b_tiles_h200.json has it)
-  timeout 200 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 triton-int4 \
-    --json "$OUT/decode_cuda_7b_xs_$GPU.json" | grep -v '^{'
-  timeout 150 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 triton-int4 \
-    --json "$OUT/decode_cuda_xl_xs_$GPU.json" | grep -v '^{'
-  timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 w8a8 \
-    --json "$OUT/decode_cuda_small_xs_$GPU.json" | grep -v '^{'
+  # int4: the tensor-core GEMV (auto), the blocks fused; unfused-int4: the same model without fuse_blocks;
+  # triton-int4: on the Triton GEMV; all in the same run (nopdl-int4, compiled without programmatic dependent
+  # launch, is left out to fit the device time; results/decode_cuda_7b_tiles_h200.json has it)
+  timeout 220 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 unfused-int4 triton-int4 \
+    --json "$OUT/decode_cuda_7b_fold_$GPU.json" | grep -v '^{'
+  timeout 150 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 unfused-int4 triton-int4 \
+    --json "$OUT/decode_cuda_xl_fold_$GPU.json" | grep -v '^{'
+  timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 unfused-int4 w8a8 \
+    --json "$OUT/decode_cuda_small_fold_$GPU.json" | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention

@@ -179,9 +179,12 @@ class CausalSelfAttention(nn.Module):
         self.q_quant: nn.Module = nn.Identity()
         self.k_quant: nn.Module = nn.Identity()
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None):
+        """With `residual` (Block.fused): x is the residual stream itself, ln_1 runs inside c_attn and c_proj
+        adds the residual."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (self.c_attn(x) if residual is None else self.c_attn(x, fused=True)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = self.q_quant(q), self.k_quant(k)  # before caching: cached keys are the quantized ones
         if input_pos is None or self.kv_cache is None:
@@ -196,7 +199,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
 
 
 class MLP(nn.Module):
@@ -207,8 +210,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.act = nn.GELU()  # a module, so that a quantized c_fc can take it over (fuse_mlp_gelu)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `residual` (Block.fused), as CausalSelfAttention's: ln_2 inside c_fc, the add inside c_proj."""
+        if residual is None:
+            return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x, fused=True)), residual, fused=True))
 
 
 class Block(nn.Module):
@@ -220,7 +226,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.decode_step: Callable | None = None  # compile_blocks: the compiled forward for one-token steps
 
+    @property
+    def fused(self) -> bool:
+        """quant.fuse_blocks: one-token steps run ln_1 / ln_2 inside c_attn / c_fc and the residual adds inside
+        the c_projs (their kernels' epilogues), so the step launches only the linears and the attention."""
+        return all(getattr(m, "fused", False) for m in (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc,
+                                                       self.mlp.c_proj))
+
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        if self.fused and x.shape[0] * x.shape[1] == 1:
+            x = self.attn(x, input_pos, mask, residual=x)
+            return self.mlp(x, residual=x)
         x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 

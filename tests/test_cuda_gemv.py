@@ -136,14 +136,17 @@ def test_launch_rejects_what_the_kernel_cannot_read():
 
 
 def test_x_shared_bytes_fit_the_block_shared_memory():
-    """Staging x takes 2 K bytes of one row, beside the reduction's 512 bytes per warp and tile; where they
-    would pass the 48 KB a block gets without opting in, the config cannot run (the tuner skips it)."""
+    """Staging x takes 2 K bytes of one row, beside the reduction's 512 bytes per warp and tile and 8 per warp
+    (the LayerNorm sums, store_sums); where they would pass the 48 KB a block gets without opting in, the
+    config cannot run (the tuner skips it)."""
     assert cuda_gemv.x_shared_bytes(1, 4096, (2, 8, 1, False, True)) == 8192
     assert cuda_gemv.x_shared_bytes(1, 4096, (2, 8, 1, False, False)) == 0
     assert cuda_gemv.x_shared_bytes(2, 4096, (2, 8, 1, False, True)) is None
     assert cuda_gemv.x_shared_bytes(1, 16384, (4, 8, 2, False, True)) == 32768  # + 8 KB: fits
-    assert cuda_gemv.x_shared_bytes(1, 22528, (2, 8, 1, False, True)) == 45056  # 44 + 4 KB: just fits
-    assert cuda_gemv.x_shared_bytes(1, 23552, (2, 8, 1, False, True)) is None  # 46 + 4 KB > 48 KB
+    assert cuda_gemv.x_shared_bytes(1, 22496, (2, 8, 1, False, True)) == 44992  # + 4 KB + 64 = 48 KB: fits
+    assert cuda_gemv.x_shared_bytes(1, 22528, (2, 8, 1, False, True)) is None  # 44 + 4 KB + 64 > 48 KB
+    assert cuda_gemv.x_shared_bytes(1, 16384, (1, 8, 4, False, True)) is None  # 32 + 16 KB + 64 > 48 KB
+    assert cuda_gemv.x_shared_bytes(1, 16352, (1, 8, 4, False, True)) == 32704  # 64 bytes less: fits
     assert all(cuda_gemv.x_shared_bytes(1, 1600, cfg) is not None for cfg in cuda_gemv.CONFIGS)
 
 

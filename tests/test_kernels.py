@@ -22,6 +22,7 @@ from nanogptq.quant import (
     QuantConfig,
     QuantizedWeight,
     QuantLinear,
+    fuse_blocks,
     fuse_mlp_gelu,
     quant_meta,
     quantize,
@@ -452,6 +453,98 @@ def test_cuda_mma_gemv_matches_dequant(group_size, in_f, symmetric, rows, compil
         y = f(x)
     assert y.dtype == dtype and y.shape == (rows, 272)
     assert rel_err(y, reference(m, x)) < BF16_TOL
+
+
+def test_fuse_epilogue_folds_the_layer_norm():
+    """fuse_epilogue's vectors in the arithmetic the mma kernel's epilogue does (store_sums): rstd (W (gamma *
+    x) - mean W gamma) + (W beta + b) is the layer applied to LayerNorm(x). Choosing a kernel again undoes it;
+    models on CPU kernels have no block to fuse."""
+    m = layer(48, 256, 4, 128, False, "dequant", bias=True)
+    m.kernel = "mma"
+    K.prepare_mma(m)  # the layout, on the CPU (the kernel itself runs on CUDA)
+    ln = torch.nn.LayerNorm(256)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.normal_(0, 0.1)
+    m.fuse_epilogue(ln)
+    x = torch.randn(1, 256) * 2 + 0.3
+    mean, var = x.mean(), x.var(unbiased=False)
+    W = m.dequantize()
+    folded = torch.rsqrt(var + ln.eps) * (F.linear(x * m.ln_weight.float(), W) - mean * m.ln_u) + m.e_bias
+    with torch.no_grad():
+        assert rel_err(folded, F.linear(ln(x), W) + m.bias) < 2e-3  # gamma in fp16, as the kernel reads it
+    m.kernel = "dequant"
+    m.prepare_kernel()
+    assert not m.fused and not {"e_bias", "ln_weight", "ln_u"} & m._buffers.keys()
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64)
+    model = quantize(tiny_gpt(), cfg, None, progress=False)
+    assert fuse_blocks(model) == 0 and not any(b.fused for b in model.transformer.h)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size, symmetric", [(128, False), (64, True), (-1, False)])
+def test_cuda_mma_epilogue_folds_layer_norm_bias_gelu_residual(group_size, symmetric):
+    """Every config adds a bias and a residual; those that stage x fold a LayerNorm too (with and without
+    GELU), the others refuse it."""
+    from nanogptq.quant import cuda_gemv
+
+    m = layer(100, 512, 4, group_size, symmetric, "mma", device="cuda", bias=True)
+    ln = torch.nn.LayerNorm(512, device="cuda")
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.normal_(0, 0.1)
+    W = m.dequantize().cuda()
+    m.fuse_epilogue(ln)
+    x = (torch.randn(1, 512, device="cuda") * 2 + 0.3).half()
+    r = torch.randn(1, 100, device="cuda").half()
+    plain = F.linear(x.float(), W) + m.bias + r.float()
+    with torch.no_grad():
+        normed = F.linear(ln(x.float()), W) + m.bias
+    norm = (m.ln_weight, m.ln_u, m.ln_eps)
+    for cfg in cuda_gemv.CONFIGS:
+        if cuda_gemv.x_shared_bytes(1, 512, cfg) is None:
+            continue
+        y = cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, group_size, config=cfg, bias=m.bias, residual=r)
+        assert rel_err(y, plain) < 2e-3, cfg
+        if not cfg[4]:
+            with pytest.raises(ValueError, match="does not stage x"):
+                cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, group_size, config=cfg, norm=norm)
+            continue
+        for gelu in (False, True):
+            y = cuda_gemv.launch(x, m.m_words, m.m_scales, m.m_zeros, 100, group_size, gelu, config=cfg, norm=norm,
+                                 bias=m.e_bias)
+            assert rel_err(y, F.gelu(normed) if gelu else normed) < 3e-3, (cfg, gelu)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_fused_blocks_decode_as_unfused():
+    """Blocks whose linears all run on mma are fused on load (finalize_quantized_model): the one-token step
+    gives the unfused step's logits, and graph-replayed generation the eager tokens."""
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64, quantize_embeddings=True)
+    model = quantize(tiny_gpt(), cfg, None, progress=False).cuda()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.kernel = "auto"  # resolved on the CPU by quantize(): resolve again for CUDA
+            mod.prepare_kernel()
+    assert fuse_blocks(model) == 2 and all(b.fused for b in model.transformer.h)
+    prompt = torch.randint(0, 40, (1, 20), device="cuda")
+
+    def step_logits() -> torch.Tensor:
+        model.setup_kv_cache(1)
+        model(prompt[:, :-1], input_pos=torch.arange(19, device="cuda"))  # prefill: the unfused path
+        out = model(prompt[:, -1:], input_pos=torch.tensor([19], device="cuda"))[0].float()
+        model.clear_kv_cache()
+        return out
+
+    runs = [model.generate(prompt[:, :5], 40, temperature=0.0, cuda_graph=g) for g in (False, True)]
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():
+        fused = step_logits()
+        for b in model.transformer.h:
+            b.attn.c_attn.fused = False  # Block.fused needs all four
+        assert not any(b.fused for b in model.transformer.h)
+        unfused = step_logits()
+    assert rel_err(fused, unfused) < 5e-3
 
 
 @cuda

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanogptq.model import MLP
+from nanogptq.model import MLP, Block
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from nanogptq.quant.linear import KERNELS, QuantEmbedding, QuantLinear, check_kernel, random_orthogonal
@@ -220,6 +220,7 @@ def finalize_quantized_model(model: nn.Module, keep_packed: bool = True) -> nn.M
         log.warning("kernel %s cannot run %d of the %d quantized layers here: they run %s",
                     ", ".join(sorted(asked)), len(refused), len(quant), ", ".join(picked))
     fuse_mlp_gelu(model)
+    fuse_blocks(model)
     if not keep_packed:
         free_packed_buffers(model)
     return model
@@ -235,6 +236,34 @@ def fuse_mlp_gelu(model: nn.Module) -> int:
             assert mlp.act.approximate == "none", "QuantLinear applies the exact (erf) GELU"
             mlp.c_fc.gelu, mlp.act = True, nn.Identity()
             n += 1
+    return n
+
+
+def fuse_blocks(model: nn.Module) -> int:
+    """Each block whose four linears run a kernel that applies their epilogue itself (mma) takes its
+    LayerNorms and residual adds into them for one-token steps (Block.fused, QuantLinear.fuse_epilogue;
+    choosing another kernel, prepare_kernel, undoes it):
+    ln_1 folded into c_attn, ln_2 into c_fc (after fuse_mlp_gelu), the residual stream added by the
+    c_projs. The decode step then launches no LayerNorm or add kernels. Returns how many blocks."""
+    from nanogptq.quant import cuda_gemv
+
+    n = 0
+    for block in model.modules():
+        if not isinstance(block, Block) or block.fused:
+            continue
+        c_attn, c_proj, c_fc, c_proj2 = block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj
+        layers = (c_attn, c_proj, c_fc, c_proj2)
+        if not (all(isinstance(q, QuantLinear) and KERNELS[q.kernel].forward_fused is not None and q.rot_seed is None
+                    for q in layers)
+                and all(isinstance(ln, nn.LayerNorm) and ln.elementwise_affine for ln in (block.ln_1, block.ln_2))
+                and isinstance(block.mlp.act, nn.Identity) and not c_proj.gelu and not c_proj2.gelu
+                and all(cuda_gemv.can_fold(q.in_features) for q in (c_attn, c_fc))):
+            continue
+        c_attn.fuse_epilogue(block.ln_1)
+        c_fc.fuse_epilogue(block.ln_2)
+        c_proj.fuse_epilogue()
+        c_proj2.fuse_epilogue()
+        n += 1
     return n
 
 

@@ -65,7 +65,8 @@ CONFIGS = ((2, 2, 1, False, False), (2, 4, 1, False, False), (2, 8, 1, False, Fa
            (4, 4, 1, False, False), (1, 8, 1, False, False), (2, 4, 2, False, False), (2, 8, 2, False, False),
            (2, 4, 1, True, False), (1, 8, 4, True, False),
            (2, 4, 1, False, True), (2, 8, 1, False, True), (4, 8, 1, False, True), (8, 4, 1, False, True),
-           (8, 8, 1, False, True), (4, 4, 2, False, True), (4, 8, 2, False, True))
+           (8, 8, 1, False, True), (4, 4, 2, False, True), (4, 8, 2, False, True),
+           (1, 8, 4, False, True), (2, 4, 2, False, True), (1, 8, 2, False, True))
 Config = tuple[int, int, int, bool, bool]
 
 SOURCE = r"""
@@ -155,14 +156,43 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
   }
 }
 
+struct Epilogue {  // what the kernel applies besides the product (flags: FOLD | BIAS | GELU | RESIDUAL)
+  int flags;
+  const u16* gamma;  // FOLD: a LayerNorm's weight, fp16 (K)
+  const float* u;    // FOLD: W gamma, fp32 (N)
+  const float* c;    // BIAS: added to every row, fp32 (N)
+  const u16* res;    // RESIDUAL: added last, fp16 (M, N) with y's stride
+  float eps;         // FOLD: the LayerNorm's
+};
+enum { FOLD = 1, BIAS = 2, GELU = 4, RESIDUAL = 8 };
+
 template <int CW, bool XNC>
-__device__ __forceinline__ void stage_x(u16* xw, const u16* xg, int chunks) {  // a warp's chunks of x to shared
+__device__ __forceinline__ float2 stage_x(u16* xw, const u16* xg, const u16* gamma, int chunks, bool fold) {
+  // A warp's chunks of x to shared memory; with `fold`, as gamma * x (fp32 products), returning the warp's sums
+  // of x and of x^2 (for the LayerNorm's mean and variance, which the epilogue applies: see store_sums)
+  float s1 = 0.f, s2 = 0.f;
   for (int p = (threadIdx.x & 31); p < chunks * 2 * CW; p += 32) {  // 16-byte pieces, 2 CW per chunk
     u32 r[4];
     load_x<2, XNC>(r, xg + 8 * p);
+    if (fold) {
+      const u32x4 gv = *reinterpret_cast<const u32x4*>(gamma + 8 * p);
+      const u32 gr[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float lo = h2f(r[e] & 0xFFFFu), hi = h2f(r[e] >> 16);
+        s1 += lo + hi;
+        s2 = fmaf(lo, lo, fmaf(hi, hi, s2));
+        r[e] = (u32)f2h(lo * h2f(gr[e] & 0xFFFFu)) | ((u32)f2h(hi * h2f(gr[e] >> 16)) << 16);
+      }
+    }
     *reinterpret_cast<u32x4*>(xw + 8 * p) = u32x4{r[0], r[1], r[2], r[3]};
   }
+  if (fold) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, o), s2 += __shfl_xor_sync(0xFFFFFFFFu, s2, o);
+  }
   __syncwarp();
+  return make_float2(s1, s2);
 }
 
 template <int CW, int TILES>
@@ -191,32 +221,44 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
 }
 
 template <int WARPS, int TILES>
-__device__ __forceinline__ void store_sums(float (&acc)[TILES][4], u16* __restrict__ y, int T0, int M, int N,
-                                           int y_stride, int gelu) {
+__device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats, u16* __restrict__ y, int T0, int M,
+                                           int N, int K, int y_stride, const Epilogue& ep) {
+  // With FOLD, x was staged as gamma * x, so for LayerNorm(x) = (x - mean) rstd gamma + beta,
+  //     W LayerNorm(x) + bias = rstd (W (gamma * x) - mean W gamma) + (W beta + bias)
+  // (W beta + bias is the BIAS vector): the mean and rstd of x come from the warps' sums.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   if (WARPS > 1) {  // the warps' partial sums over their parts of K
     __shared__ float red[WARPS][TILES][32][4];
+    __shared__ float2 red_stats[WARPS];
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) red[warp][tt][lane][j] = acc[tt][j];
+    if (lane == 0) red_stats[warp] = stats;
     __syncthreads();
     if (warp) return;
 #pragma unroll
-    for (int wk = 1; wk < WARPS; ++wk)
+    for (int wk = 1; wk < WARPS; ++wk) {
 #pragma unroll
       for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[tt][j] += red[wk][tt][lane][j];
+      stats.x += red_stats[wk].x, stats.y += red_stats[wk].y;
+    }
   }
+  const float mean = stats.x / K, rstd = rsqrtf(fmaxf(stats.y / K - mean * mean, 0.f) + ep.eps);  // biased var
 #pragma unroll
   for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // C reg j: row g + 8 (j >> 1), activation row 2 t + (j & 1)
       const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
+      if (n >= N || m >= M) continue;
       float v = acc[tt][j];
-      if (gelu) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-      if (n < N && m < M) y[(size_t)m * y_stride + n] = f2h(v);
+      if (ep.flags & FOLD) v = rstd * (v - mean * ep.u[n]);
+      if (ep.flags & BIAS) v += ep.c[n];
+      if (ep.flags & GELU) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+      if (ep.flags & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);
+      y[(size_t)m * y_stride + n] = f2h(v);
     }
 }
 
@@ -224,7 +266,7 @@ template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS>
 __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
-    int gelu) {
+    Epilogue ep) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // TILES consecutive row tiles per block (they share each activation load); the last block's may overlap
@@ -257,8 +299,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     load_codes<CW, TILES>(ch[u], wl + (size_t)cu * CW * 32, tile_words, sl + gr * 8, zl + gr * 8, tile_grids, has_z);
   }
   wait_previous_kernel();
+  float2 stats = make_float2(0.f, 0.f);  // FOLD: x staged (XS), one row
   if (XS) {
-    stage_x<CW, XNC>(xw, x + (size_t)cbeg * 16 * CW, cend - cbeg);
+    stats = stage_x<CW, XNC>(xw, x + (size_t)cbeg * 16 * CW, ep.gamma + (size_t)cbeg * 16 * CW, cend - cbeg,
+                             ep.flags & FOLD);
   } else {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
@@ -291,7 +335,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
-  store_sums<WARPS, TILES>(acc, y, T0, M, N, y_stride, gelu);
+  store_sums<WARPS, TILES>(acc, stats, y, T0, M, N, NC * 16 * CW, y_stride, ep);
 }
 """
 
@@ -380,6 +424,12 @@ class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig
                 ("num_attrs", ctypes.c_uint)]
 
 
+class _Epilogue(ctypes.Structure):  # the kernel's Epilogue, passed by value
+    _fields_ = [("flags", ctypes.c_int), ("gamma", ctypes.c_void_p), ("u", ctypes.c_void_p), ("c", ctypes.c_void_p),
+                ("res", ctypes.c_void_p), ("eps", ctypes.c_float)]
+
+
+FOLD, BIAS, GELU, RESIDUAL = 1, 2, 4, 8  # the Epilogue's flags
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -395,7 +445,8 @@ def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.
     """Launch a compiled kernel on `stream` (cuLaunchKernelEx), with programmatic dependent launch
     if `pdl`: the grid may start before the previous kernel ends, and waits for it in `wait_previous_kernel`.
     (torch.cuda._compile_kernel's own launcher takes no launch attributes.)"""
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
+              a if isinstance(a, ctypes.Structure) else ctypes.c_int(a) for a in args]
     pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
     attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_mem=shared_mem, stream=stream.cuda_stream,
@@ -426,7 +477,7 @@ def x_shared_bytes(M: int, K: int, config: Config) -> int | None:
     """The dynamic shared memory a config stages x in: 0 without staging, None where staging cannot run (more
     than one activation row, or x too wide to fit beside the reduction's buffer)."""
     _, warps, tiles, _, xs = config
-    reduction = 4 * warps * tiles * 32 * 4 if warps > 1 else 0
+    reduction = 4 * warps * tiles * 32 * 4 + 8 * warps if warps > 1 else 0  # store_sums' red and red_stats
     if not xs:
         return 0
     return 2 * K if M == 1 and 2 * K + reduction <= SHARED_LIMIT else None
@@ -445,19 +496,25 @@ def compiles(device_index: int) -> bool:
     return True
 
 
-def heuristic_config(n_tiles: int) -> Config:
+def heuristic_config(n_tiles: int, fold: bool = False) -> Config:
     """Without timing (during a CUDA-graph capture): few row tiles need more warps per tile to keep enough
-    loads in flight."""
-    return (2, 8, 1, False, False) if n_tiles < 512 else (2, 2, 1, False, False)
+    loads in flight; a LayerNorm to fold needs x staged."""
+    return (2, 8, 1, False, fold) if n_tiles < 512 else (2, 2, 1, False, fold)
+
+
+def can_fold(K: int) -> bool:
+    """Whether a LayerNorm of K-wide rows can be folded into the GEMV: x must be staged in shared memory."""
+    return x_shared_bytes(1, K, heuristic_config(1, True)) is not None
 
 
 _TUNED: dict[tuple, Config] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
 
 
-def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device) -> Config:
+def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device, fold: bool = False) -> Config:
     """The fastest of CONFIGS for this shape (of those that can run it: no more tiles per block than the layer
     has, x staged only where it fits), timed on random codes in copies that together exceed the L2 cache
-    three times, called in turn, as a decoded model reads each weight once per token from HBM. (At most
+    three times, called in turn, as a decoded model reads each weight once per token from HBM; with `fold`,
+    the configs that stage x, folding a LayerNorm. (At most
     256 copies: a layer of less than 1/256 of the L2 cache, 234 KB on the H200, is timed from L2, where a
     model of such layers lives anyway.)
     (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, its
@@ -472,6 +529,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
     s_pairs, z_pairs = grid_layout(torch.full((N, ng), 0.01, dtype=torch.float16, device=device),
                                    torch.full((N, ng), 8, dtype=torch.uint8, device=device), N)
     x = torch.randn(M, K, dtype=torch.float16, device=device)
+    norm = (torch.ones(K, dtype=torch.float16, device=device), torch.zeros(N, device=device), 1e-5) if fold else None
 
     def seconds(cfg: Config) -> float:
         # in a CUDA graph: launched from Python one by one, the calls would be timed at the host's pace
@@ -479,12 +537,12 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for words in copies[:2]:  # compile, warm up
-                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg)
+                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg, norm=norm)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for words in copies * 2:
-                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg)
+                launch(x, words, s_pairs, z_pairs, N, group_size, config=cfg, norm=norm)
         runs = []
         for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -495,65 +553,90 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
             runs.append(start.elapsed_time(end))
         return sorted(runs)[1]
 
-    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0] and x_shared_bytes(M, K, cfg) is not None), key=seconds)
+    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0] and x_shared_bytes(M, K, cfg) is not None
+                and (cfg[4] or not fold)), key=seconds)
 
 
-def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int) -> Config:
+def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int, fold: bool = False) -> Config:
     cw, (M, K) = 4 * words.shape[2], x.shape
-    key = (N, K, M, cw, group_size, x.device)
+    key = (N, K, M, cw, group_size, x.device, fold)
     if key not in _TUNED:
         if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
-            return heuristic_config(words.shape[0])
-        _TUNED[key] = time_configs(N, K, M, cw, group_size, x.device)
+            return heuristic_config(words.shape[0], fold)
+        _TUNED[key] = time_configs(N, K, M, cw, group_size, x.device, fold)
     return _TUNED[key]
 
 
 def tuned_configs() -> dict[str, str]:
     """The tuner's picks so far (N, K, rows, words per chunk, group), for benchmark reports."""
     form = "unroll={} warps={} tiles={} xnc={:d} xs={:d}"
-    return {f"mma {key[:5]}": form.format(*cfg) for key, cfg in _TUNED.items()}
+    return {f"mma {key[:5]}" + (" LayerNorm" if key[6] else ""): form.format(*cfg) for key, cfg in _TUNED.items()}
+
+
+Norm = tuple[torch.Tensor, torch.Tensor, float]  # a LayerNorm folded in: its weight (fp16), W times it (fp32), eps
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None, N: int,
-           group_size: int, gelu: bool = False, config: Config | None = None,
-           pdl: bool | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) fp16 times the grid, M <= 8; through GELU if `gelu`. `config` (one of CONFIGS)
-    skips the tuner; `pdl` (default: on sm_90 and later) launches it as a programmatic
-    dependent of the previous kernel."""
+           group_size: int, gelu: bool = False, config: Config | None = None, pdl: bool | None = None,
+           norm: Norm | None = None, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp16 times the grid, M <= 8, plus `bias` (fp32, N), through GELU if `gelu`, plus
+    `residual` (M, N). With `norm`, of LayerNorm(x) instead of x, folded in (store_sums says how; one row, a
+    config that stages x; bias is then W beta + the layer's bias). `config` (one of CONFIGS) skips the tuner;
+    `pdl` (default: on sm_90 and later) launches it as a programmatic dependent of the previous kernel."""
     M, K = x.shape
     NT, NC, V = words.shape[:3]
     cw = 4 * V
     if x.dtype != torch.float16 or not 0 < M <= MAX_ROWS or K != NC * 16 * cw:
         raise ValueError(f"mma GEMV: x must be fp16 with 1-{MAX_ROWS} rows of {NC * 16 * cw}, got "
                          f"{x.dtype} {tuple(x.shape)}")
+    if norm is not None and M != 1:
+        raise ValueError(f"mma GEMV: a LayerNorm is folded in for one row, got {M}")
+    vectors = [(bias, torch.float32, N)] + ([] if norm is None else [(norm[0], torch.float16, K),
+                                                                     (norm[1], torch.float32, N)])
+    for t, dtype, size in vectors:
+        if t is not None and (t.dtype != dtype or t.shape != (size,) or not t.is_contiguous()):
+            raise ValueError(f"mma GEMV: bias and LayerNorm vectors are contiguous ({size},) {dtype}, got "
+                             f"{tuple(t.shape)} {t.dtype}")
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
         x = x.contiguous().clone()  # a fresh allocation is aligned
-    config = config or pick_config(x, words, N, group_size)
+    config = config or pick_config(x, words, N, group_size, norm is not None)
     tiles, shared = config[2], x_shared_bytes(M, K, config)
     if tiles > NT:
         raise ValueError(f"mma GEMV: {tiles} row tiles per block, but the layer has {NT}")
     if shared is None:
         raise ValueError(f"mma GEMV: config {config} stages x in shared memory, which takes one row whose "
                          f"{2 * K} bytes fit in {SHARED_LIMIT} beside the reduction's; got {M} rows")
+    if norm is not None and not config[4]:
+        raise ValueError(f"mma GEMV: config {config} does not stage x, which folding a LayerNorm takes")
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)
+    if residual is not None:
+        residual = residual.to(torch.float16).contiguous()  # y's stride
+    gamma, u, eps = norm if norm is not None else (None, None, 0.0)
+    flags = (FOLD * (norm is not None) | BIAS * (bias is not None) | GELU * gelu | RESIDUAL * (residual is not None))
+    epilogue = _Epilogue(flags, *(t.data_ptr() if t is not None else None for t in (gamma, u, bias, residual)), eps)
     index = x.device.index or 0
     pdl = pdl_available(index) if pdl is None else pdl
     launch_kernel(_kernel(cw, config, index), -(-NT // tiles), 32 * config[1],
                   [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
-                   x.stride(0), y.stride(0), int(z_pairs is not None), int(gelu)],
+                   x.stride(0), y.stride(0), int(z_pairs is not None), epilogue],
                   torch.cuda.current_stream(x.device), pdl, shared)  # z unread if symmetric
     return y
 
 
 @torch.library.custom_op("nanogptq::mma_gemv", mutates_args=())
 def mma_gemv(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs: torch.Tensor | None,
-             out_features: int, group_size: int, gelu: bool = False) -> torch.Tensor:
+             out_features: int, group_size: int, gelu: bool = False, ln_weight: torch.Tensor | None = None,
+             ln_u: torch.Tensor | None = None, ln_eps: float = 1e-5, bias: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """`launch` as an op torch.compile calls as it is (a raw kernel launch is not traceable)."""
-    return launch(x, words, s_pairs, z_pairs, out_features, group_size, gelu)
+    norm = None if ln_weight is None else (ln_weight, ln_u, ln_eps)
+    return launch(x, words, s_pairs, z_pairs, out_features, group_size, gelu, norm=norm, bias=bias, residual=residual)
 
 
 @mma_gemv.register_fake
-def _(x, words, s_pairs, z_pairs, out_features, group_size, gelu=False):
+def _(x, words, s_pairs, z_pairs, out_features, group_size, gelu=False, ln_weight=None, ln_u=None, ln_eps=1e-5,
+      bias=None, residual=None):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float16)

@@ -315,3 +315,16 @@ def mma_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Te
         codes = cuda_gemv.from_mma_layout(m.m_words, m.out_features)
         y = _prefill(x2, dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size), gelu)
     return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def mma_fused_forward(m: QuantLinear, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """One token on the tensor-core GEMV with what QuantLinear.fuse_epilogue moved into it: the bias, a
+    LayerNorm of x folded in, the GELU, and `residual` added last. (In fp16, as mma_forward; a bf16 residual
+    stream goes through fp16 here.)"""
+    if not m.fused:
+        raise RuntimeError("QuantLinear called fused before fuse_epilogue")
+    x2 = x.reshape(1, m.in_features)
+    r = None if residual is None else residual.reshape(1, m.out_features)
+    y = torch.ops.nanogptq.mma_gemv(x2.to(torch.float16).contiguous(), m.m_words, m.m_scales, m.m_zeros,
+                                    m.out_features, m.group_size, m.gelu, m.ln_weight, m.ln_u, m.ln_eps, m.e_bias, r)
+    return y.to(x.dtype).reshape(*x.shape[:-1], m.out_features)

@@ -53,6 +53,8 @@ class Kernel:
     reads: tuple[str, ...] = PACKED_BUFFERS  # the buffers one forward reads: weight bytes per token
     # the forward with F.gelu applied to its output, for layers without a bias (None: F.gelu runs after)
     forward_gelu: Callable[[QuantLinear, torch.Tensor], torch.Tensor] | None = None
+    # one token with the epilogue QuantLinear.fuse_epilogue moved into the kernel, plus a residual (or None)
+    forward_fused: Callable[[QuantLinear, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 KERNELS: dict[str, Kernel] = {
@@ -63,11 +65,12 @@ KERNELS: dict[str, Kernel] = {
     "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes"),
                      forward_gelu=lambda m, x: K.triton_forward(m, x, gelu=True)),
     "mma": Kernel(K.mma_forward, K.prepare_mma, K.mma_supports, ("m_words", "m_scales", "m_zeros"),
-                  forward_gelu=lambda m, x: K.mma_forward(m, x, gelu=True)),
+                  forward_gelu=lambda m, x: K.mma_forward(m, x, gelu=True), forward_fused=K.mma_fused_forward),
     # quantizes activations: opt-in only
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
+FUSED_BUFFERS = {"e_bias", "ln_weight", "ln_u"}  # QuantLinear.fuse_epilogue's
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H200 (README):
 # the tensor-core GEMV edges out the Triton one at 4 bits, which beats tinygemm there and everything stock
 # at 8 bits; on the CPU, where neither runs, int4pack and int8pack.
@@ -117,6 +120,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("rot", None, persistent=False)  # U, built by prepare_kernel
         self.packed_freed = False
         self.gelu = False  # F.gelu on the output: the MLP's activation, moved here by fuse_mlp_gelu
+        self.fused = False  # fuse_epilogue: forward(..., fused=True) applies the bias (and more) in the kernel
 
     @classmethod
     def from_quantized(
@@ -184,9 +188,32 @@ class QuantLinear(nn.Module):
                              f"{self.in_features} in, {self.out_features} out) on {device.type}")
         U = self.rotation()
         self.rot = None if U is None else U.float().to(self.qweight.device)
-        for name in LAYOUT_BUFFERS & self._buffers.keys():  # a previously chosen kernel's layout
+        for name in (LAYOUT_BUFFERS | FUSED_BUFFERS) & self._buffers.keys():  # a previous kernel's layout
             del self._buffers[name]
+        self.fused = False
         KERNELS[self.kernel].prepare(self)
+
+    def fuse_epilogue(self, norm: nn.LayerNorm | None = None) -> None:
+        """Let the mma GEMV apply the bias, and with `norm` that LayerNorm of the input, on one-token steps
+        (quant.fuse_blocks; the forward's `residual` is then added in the kernel too). The LayerNorm is folded
+        into the weight: W LayerNorm(x) + b = rstd (W (gamma * x) - mean W gamma) + (W beta + b), so the kernel
+        multiplies x by gamma as it stages it, and needs W gamma and W beta + b, computed here once from the
+        dequantized weight in fp32. (Inference: the norm's parameters are read now, not at each call.)"""
+        if KERNELS[self.kernel].forward_fused is None:
+            raise ValueError(f"kernel {self.kernel!r} cannot apply a layer's epilogue itself (mma can)")
+        W = self.dequantize()
+        bias = None if self.bias is None else self.bias.float()
+        gamma = u = None
+        if norm is not None:
+            gamma = norm.weight.detach().float().to(W.device)
+            beta = torch.zeros_like(gamma) if norm.bias is None else norm.bias.detach().float().to(W.device)
+            u, bias = W @ gamma, W @ beta + (0.0 if bias is None else bias)
+            gamma = gamma.half()
+        self.register_buffer("e_bias", None if bias is None else bias.contiguous(), persistent=False)
+        self.register_buffer("ln_weight", gamma, persistent=False)
+        self.register_buffer("ln_u", u, persistent=False)
+        self.ln_eps = 1e-5 if norm is None else norm.eps
+        self.fused = True
 
     def free_packed(self) -> bool:
         """Drop the stored codes (qweight, qzeros) if the kernel reads its own copy instead; returns whether
@@ -201,7 +228,13 @@ class QuantLinear(nn.Module):
         self._need_packed("save it")  # a checkpoint without its codes would load as garbage
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+        """x W^T + b (through GELU if `gelu`), plus `residual` if given. `fused` (one token, after
+        fuse_epilogue): all of it in the kernel, and x through the folded LayerNorm first if there is one."""
+        if fused:
+            return KERNELS[self.kernel].forward_fused(self, x, residual)
+        if residual is not None:
+            return self(x) + residual
         if self.rot_seed is not None:
             if self.rot is None:
                 raise RuntimeError("QuantLinear with rotation used before prepare_kernel()")
