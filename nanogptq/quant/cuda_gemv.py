@@ -27,6 +27,11 @@ how many consecutive row tiles a block takes (1, 2 or 4: they share each activat
 registers), whether x is read through the non-coherent path, and whether each warp first copies its part of
 x to shared memory (one activation row only), so that no registers hold x while the codes load.
 
+The epilogue adds a bias (fp32), applies GELU and adds a residual; for one row staged in shared memory it
+also folds a LayerNorm of x into the product (store_sums has the algebra): x is staged as gamma * x, the
+staging sums x and x^2, and the epilogue applies the mean and rstd. A decoded block then runs no LayerNorm
+or add kernels (quant.fuse_blocks).
+
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
 k within a chunk works if codes and activations agree: lane (g, t) (g = lane / 4, t = lane % 4) covers the
@@ -66,7 +71,8 @@ CONFIGS = ((2, 2, 1, False, False), (2, 4, 1, False, False), (2, 8, 1, False, Fa
            (2, 4, 1, True, False), (1, 8, 4, True, False),
            (2, 4, 1, False, True), (2, 8, 1, False, True), (4, 8, 1, False, True), (8, 4, 1, False, True),
            (8, 8, 1, False, True), (4, 4, 2, False, True), (4, 8, 2, False, True),
-           (1, 8, 4, False, True), (2, 4, 2, False, True), (1, 8, 2, False, True))
+           (1, 8, 4, False, True), (2, 4, 2, False, True), (1, 8, 2, False, True))  # x staged, 2-4 tiles: for
+# a folded LayerNorm (which needs x staged) on shapes where 2-4 tiles won with x in registers
 Config = tuple[int, int, int, bool, bool]
 
 SOURCE = r"""
