@@ -24,7 +24,9 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
     mma       4 bits, CUDA only: a tensor-core GEMV (cuda_gemv.py, CUDA C compiled by NVRTC) on the codes
               re-laid at load as mma.m16n8k16 A fragments, for up to 8 rows, fp32 sums; groups of 64 << j
               columns or one grid per row. "auto" picks it before the Triton GEMV at 4 bits: on the H200
-              the 7 B decode step runs 1.09x faster on it (results/decode_cuda_7b_tiles_h200.json).
+              the 7 B decode step runs 1.09x faster on it (results/decode_cuda_7b_tiles_h200.json). Where
+              a block's four linears all run on it, quant.fuse_blocks (on load) moves the block's
+              LayerNorms, biases and residual adds into them for one-token steps (mma_fused_forward).
     w8a8      int8pack's weights times int8 activations quantized per token on the fly (symmetric,
               absmax / 127), through torch._int_mm (int32 accumulation) on CPU and CUDA. Changes the
               numerics (activation rounding), so "auto" never picks it.
