@@ -157,4 +157,6 @@ def test_launch_structs_have_cuda_h_layout():
     attr, config = cuda_gemv._LaunchAttribute, cuda_gemv._LaunchConfig
     assert ctypes.sizeof(attr) == 72 and attr.value.offset == 8  # id, pad to 8, a 64-byte union
     assert ctypes.sizeof(config) == 56  # 7 uints, then 8-byte aligned stream, attrs, count
+    epilogue = cuda_gemv._Epilogue  # the kernel's Epilogue: 4 pointers, then a float (8-byte aligned)
+    assert ctypes.sizeof(epilogue) == 40 and epilogue.eps.offset == 32
     assert (config.stream.offset, config.attrs.offset, config.num_attrs.offset) == (32, 40, 48)

@@ -27,7 +27,8 @@ how many consecutive row tiles a block takes (1, 2 or 4: they share each activat
 registers), whether x is read through the non-coherent path, and whether each warp first copies its part of
 x to shared memory (one activation row only), so that no registers hold x while the codes load.
 
-The epilogue adds a bias (fp32), applies GELU and adds a residual; for one row staged in shared memory it
+The epilogue adds a bias (fp32), applies GELU and adds a residual (each compiled in or out: the FLAGS
+template parameter, so a plain GEMV carries none of it); for one row staged in shared memory it
 also folds a LayerNorm of x into the product (store_sums has the algebra): x is staged as gamma * x, the
 staging sums x and x^2, and the epilogue applies the mean and rstd. A decoded block then runs no LayerNorm
 or add kernels (quant.fuse_blocks).
@@ -162,25 +163,24 @@ __device__ __forceinline__ void load_x(u32 (&xr)[2 * CW], const u16* x) {
   }
 }
 
-struct Epilogue {  // what the kernel applies besides the product (flags: FOLD | BIAS | GELU | RESIDUAL)
-  int flags;
+struct Epilogue {  // the vectors of what the kernel applies besides the product (its FLAGS say which)
   const u16* gamma;  // FOLD: a LayerNorm's weight, fp16 (K)
   const float* u;    // FOLD: W gamma, fp32 (N)
   const float* c;    // BIAS: added to every row, fp32 (N)
   const u16* res;    // RESIDUAL: added last, fp16 (M, N) with y's stride
   float eps;         // FOLD: the LayerNorm's
 };
-enum { FOLD = 1, BIAS = 2, GELU = 4, RESIDUAL = 8 };
+enum { FOLD = 1, BIAS = 2, GELU = 4, RESIDUAL = 8 };  // FLAGS, a template parameter: without them, no code
 
-template <int CW, bool XNC>
-__device__ __forceinline__ float2 stage_x(u16* xw, const u16* xg, const u16* gamma, int chunks, bool fold) {
-  // A warp's chunks of x to shared memory; with `fold`, as gamma * x (fp32 products), returning the warp's sums
+template <int CW, bool XNC, bool FOLDS>
+__device__ __forceinline__ float2 stage_x(u16* xw, const u16* xg, const u16* gamma, int chunks) {
+  // A warp's chunks of x to shared memory; with FOLDS, as gamma * x (fp32 products), returning the warp's sums
   // of x and of x^2 (for the LayerNorm's mean and variance, which the epilogue applies: see store_sums)
   float s1 = 0.f, s2 = 0.f;
   for (int p = (threadIdx.x & 31); p < chunks * 2 * CW; p += 32) {  // 16-byte pieces, 2 CW per chunk
     u32 r[4];
     load_x<2, XNC>(r, xg + 8 * p);
-    if (fold) {
+    if (FOLDS) {
       const u32x4 gv = *reinterpret_cast<const u32x4*>(gamma + 8 * p);
       const u32 gr[4] = {gv.x, gv.y, gv.z, gv.w};
 #pragma unroll
@@ -193,7 +193,7 @@ __device__ __forceinline__ float2 stage_x(u16* xw, const u16* xg, const u16* gam
     }
     *reinterpret_cast<u32x4*>(xw + 8 * p) = u32x4{r[0], r[1], r[2], r[3]};
   }
-  if (fold) {
+  if (FOLDS) {
 #pragma unroll
     for (int o = 16; o; o >>= 1) s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, o), s2 += __shfl_xor_sync(0xFFFFFFFFu, s2, o);
   }
@@ -226,7 +226,7 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
   }
 }
 
-template <int WARPS, int TILES>
+template <int WARPS, int TILES, int FLAGS>
 __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats, u16* __restrict__ y, int T0, int M,
                                            int N, int K, int y_stride, const Epilogue& ep) {
   // With FOLD, x was staged as gamma * x, so for LayerNorm(x) = (x - mean) rstd gamma + beta,
@@ -235,12 +235,12 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   if (WARPS > 1) {  // the warps' partial sums over their parts of K
     __shared__ float red[WARPS][TILES][32][4];
-    __shared__ float2 red_stats[WARPS];
+    __shared__ float2 red_stats[FLAGS & FOLD ? WARPS : 1];
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) red[warp][tt][lane][j] = acc[tt][j];
-    if (lane == 0) red_stats[warp] = stats;
+    if ((FLAGS & FOLD) && lane == 0) red_stats[warp] = stats;
     __syncthreads();
     if (warp) return;
 #pragma unroll
@@ -249,10 +249,11 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
       for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[tt][j] += red[wk][tt][lane][j];
-      stats.x += red_stats[wk].x, stats.y += red_stats[wk].y;
+      if (FLAGS & FOLD) stats.x += red_stats[wk].x, stats.y += red_stats[wk].y;
     }
   }
-  const float mean = stats.x / K, rstd = rsqrtf(fmaxf(stats.y / K - mean * mean, 0.f) + ep.eps);  // biased var
+  float mean = 0.f, rstd = 1.f;
+  if (FLAGS & FOLD) mean = stats.x / K, rstd = rsqrtf(fmaxf(stats.y / K - mean * mean, 0.f) + ep.eps);  // biased
 #pragma unroll
   for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
@@ -260,15 +261,15 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
       const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
       if (n >= N || m >= M) continue;
       float v = acc[tt][j];
-      if (ep.flags & FOLD) v = rstd * (v - mean * ep.u[n]);
-      if (ep.flags & BIAS) v += ep.c[n];
-      if (ep.flags & GELU) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-      if (ep.flags & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);
+      if (FLAGS & FOLD) v = rstd * (v - mean * ep.u[n]);
+      if (FLAGS & BIAS) v += ep.c[n];
+      if (FLAGS & GELU) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+      if (FLAGS & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);
       y[(size_t)m * y_stride + n] = f2h(v);
     }
 }
 
-template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS>
+template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS, int FLAGS>
 __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
@@ -307,8 +308,8 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
   wait_previous_kernel();
   float2 stats = make_float2(0.f, 0.f);  // FOLD: x staged (XS), one row
   if (XS) {
-    stats = stage_x<CW, XNC>(xw, x + (size_t)cbeg * 16 * CW, ep.gamma + (size_t)cbeg * 16 * CW, cend - cbeg,
-                             ep.flags & FOLD);
+    stats = stage_x<CW, XNC, (FLAGS & FOLD) != 0>(xw, x + (size_t)cbeg * 16 * CW, ep.gamma + (size_t)cbeg * 16 * CW,
+                                                 cend - cbeg);
   } else {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) load_x<CW, XNC>(ch[u].x, xl + min(cbeg + u, NC - 1) * 16 * CW);
@@ -341,7 +342,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
-  store_sums<WARPS, TILES>(acc, stats, y, T0, M, N, NC * 16 * CW, y_stride, ep);
+  store_sums<WARPS, TILES, FLAGS>(acc, stats, y, T0, M, N, NC * 16 * CW, y_stride, ep);
 }
 """
 
@@ -431,11 +432,11 @@ class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig
 
 
 class _Epilogue(ctypes.Structure):  # the kernel's Epilogue, passed by value
-    _fields_ = [("flags", ctypes.c_int), ("gamma", ctypes.c_void_p), ("u", ctypes.c_void_p), ("c", ctypes.c_void_p),
-                ("res", ctypes.c_void_p), ("eps", ctypes.c_float)]
+    _fields_ = [("gamma", ctypes.c_void_p), ("u", ctypes.c_void_p), ("c", ctypes.c_void_p), ("res", ctypes.c_void_p),
+                ("eps", ctypes.c_float)]
 
 
-FOLD, BIAS, GELU, RESIDUAL = 1, 2, 4, 8  # the Epilogue's flags
+FOLD, BIAS, GELU, RESIDUAL = 1, 2, 4, 8  # the kernel's FLAGS: compiled in, one instance per set used
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
@@ -470,10 +471,10 @@ def _libcuda() -> ctypes.CDLL:
 
 
 @functools.cache
-def _kernel(cw: int, config: Config, device_index: int):
+def _kernel(cw: int, config: Config, flags: int, device_index: int):
     unroll, warps, tiles, xnc, xs = config
-    flags = f"{str(xnc).lower()}, {str(xs).lower()}"
-    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {flags}>", device_index)
+    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {str(xnc).lower()}, {str(xs).lower()}, {flags}>",
+                 device_index)
 
 
 SHARED_LIMIT = 48 * 1024  # a block's shared memory without the opt-in attribute
@@ -494,7 +495,7 @@ def compiles(device_index: int) -> bool:
     """Whether the kernel builds here (NVRTC found, the GPU's architecture known to it): "auto" falls back
     to the Triton GEMV where it does not, with a warning saying why."""
     try:
-        _kernel(8, heuristic_config(1), device_index)
+        _kernel(8, heuristic_config(1), 0, device_index)
     except Exception as e:  # a missing or too old libnvrtc, an unknown architecture: probing, not an error
         log.warning("the tensor-core GEMV does not build on this GPU (%s: %s); 4-bit layers fall back to the "
                     "Triton GEMV", type(e).__name__, e)
@@ -622,10 +623,10 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
         residual = residual.to(torch.float16).contiguous()  # y's stride
     gamma, u, eps = norm if norm is not None else (None, None, 0.0)
     flags = (FOLD * (norm is not None) | BIAS * (bias is not None) | GELU * gelu | RESIDUAL * (residual is not None))
-    epilogue = _Epilogue(flags, *(t.data_ptr() if t is not None else None for t in (gamma, u, bias, residual)), eps)
+    epilogue = _Epilogue(*(t.data_ptr() if t is not None else None for t in (gamma, u, bias, residual)), eps)
     index = x.device.index or 0
     pdl = pdl_available(index) if pdl is None else pdl
-    launch_kernel(_kernel(cw, config, index), -(-NT // tiles), 32 * config[1],
+    launch_kernel(_kernel(cw, config, flags, index), -(-NT // tiles), 32 * config[1],
                   [words, x, s_pairs, s_pairs if z_pairs is None else z_pairs, y, M, N, NC, cpg_log2, s_pairs.shape[1],
                    x.stride(0), y.stride(0), int(z_pairs is not None), epilogue],
                   torch.cuda.current_stream(x.device), pdl, shared)  # z unread if symmetric
