@@ -8,8 +8,9 @@ Models have random weights (speed does not depend on values), quantized with RTN
 random codes: same shapes and kernels, no quantization time). Variants: fp32, bf16, int8 weight-only,
 int4 g128 (g64 where in_features is not a multiple of 128), W8A8; the quantized ones also quantize the
 tied head/embedding to 8 bits per row. The ratio column is against fp32 on CPU and bf16 on CUDA, measured
-in the same run. "err" is the relative L2 error of the last-token logits against the same weights through
-the fp32 dequant reference (fp32 model for float variants): it catches a wrong kernel layout. Memory:
+in the same run. "err" is the relative L2 error of the last-token logits (that token decoded as a one-token
+step after a prefill of the others: the step the timing runs) against the same weights through the fp32
+dequant reference (fp32 model for float variants): it catches a wrong kernel layout or fusion. Memory:
 peak torch.cuda.max_memory_allocated over prefill + decode on CUDA; on CPU "resident" counts every model
 tensor (the packed checkpoint buffers stay next to the kernel layouts), and the JSON adds the RSS delta.
 
