@@ -27,15 +27,21 @@ from gemv import l2_bytes, time_call
 import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
 
 
-def sdpa(q, k, v, mask, pos):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def split_heads(qkv, kv):  # the one query (B, H, 1, D) and the cache's keys and values, as PyTorch takes them
+    _, B, H, L, D = kv.shape
+    return qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2), kv[0], kv[1]
 
 
-def split_triton(q, k, v, mask, pos, counts):  # nanogptq's kernel: the position is the mask
-    return torch.ops.nanogptq.decode_attention(q, k, v, pos, counts)
+def sdpa(qkv, kv, mask, pos):
+    return F.scaled_dot_product_attention(*split_heads(qkv, kv), attn_mask=mask)
 
 
-def matmul_softmax(q, k, v, mask, pos):
+def split_triton(qkv, kv, mask, pos, counts):  # nanogptq's kernel: the position is the mask, it writes the slot
+    return torch.ops.nanogptq.decode_attention(qkv, kv, pos, counts)
+
+
+def matmul_softmax(qkv, kv, mask, pos):
+    q, k, v = split_heads(qkv, kv)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     return att.masked_fill(~mask, float("-inf")).float().softmax(-1).to(v.dtype) @ v
 
@@ -58,17 +64,19 @@ def main() -> None:
     rows = []
     print(f"{'cache':>6} {'form':>32} {'us':>8} {'GB/s':>8} {'roofline':>8}")
     for L in args.cache:
-        shape = (1, args.heads, L, args.head_dim)
-        cache_bytes = 2 * math.prod(shape) * 2
-        # one (k, v) per layer of a model whose caches are three times the L2 cache
-        caches = [
-            [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-            for _ in range(-(-3 * l2_bytes() // cache_bytes))
-        ]
-        q = torch.randn(1, args.heads, 1, args.head_dim, device="cuda", dtype=torch.bfloat16)
+        shape = (2, 1, args.heads, L, args.head_dim)
+        cache_bytes = math.prod(shape) * 2
+        C = args.heads * args.head_dim
+        qkv = torch.randn(1, 1, 3 * C, device="cuda", dtype=torch.bfloat16)
         pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
+        # one cache per layer of a model whose caches are three times the L2 cache; the new token's key and
+        # value already in place (the split kernel writes them again, the other forms only read)
+        n_caches = -(-3 * l2_bytes() // cache_bytes)
+        caches = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(n_caches)]
+        for kv in caches:
+            kv[:, :, :, L - 8] = qkv[0, 0, C:].view(2, 1, args.heads, args.head_dim)
         mask = (torch.arange(L, device="cuda") <= pos)[None, :]
-        ref = sdpa(q, *caches[0], mask, pos).float()
+        ref = sdpa(qkv, caches[0], mask, pos).float().reshape(1, 1, C)
         forms = [("sdpa", sdpa, None), ("matmul-softmax", matmul_softmax, None)]
         counts = torch.zeros(args.heads, device="cuda", dtype=torch.int32)  # as the model's KV cache holds them
         forms += [
@@ -83,9 +91,10 @@ def main() -> None:
             for compiled in (False, True):
                 torch._dynamo.reset()
                 f = torch.compile(fn, dynamic=False) if compiled else fn
-                err = ((f(q, *caches[0], mask, pos).float() - ref).norm() / ref.norm()).item()
+                y = f(qkv, caches[0], mask, pos).float().reshape(1, 1, C)
+                err = ((y - ref).norm() / ref.norm()).item()
                 turn = itertools.cycle(caches)
-                s = time_call(lambda q, f=f, t=turn, m=mask, p=pos: f(q, *next(t), m, p), q, args.calls, args.repeats)
+                s = time_call(lambda x, f=f, t=turn, m=mask, p=pos: f(x, next(t), m, p), qkv, args.calls, args.repeats)
                 label = name + (" compiled" if compiled else "")
                 row = {
                     "cache": L,

@@ -11,8 +11,15 @@ M = max m_c, y = sum_c exp(m_c - M) a_c / sum_c exp(m_c - M) den_c. The merge ru
 the last of a head's S programs to finish: each program stores its partial, then takes a ticket from the
 head's counter (an atomic add; a barrier first, so the whole program's stores precede it); the one that
 draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero (a second
-kernel did the merge before). Accumulation is fp32. The cache is written by the caller (index_copy_)
-before the call; the op reads it and never mutates it, and leaves the counters as it found them (zero), so
+kernel did the merge before). Accumulation is fp32.
+
+The op takes c_attn's output as it is (q, k, v side by side) and writes the new key and value into the
+cache itself: the chunk that holds position `pos` stores them, and every program takes them from qkv, not
+from the cache, so no program waits for another's store (the cache write was a kernel of its own before).
+On sm_90 and later it is launched as a programmatic dependent of the kernel before it (c_attn's GEMV): its
+programs may start while that kernel ends and load their first cached keys and values, which that kernel
+does not write, before they wait for it (`gdc_wait`) and read qkv. The op mutates only the cache's slot
+`pos` (declared, so torch.compile keeps it in place) and leaves the counters as it found them (zero), so
 torch.compile and CUDA graphs take it as an ordinary kernel (`torch.ops.nanogptq.decode_attention`).
 """
 
@@ -24,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanogptq.quant import cuda_gemv
+
 # On the H200, 32 heads x 128, a 584-position cache read from HBM, merge in the kernel
 # (benchmarks/decode_attention.py --cache 584 --programs 528 1056 --block 16 64 --warps 1 4,
 # results/decode_attention_fused_h200.json): 1056 programs of one warp and 16-position steps 7.7 us per
@@ -34,13 +43,13 @@ MAX_CHUNK = 256  # positions per program: its loop over the chunk is serial
 MAX_SPLITS = 32  # chunks per head: the merging program loads all their partials at once
 BLOCK_L = 16  # positions per loop step; chunks are whole steps (a ragged last step is a wasted load)
 NUM_WARPS = 1
+PDL = True  # on sm_90 and later: launched as a programmatic dependent of c_attn's kernel (cuda_gemv.py)
 
 
 @triton.jit
-def _partial_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
+def _decode_kernel(
+    qkv_ptr,
+    kv_ptr,
     pos_ptr,
     m_ptr,
     l_ptr,
@@ -48,45 +57,63 @@ def _partial_kernel(
     y_ptr,
     count_ptr,
     H,
-    L,
     CHUNK,
     S,
     sm_scale,
-    stride_qb,
-    stride_qh,
+    stride_qkv,
+    stride_kv,
     stride_kb,
     stride_kh,
     stride_kl,
     D: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
     h = bh % H
-    last = tl.load(pos_ptr)  # positions 0..last are valid
+    last = tl.load(pos_ptr).to(tl.int32)  # the new token's position: its k, v are in qkv, the cache holds 0..last-1
     rd = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rd).to(tl.float32) * sm_scale
-    base = b * stride_kb + h * stride_kh
+    k_at = kv_ptr + b * stride_kb + h * stride_kh + rd[None, :]
+    v_at = k_at + stride_kv
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, last + 1)
+    cached_end = tl.minimum(end, last)
+    # The first step's cached keys and values are loaded before waiting for the kernel that wrote qkv:
+    # under PDL this program may start while that kernel still runs, and nothing it writes is read here.
+    first = start + tl.arange(0, BLOCK_L)
+    k = tl.load(k_at + first[:, None] * stride_kl, mask=(first < cached_end)[:, None], other=0.0)
+    v = tl.load(v_at + first[:, None] * stride_kl, mask=(first < cached_end)[:, None], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row = qkv_ptr + b * stride_qkv + h * D + rd
+    q = tl.load(row).to(tl.float32) * sm_scale
+    k_new = tl.load(row + H * D)
+    v_new = tl.load(row + 2 * H * D)
+    if c == last // CHUNK:  # the chunk of the new position writes it into the cache, for the next steps
+        tl.store(k_at + last * stride_kl, k_new[None, :])
+        tl.store(v_at + last * stride_kl, v_new[None, :])
     m = tl.full((), float("-inf"), tl.float32)
     den = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, last + 1)
     for j0 in range(start, end, BLOCK_L):
         rl = j0 + tl.arange(0, BLOCK_L)
-        valid = rl < end
-        offs = base + rl[:, None] * stride_kl + rd[None, :]
-        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # both loads in flight at once
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        new = (rl == last)[:, None]
+        kf = tl.where(new, k_new[None, :], k).to(tl.float32)
+        vf = tl.where(new, v_new[None, :], v).to(tl.float32)
+        s = tl.where(rl < end, tl.sum(kf * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vf, axis=0)
         den = den * alpha + tl.sum(p, axis=0)
         m = m_new
+        nxt = rl + BLOCK_L  # the next step's (loaded here, once this step's are dead: registers for one step)
+        k = tl.load(k_at + nxt[:, None] * stride_kl, mask=(nxt < cached_end)[:, None], other=0.0)
+        v = tl.load(v_at + nxt[:, None] * stride_kl, mask=(nxt < cached_end)[:, None], other=0.0)
     out = bh * S + c
     tl.store(m_ptr + out, m)  # an empty chunk (past `last`) leaves m = -inf, den = 0: weight 0 below
     tl.store(l_ptr + out, den)
@@ -107,43 +134,39 @@ def _partial_kernel(
         tl.store(count_ptr + bh, 0)  # ready for the next call
 
 
-def supports(q: torch.Tensor) -> bool:
-    """One query per head, a power-of-two head size (a Triton tile)."""
-    D = q.size(-1)
-    return q.size(2) == 1 and D >= 16 and D & (D - 1) == 0
-
-
-@torch.library.custom_op("nanogptq::decode_attention", mutates_args=())
+@torch.library.custom_op("nanogptq::decode_attention", mutates_args=("kv",))
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor | None = None
+    qkv: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """q (B, H, 1, D), the caches k, v (B, H, L, D) (same strides), pos (1,) the query's position:
-    softmax(q k^T / sqrt(D)) v over the cache positions <= pos. -> (B, H, 1, D) in q's dtype. `counts`: B * H
-    int32 zeros the kernel uses and leaves zero (the KV cache keeps them, so a step allocates nothing);
-    fresh ones if None."""
-    B, H, _, D = q.shape
-    L = k.size(2)
-    assert k.stride() == v.stride() and k.stride(3) == 1 and q.stride(3) == 1
+    """One decoded token's attention: qkv (B, 1, 3C), c_attn's output (q, k, v of H heads of D each); kv
+    (2, B, H, L, D), the KV cache, filled below `pos` (1,), the token's position. Writes the token's k, v into
+    kv at `pos` and returns softmax(q K^T / sqrt(D)) V over the positions <= pos, (B, 1, C) in qkv's dtype.
+    `counts`: B * H int32 zeros the kernel uses and leaves zero (the KV cache keeps them, so a step allocates
+    nothing); fresh ones if None."""
+    _, B, H, L, D = kv.shape
+    assert qkv.shape == (B, 1, 3 * H * D) and qkv.stride(2) == 1 and kv.stride(4) == 1
     # enough chunks to fill the GPU, at most MAX_SPLITS (the merge holds them all), and chunks of at most
     # MAX_CHUNK positions for long caches
     S = max(1, min(triton.cdiv(L, BLOCK_L), triton.cdiv(TARGET_PROGRAMS, B * H), MAX_SPLITS), triton.cdiv(L, MAX_CHUNK))
     chunk = triton.cdiv(triton.cdiv(L, S), BLOCK_L) * BLOCK_L
     S = triton.cdiv(L, chunk)
-    m = torch.empty(B * H * S, device=q.device, dtype=torch.float32)
+    m = torch.empty(B * H * S, device=kv.device, dtype=torch.float32)
     den = torch.empty_like(m)
-    a = torch.empty(B * H * S, D, device=q.device, dtype=torch.float32)
-    y = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    a = torch.empty(B * H * S, D, device=kv.device, dtype=torch.float32)
+    y = torch.empty(B, 1, H * D, device=kv.device, dtype=qkv.dtype)
     if counts is None:
-        counts = torch.zeros(B * H, device=q.device, dtype=torch.int32)
+        counts = torch.zeros(B * H, device=kv.device, dtype=torch.int32)
     assert counts.dtype == torch.int32 and counts.numel() >= B * H
-    _partial_kernel[(B * H, S)](
-        q, k, v, pos, m, den, a, y, counts, H, L, chunk, S, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        D=D, BLOCK_L=BLOCK_L, BLOCK_S=triton.next_power_of_2(S), num_warps=NUM_WARPS,
+    pdl = PDL and kv.is_cuda and cuda_gemv.pdl_available(kv.device.index or 0)
+    _decode_kernel[(B * H, S)](
+        qkv, kv, pos, m, den, a, y, counts, H, chunk, S, 1.0 / math.sqrt(D),
+        qkv.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        D=D, BLOCK_L=BLOCK_L, BLOCK_S=triton.next_power_of_2(S), PDL=pdl, num_warps=NUM_WARPS,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y
 
 
 @decode_attention.register_fake
-def _(q, k, v, pos, counts=None):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _(qkv, kv, pos, counts=None):
+    return qkv.new_empty(qkv.shape[0], 1, qkv.shape[2] // 3)

@@ -74,7 +74,8 @@ class KVCache(nn.Module):
         # the split-cache attention's per-head counters (zero between calls: its programs take tickets)
         self.register_buffer("counts", torch.zeros(batch * n_head, dtype=torch.int32, device=device), persistent=False)
         # one-token steps on CUDA use the split-cache Triton kernel (attention_triton.py) where it can run
-        self.split_decode = torch.device(device).type == "cuda" and head_dim & (head_dim - 1) == 0 and _has_triton()
+        self.split_decode = (torch.device(device).type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+                             and _has_triton())
 
     @property
     def k(self) -> torch.Tensor:
@@ -179,25 +180,33 @@ class CausalSelfAttention(nn.Module):
         self.q_quant: nn.Module = nn.Identity()
         self.k_quant: nn.Module = nn.Identity()
 
+    @property
+    def plain_qk(self) -> bool:
+        """No activation quantizers between c_attn and the cache (QAT's `a8` sets them)."""
+        return isinstance(self.q_quant, nn.Identity) and isinstance(self.k_quant, nn.Identity)
+
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None):
         """With `residual` (Block.fused): x is the residual stream itself, ln_1 runs inside c_attn and c_proj
         adds the residual."""
         B, T, C = x.shape
-        q, k, v = (self.c_attn(x) if residual is None else self.c_attn(x, fused=True)).split(C, dim=2)
+        qkv = self.c_attn(x) if residual is None else self.c_attn(x, fused=True)
+        cache = self.kv_cache
+        if T == 1 and input_pos is not None and cache is not None and cache.split_decode and self.plain_qk \
+                and qkv.dtype == cache.kv.dtype:
+            # the Triton kernel writes the token's k, v into the cache as it attends (attention_triton.py)
+            y = torch.ops.nanogptq.decode_attention(qkv, cache.kv, input_pos, cache.counts)
+            return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = self.q_quant(q), self.k_quant(k)  # before caching: cached keys are the quantized ones
-        if input_pos is None or self.kv_cache is None:
+        if input_pos is None or cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
             )
         else:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            if T == 1 and self.kv_cache.split_decode:
-                k, v, counts = k.to(q.dtype), v.to(q.dtype), self.kv_cache.counts
-                y = torch.ops.nanogptq.decode_attention(q, k, v, input_pos, counts)
-            else:
-                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+            k, v = cache.update(input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
 

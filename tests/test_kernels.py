@@ -625,7 +625,9 @@ def run_in_triton_interpreter(code: str) -> None:
     np = pytest.importorskip("numpy")
     if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3):
         pytest.skip("Triton 3.6's interpreter needs numpy < 2.3")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = os.path.dirname(__file__)  # `code` may import this file's helpers
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -713,24 +715,34 @@ def test_cuda_gemv_tiles_rows_and_gelu_epilogue(bits, group_size, in_f, out_f, g
         assert y.dtype == dtype and y.shape == (1, out_f) and rel_err(y, ref) < BF16_TOL
 
 
+def attention_case(B, H, L, D, pos, device="cpu", dtype=torch.float32):
+    """c_attn's output for one token, a KV cache of random values everywhere (also past `pos`: the kernel
+    must not read them), and what decode_attention must return and leave in the cache."""
+    qkv = torch.randn(B, 1, 3 * H * D, device=device, dtype=dtype)
+    kv = torch.randn(2, B, H, L, D, device=device, dtype=dtype)
+    q, k, v = qkv.view(B, 3, H, D).unbind(1)
+    want_kv = kv.clone()
+    want_kv[:, :, :, pos] = torch.stack((k, v))
+    mask = (torch.arange(L, device=device) <= pos)[None]
+    ref = F.scaled_dot_product_attention(q[:, :, None].float(), *want_kv.float(), attn_mask=mask)
+    return qkv, kv, want_kv, ref.reshape(B, 1, H * D)
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("B, H, L, D, pos", [(1, 32, 584, 128, 583), (1, 6, 256, 32, 0), (2, 4, 100, 64, 57)])
 def test_cuda_decode_attention_matches_sdpa(B, H, L, D, pos):
     from nanogptq.attention_triton import decode_attention
 
-    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     p = torch.tensor([pos], device="cuda")
-    mask = (torch.arange(L, device="cuda") <= p)[None]
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     counts = torch.zeros(B * H, device="cuda", dtype=torch.int32)
     for fn in (decode_attention, torch.compile(decode_attention)):
+        qkv, kv, want_kv, ref = attention_case(B, H, L, D, pos, "cuda", torch.bfloat16)
         for _ in range(3):  # the same counters each time: the kernel leaves them zero
-            y = fn(q, k, v, p, counts)
-            assert y.shape == q.shape and y.dtype == q.dtype
+            y = fn(qkv, kv, p, counts)
+            assert y.shape == (B, 1, H * D) and y.dtype == qkv.dtype
             assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
-            assert not counts.any()
+            assert torch.equal(kv, want_kv) and not counts.any()
 
 
 @cuda
@@ -744,23 +756,48 @@ def test_cuda_model_decodes_with_split_attention_like_sdpa():
         assert model.transformer.h[0].attn.kv_cache.split_decode
         model(prompt[:, :-1], input_pos=torch.arange(29, device="cuda"))
         step = model(prompt[:, -1:], input_pos=torch.tensor([29], device="cuda"))[0][:, -1]
+        cached = [b.attn.kv_cache.kv[:, :, :, :30].clone() for b in model.transformer.h]
+        model.setup_kv_cache(1)  # the same cache from a prefill of all 30 tokens (index_copy_)
+        model(prompt, input_pos=torch.arange(30, device="cuda"))
     assert torch.allclose(step, full, atol=1e-4, rtol=1e-4)
+    for b, c in zip(model.transformer.h, cached, strict=True):
+        assert torch.allclose(b.attn.kv_cache.kv[:, :, :, :30], c, atol=1e-5)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_attention_compiles_for_sm90(pdl):
+    """Triton's compiler for an H100/H200 (sm_90) takes the kernel, with and without its PDL wait: no GPU is
+    needed to compile, and the interpreter below does not type-check as the compiler does."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanogptq.attention_triton import BLOCK_L, NUM_WARPS, _decode_kernel
+
+    ints = ["H", "CHUNK", "S", "stride_qkv", "stride_kv", "stride_kb", "stride_kh", "stride_kl"]
+    sig = {"qkv_ptr": "*fp16", "kv_ptr": "*fp16", "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32",
+           "a_ptr": "*fp32", "y_ptr": "*fp16", "count_ptr": "*i32", **dict.fromkeys(ints, "i32"), "sm_scale": "fp32",
+           **dict.fromkeys(["D", "BLOCK_L", "BLOCK_S", "PDL"], "constexpr")}
+    src = ASTSource(_decode_kernel, sig, constexprs={"D": 128, "BLOCK_L": BLOCK_L, "BLOCK_S": 32, "PDL": pdl})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl
 
 
 def test_decode_attention_in_the_interpreter():
-    """The split-cache attention's arithmetic on CPU, through Triton's interpreter (where Triton is installed)."""
+    """The split-cache attention's arithmetic and its cache write on CPU, through Triton's interpreter (where
+    Triton is installed)."""
     code = """
-import torch, torch.nn.functional as F
+import torch
 from nanogptq.attention_triton import decode_attention
+from test_kernels import attention_case
 for B, H, L, D, pos in [(1, 3, 100, 16, 99), (2, 2, 70, 32, 0), (1, 4, 200, 16, 130)]:
-    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    qkv, kv, want_kv, ref = attention_case(B, H, L, D, pos)
     p = torch.tensor([pos])
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=(torch.arange(L) <= p)[None])
     counts = torch.zeros(B * H, dtype=torch.int32)
     for _ in range(2):  # the same counters twice: the kernel must leave them zero
-        y = decode_attention(q, k, v, p, counts)
+        y = decode_attention(qkv, kv, p, counts)
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (B, H, L, D, pos, err)
-        assert not counts.any()
+        assert torch.equal(kv, want_kv) and not counts.any()
 """
     run_in_triton_interpreter(code)
