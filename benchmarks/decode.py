@@ -466,6 +466,14 @@ def main() -> None:
         help="CUDA: the quantized variants' activation dtype (the float baseline stays bf16)",
     )
     p.add_argument("--sdpa", action="store_true", help="decode steps on SDPA, not the split-cache Triton kernel")
+    p.add_argument(
+        "--attention",
+        type=int,
+        nargs=4,
+        metavar=("PROGRAMS", "BLOCK", "WARPS", "SPLITS"),
+        default=None,
+        help="the split-cache attention's TARGET_PROGRAMS, BLOCK_L, NUM_WARPS and MAX_SPLITS (default: its own)",
+    )
     p.add_argument("--profile", type=int, default=0, help="profile this many decode steps, print the top kernels")
     p.add_argument(
         "--trace",
@@ -480,6 +488,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.attention:
+        import nanogptq.attention_triton as attention
+
+        attention.TARGET_PROGRAMS, attention.BLOCK_L, attention.NUM_WARPS, attention.MAX_SPLITS = args.attention
     args.graph = gpu if args.graph is None else args.graph
     if args.graph and not gpu:
         p.error("--graph needs --device cuda")

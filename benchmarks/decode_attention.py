@@ -7,7 +7,8 @@ At batch 1 a decode step has one query per head; the whole static KV cache is re
 masked out. This times each form (eager and torch.compile'd, each call inside a CUDA graph, as in the
 decode benchmark, over copies of the cache that overflow the L2 cache, as the layers of a model do) and
 reports microseconds per layer and the cache bandwidth reached. --programs, --block and --warps sweep the
-split kernel's TARGET_PROGRAMS, BLOCK_L and NUM_WARPS. Writes results/decode_attention_<gpu>.json.
+split kernel's TARGET_PROGRAMS, BLOCK_L and NUM_WARPS, --splits sets its MAX_SPLITS. Writes
+results/decode_attention_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def main() -> None:
     p.add_argument("--programs", type=int, nargs="*", default=[attention_triton.TARGET_PROGRAMS])
     p.add_argument("--block", type=int, nargs="*", default=[attention_triton.BLOCK_L])
     p.add_argument("--warps", type=int, nargs="*", default=[attention_triton.NUM_WARPS])
+    p.add_argument("--splits", type=int, default=attention_triton.MAX_SPLITS, help="MAX_SPLITS")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_attention.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
+    attention_triton.MAX_SPLITS = args.splits
     rows = []
     print(f"{'cache':>6} {'form':>32} {'us':>8} {'GB/s':>8} {'roofline':>8}")
     for L in args.cache:

@@ -38,6 +38,9 @@ from nanogptq.quant import cuda_gemv
 # results/decode_attention_fused_h200.json): 1056 programs of one warp and 16-position steps 7.7 us per
 # layer, the previous defaults (528 programs, 4 warps, 64-position steps, chosen on the H100 with a separate
 # merge kernel, where 528 x 64 ran 10.2 us and 264 x 32 13.3 us) 9.4 us
+# With the cache write inside and PDL, in the whole 7 B int4 decode step (benchmarks/decode.py --attention P B W S,
+# results/decode_cuda_7b_attn*_h200.json): these defaults 2.50x bf16, 2,112 two-warp programs of one 16-position
+# step 2.45x, 4,224 four-warp programs of 8 positions 2.10x
 TARGET_PROGRAMS = 1056  # about eight per SM of an H100 or H200: enough loads in flight to stream the cache
 MAX_CHUNK = 256  # positions per program: its loop over the chunk is serial
 MAX_SPLITS = 32  # chunks per head: the merging program loads all their partials at once
