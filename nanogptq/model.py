@@ -64,7 +64,7 @@ class KVCache(nn.Module):
 
     Shapes never change while decoding (the whole cache is attended, later slots masked out), so a
     decode step can be captured in a CUDA graph. Keys and values share one buffer `kv` (2, B, H, L, D),
-    so a step writes both with one kernel.
+    so a step writes both with one kernel (on CUDA a one-token step writes them inside the attention kernel).
     """
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
