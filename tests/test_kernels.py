@@ -783,6 +783,29 @@ def test_decode_attention_compiles_for_sm90(pdl):
     assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == pdl
 
 
+@pytest.mark.parametrize("bits, has_z", [(4, True), (8, False)])
+def test_triton_gemv_compiles_for_sm90(bits, has_z):
+    """The Triton GEMV's GPU path (packed-fp16 inline assembly, the PDL wait, the GELU epilogue), which the
+    interpreter does not run (it runs the fp32 twin), through Triton's compiler for sm_90, in one tile of each
+    kind the autotuner has (one and two stages)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanogptq.quant import triton_gemv as tg
+
+    pointers = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                "y_ptr": "*fp16"}
+    sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in tg._gemv_rows_kernel.params}
+    for stages in (1, 2):
+        cfg = next(c for c in tg._rows_configs() if c.kwargs["STAGES"] == stages)
+        consts = {"BITS": bits, "PG": 64, "HAS_Z": has_z, "X_BF16": False, "FAST": True, "GELU": True, "EVEN": False,
+                  "PDL": True, **cfg.kwargs}
+        src = ASTSource(tg._gemv_rows_kernel, sig, constexprs=consts)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+        assert "griddepcontrol.wait" in kernel.asm["ptx"] and "fma.rn.f16x2" in kernel.asm["ptx"]
+
+
 def test_decode_attention_in_the_interpreter():
     """The split-cache attention's arithmetic and its cache write on CPU, through Triton's interpreter (where
     Triton is installed)."""
