@@ -189,26 +189,31 @@ class CausalSelfAttention(nn.Module):
                 residual: torch.Tensor | None = None):
         """With `residual` (Block.fused): x is the residual stream itself, ln_1 runs inside c_attn and c_proj
         adds the residual."""
-        B, T, C = x.shape
+        T = x.shape[1]
         qkv = self.c_attn(x) if residual is None else self.c_attn(x, fused=True)
         cache = self.kv_cache
         if T == 1 and input_pos is not None and cache is not None and cache.split_decode and self.plain_qk \
                 and qkv.dtype == cache.kv.dtype:
             # the Triton kernel writes the token's k, v into the cache as it attends (attention_triton.py)
             y = torch.ops.nanogptq.decode_attention(qkv, cache.kv, input_pos, cache.counts)
-            return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        else:
+            y = self.attend(qkv, input_pos, mask)
+        return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
+
+    def attend(self, qkv: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """PyTorch's attention over (B, T, 3C) c_attn outputs, writing the cache first if there is one."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
         q, k = self.q_quant(q), self.k_quant(k)  # before caching: cached keys are the quantized ones
-        if input_pos is None or cache is None:
+        if input_pos is None or self.kv_cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
             )
         else:
-            k, v = cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y) if residual is None else self.c_proj(y, residual, fused=True))
+        return y.transpose(1, 2).contiguous().view(B, T, C)
 
 
 class MLP(nn.Module):
