@@ -24,22 +24,13 @@ from triton.compiler import ASTSource
 from nanogptq.quant import triton_gemv as tg
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-POINTERS = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp16"}
-# the other integers are multiples of 16 for these shapes, as Triton specializes them; SG_DIV is 1 (grouped
-# grids up to 256 columns), which Triton specializes to a constant too
+# the integers are multiples of 16 for these shapes, as Triton specializes them, but NG
 UNALIGNED = {"NG"}
-
-
-def signature() -> dict[str, str]:
-    """The kernel's argument types, read off its own parameter list."""
-    params = tg._gemv_rows_kernel.params
-    return {p.name: "constexpr" if p.is_constexpr or p.name == "SG_DIV" else POINTERS.get(p.name, "i32")
-            for p in params}
 
 
 def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config, x_bf16: bool) -> tuple[str, str]:
     """(ptxas's report, the SASS) of one specialization: whole tiles (EVEN), as the 7 B shapes are."""
-    sig = signature()
+    sig = tg.compile_signature()
     if x_bf16:
         sig["x_ptr"] = "*bf16"
     attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())

@@ -794,13 +794,11 @@ def test_triton_gemv_compiles_for_sm90(bits, has_z):
 
     from nanogptq.quant import triton_gemv as tg
 
-    pointers = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
-                "y_ptr": "*fp16"}
-    sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in tg._gemv_rows_kernel.params}
+    sig = tg.compile_signature()
     for stages in (1, 2):
         cfg = next(c for c in tg._rows_configs() if c.kwargs["STAGES"] == stages)
         consts = {"BITS": bits, "PG": 64, "HAS_Z": has_z, "X_BF16": False, "FAST": True, "GELU": True, "EVEN": False,
-                  "PDL": True, **cfg.kwargs}
+                  "PDL": True, "SG_DIV": 1, **cfg.kwargs}
         src = ASTSource(tg._gemv_rows_kernel, sig, constexprs=consts)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
         assert "griddepcontrol.wait" in kernel.asm["ptx"] and "fma.rn.f16x2" in kernel.asm["ptx"]

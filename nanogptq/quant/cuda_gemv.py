@@ -490,6 +490,19 @@ def x_shared_bytes(M: int, K: int, config: Config) -> int | None:
     return 2 * K if M == 1 and 2 * K + reduction <= SHARED_LIMIT else None
 
 
+def config_error(config: Config, M: int, K: int, n_tiles: int, fold: bool) -> str | None:
+    """Why `config` cannot run M rows of K on a layer of `n_tiles` row tiles (folding a LayerNorm if `fold`),
+    or None if it can."""
+    if config[2] > n_tiles:
+        return f"{config[2]} row tiles per block, but the layer has {n_tiles}"
+    if x_shared_bytes(M, K, config) is None:
+        return (f"config {config} stages x in shared memory, which takes one row whose {2 * K} bytes fit in "
+                f"{SHARED_LIMIT} beside the reduction's; got {M} rows")
+    if fold and not config[4]:
+        return f"config {config} does not stage x, which folding a LayerNorm takes"
+    return None
+
+
 @functools.cache
 def compiles(device_index: int) -> bool:
     """Whether the kernel builds here (NVRTC found, the GPU's architecture known to it): "auto" falls back
@@ -560,8 +573,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
             runs.append(start.elapsed_time(end))
         return sorted(runs)[1]
 
-    return min((cfg for cfg in CONFIGS if cfg[2] <= shape[0] and x_shared_bytes(M, K, cfg) is not None
-                and (cfg[4] or not fold)), key=seconds)
+    return min((cfg for cfg in CONFIGS if config_error(cfg, M, K, shape[0], fold) is None), key=seconds)
 
 
 def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int, fold: bool = False) -> Config:
@@ -608,14 +620,10 @@ def launch(x: torch.Tensor, words: torch.Tensor, s_pairs: torch.Tensor, z_pairs:
     if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # the activations' 16-byte vector loads
         x = x.contiguous().clone()  # a fresh allocation is aligned
     config = config or pick_config(x, words, N, group_size, norm is not None)
+    error = config_error(config, M, K, NT, norm is not None)
+    if error:
+        raise ValueError(f"mma GEMV: {error}")
     tiles, shared = config[2], x_shared_bytes(M, K, config)
-    if tiles > NT:
-        raise ValueError(f"mma GEMV: {tiles} row tiles per block, but the layer has {NT}")
-    if shared is None:
-        raise ValueError(f"mma GEMV: config {config} stages x in shared memory, which takes one row whose "
-                         f"{2 * K} bytes fit in {SHARED_LIMIT} beside the reduction's; got {M} rows")
-    if norm is not None and not config[4]:
-        raise ValueError(f"mma GEMV: config {config} does not stage x, which folding a LayerNorm takes")
     # chunks per group, a power of two (as a shift); one grid per row: every chunk in group 0
     cpg_log2 = 31 if group_size <= 0 else (group_size // (16 * cw)).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=torch.float16)

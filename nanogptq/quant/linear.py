@@ -70,7 +70,7 @@ KERNELS: dict[str, Kernel] = {
     "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
-FUSED_BUFFERS = {"e_bias", "ln_weight", "ln_u"}  # QuantLinear.fuse_epilogue's
+FUSED_BUFFERS = ("e_bias", "ln_weight", "ln_u")  # what QuantLinear.fuse_epilogue registers, in its order
 # "auto" takes the first kernel that supports the layer; put fast ones first. Measured on the H200 (README):
 # the tensor-core GEMV edges out the Triton one at 4 bits, which beats tinygemm there and everything stock
 # at 8 bits; on the CPU, where neither runs, int4pack and int8pack.
@@ -188,7 +188,7 @@ class QuantLinear(nn.Module):
                              f"{self.in_features} in, {self.out_features} out) on {device.type}")
         U = self.rotation()
         self.rot = None if U is None else U.float().to(self.qweight.device)
-        for name in (LAYOUT_BUFFERS | FUSED_BUFFERS) & self._buffers.keys():  # a previous kernel's layout
+        for name in (LAYOUT_BUFFERS | set(FUSED_BUFFERS)) & self._buffers.keys():  # a previous kernel's layout
             del self._buffers[name]
         self.fused = False
         KERNELS[self.kernel].prepare(self)
@@ -209,9 +209,8 @@ class QuantLinear(nn.Module):
             beta = torch.zeros_like(gamma) if norm.bias is None else norm.bias.detach().float().to(W.device)
             u, bias = W @ gamma, W @ beta + (0.0 if bias is None else bias)
             gamma = gamma.half()
-        self.register_buffer("e_bias", None if bias is None else bias.contiguous(), persistent=False)
-        self.register_buffer("ln_weight", gamma, persistent=False)
-        self.register_buffer("ln_u", u, persistent=False)
+        for name, t in zip(FUSED_BUFFERS, (None if bias is None else bias.contiguous(), gamma, u), strict=True):
+            self.register_buffer(name, t, persistent=False)
         self.ln_eps = 1e-5 if norm is None else norm.eps
         self.fused = True
 

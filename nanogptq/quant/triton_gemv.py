@@ -340,6 +340,16 @@ def tuned_configs() -> dict[str, str]:
     return {f"interleaved {key[:5]}": str(cfg) for key, cfg in _gemv_rows_tuned.cache.items()}
 
 
+def compile_signature() -> dict[str, str]:
+    """The kernel's argument types, read off its own parameter list, for triton.compile without a GPU (the
+    sm_90 compile test, benchmarks/gemv_sass.py): fp16 activations, SG_DIV a constant as Triton specializes
+    it to 1 (grouped grids up to 256 columns)."""
+    pointers = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                "y_ptr": "*fp16"}
+    return {p.name: "constexpr" if p.is_constexpr or p.name == "SG_DIV" else pointers.get(p.name, "i32")
+            for p in _gemv_rows_kernel.params}
+
+
 def tile_group(group_size: int, in_features: int, bits: int) -> tuple[int, int]:
     """(G, SG_DIV): the kernel's tile group and how many of them make one scale group.
 
