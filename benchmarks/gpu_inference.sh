@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU: the CUDA kernel tests, the linears-only kernel table, the decode-attention table and
-# the decode benchmark, in four parts that each fit the device tool's 10 minutes:
-#   bash benchmarks/gpu_inference.sh 1; ... bash benchmarks/gpu_inference.sh 4
+# the decode benchmark, in four parts that each fit the device tool's 10 minutes, and a fifth, the tensor-core
+# GEMV timed with its parts taken out (benchmarks/gemv_breakdown.py):
+#   bash benchmarks/gpu_inference.sh 1; ... bash benchmarks/gpu_inference.sh 5
 # OUT=DIR puts the JSON files there instead.
 set -uo pipefail
 PY=${PY:-python3}
@@ -60,4 +61,7 @@ if [ "$PART" = all ] || [ "$PART" = 4 ]; then
     timeout 100 $DECODE --sizes --ckpt $R/best $R/rtn-int8 $R/gptq-int4 --ckpt-dtype $dtype \
       --json "$OUT/decode_cuda_ckpt_${dtype}_$GPU.json" | grep -v '^{'
   done
+fi
+if [ "$PART" = all ] || [ "$PART" = 5 ]; then
+  timeout 240 $PY benchmarks/gemv_breakdown.py --json "$OUT/gemv_breakdown_$GPU.json"
 fi
