@@ -9,8 +9,9 @@ activation loads (constants, so staging copies constants), the output stores (ke
 never holds), or everything but the code loads. The outputs of these variants are wrong; their timings
 are true, as in benchmarks/gemv.py: each layer in copies that overflow the L2 cache, called in turn in a
 CUDA graph, as programmatic dependents. "full" runs first and last, to show the drift within the run.
-With the read-only kernel of benchmarks/gemv.py (the same code loads, nothing else) this says what the
-arithmetic, the side loads and the block's reduction and epilogue cost. Writes
+The last column is benchmarks/gemv.py's read-only kernel on the same copies (the same code loads in the
+config's batches and warps, one row tile per block, nothing else), so the row says what the arithmetic,
+the side loads and the block's reduction and epilogue cost. Writes
 results/gemv_breakdown_<gpu>.json.
 """
 
@@ -21,9 +22,10 @@ import itertools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from gemv import time_call  # benchmarks/ is on sys.path when run as a script
+from gemv import ReadOnly, time_call  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import cuda_gemv
 
@@ -92,8 +94,8 @@ def main() -> None:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     names = ["full"] + [n for n in args.variants if n != "full"] + ["full"]
     print(f"{gpu}; microseconds per call")
-    print("| layer | LayerNorm folded | config | " + " | ".join(names) + " |")
-    print("|---" * (3 + len(names)) + "|")
+    print("| layer | LayerNorm folded | config | " + " | ".join(names) + " | read only |")
+    print("|---" * (4 + len(names)) + "|")
     rows = []
     for N, K, fold, config in SHAPES:
         shape = (N // 16, K // 128, 2, 32, 4)
@@ -111,9 +113,16 @@ def main() -> None:
             return cuda_gemv.launch(x, words, s, z, N, 128, gelu=gelu, config=config, norm=norm, bias=bias)
 
         us = [time_variant(name, call, copies, args.repeats) for name in names]
+        readers = [ReadOnly(SimpleNamespace(m_words=words)) for words in copies]
+        kernel = readers[0].kernel(config[:2])
+        for reader in readers:
+            reader.use(config[:2], kernel)
+        turn = itertools.cycle(readers)
+        read_us = 1e6 * time_call(lambda x, turn=turn: next(turn)(x), None, 2 * len(readers), args.repeats)
         rows.append({"shape": f"{N}x{K}", "fold": fold, "config": config,
-                     "us": dict(zip(names[:-1], us[:-1], strict=True)), "full_last": us[-1]})
-        print(f"| {N} x {K} | {'yes' if fold else 'no'} | {config} | " + " | ".join(f"{t:.2f}" for t in us) + " |")
+                     "us": dict(zip(names[:-1], us[:-1], strict=True)), "full_last": us[-1], "read_only": read_us})
+        times = " | ".join(f"{t:.2f}" for t in [*us, read_us])
+        print(f"| {N} x {K} | {'yes' if fold else 'no'} | {config} | {times} |")
     out = Path(args.json or f"results/gemv_breakdown_{gpu.split()[1].lower() if ' ' in gpu else 'gpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=2))
