@@ -6,9 +6,11 @@ Each variant is cuda_gemv's CUDA source with one part replaced (checked to match
 change that moves the part fails here loudly instead of timing the wrong thing): the mma by an XOR of its
 operands, the code-to-fp16 conversion too, the scale and zero-point loads (constants instead), the
 activation loads (constants, so staging copies constants), the output stores (kept behind a test that
-never holds), or everything but the code loads. The outputs of these variants are wrong; their timings
-are true, as in benchmarks/gemv.py: each layer in copies that overflow the L2 cache, called in turn in a
-CUDA graph, as programmatic dependents. "full" runs first and last, to show the drift within the run.
+never holds), the epilogue's loads of its vectors (constants), the warps' reduction (warp 0 stores its own
+sums), everything but the code loads ("code loads only": the block's reduction and epilogue stay), or
+everything but the code loads, the staging of x and the launch. The outputs of these variants are wrong;
+their timings are true, as in benchmarks/gemv.py: each layer in copies that overflow the L2 cache, called
+in turn in a CUDA graph, as programmatic dependents. "full" runs first and last, to show the drift within the run.
 The last column is benchmarks/gemv.py's read-only kernel on the same copies (the same code loads in the
 config's batches and warps, one row tile per block, nothing else), so the row says what the arithmetic,
 the side loads and the block's reduction and epilogue cost. Writes
@@ -50,8 +52,18 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no activation loads": [(X_LOAD, X_CONST)],
     "no output stores": [(STORE, "      if (v == 123.456f) " + STORE.lstrip())],
 }
+VARIANTS["no epilogue loads"] = [
+    ("if (FLAGS & FOLD) v = rstd * (v - mean * ep.u[n]);", "if (FLAGS & FOLD) v = rstd * (v - mean * 0.5f);"),
+    ("if (FLAGS & BIAS) v += ep.c[n];", "if (FLAGS & BIAS) v += 0.25f;"),
+    ("if (FLAGS & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);", "if (FLAGS & RESIDUAL) v += 0.125f;"),
+]
+# the warps' sums not reduced: warp 0 stores its own, the others stop (no shared memory, no barrier)
+VARIANTS["no reduction"] = [("  if (WARPS > 1) {  // the warps' partial sums over their parts of K\n",
+                             "  if (WARPS > 1 && warp) return;\n  if (false) {\n")]
 VARIANTS["code loads only"] = (VARIANTS["no mma, no conversion"] + VARIANTS["no scale/zero loads"]
                                + VARIANTS["no activation loads"])
+VARIANTS["code loads, staging, launch"] = (VARIANTS["code loads only"] + VARIANTS["no epilogue loads"]
+                                          + VARIANTS["no reduction"] + VARIANTS["no output stores"])
 # (out, in, LayerNorm folded, config): the 7 B linears on the configs the tuner picked in the `attnpdl` decode
 # run (results/decode_cuda_7b_attnpdl_h200.json), and c_fc unfolded on its unfolded pick
 SHAPES = [(12288, 4096, True, (2, 8, 1, False, True)), (4096, 4096, False, (8, 4, 1, False, True)),
