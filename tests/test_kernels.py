@@ -58,6 +58,17 @@ def reference(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y if m.bias is None else y + m.bias
 
 
+@pytest.mark.parametrize("kernel, bits, group_size", [("int8pack", 8, -1), ("w8a8", 8, -1), ("int4pack", 4, 32)])
+def test_choosing_another_kernel_drops_the_previous_layout(kernel, bits, group_size):
+    """prepare_kernel removes every buffer the previous kernel's prepare registered (no stale copies)."""
+    m = layer(64, 128, bits, group_size, False, kernel)
+    built = set(m._buffers) - {"qweight", "scales", "qzeros", "bias", "g_idx", "rot_seed", "rot"}
+    assert built
+    m.kernel = "dequant"
+    m.prepare_kernel()
+    assert not built & set(m._buffers)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [-1, 0])
 @pytest.mark.parametrize("rows", [1, 40])  # the decode path and the prefill path

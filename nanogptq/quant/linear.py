@@ -42,7 +42,6 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
 
 
 PACKED_BUFFERS = ("qweight", "scales", "qzeros", "g_idx")
-INT8_LAYOUT = ("w_int8", "w_scales", "w_corr")
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {
     "dequant": Kernel(forward=K.dequant_forward),
-    "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, INT8_LAYOUT),
+    "int8pack": Kernel(K.int8pack_forward, K.prepare_int8, K.int8pack_supports, K.INT8_LAYOUT_BUFFERS),
     "int4pack": Kernel(K.int4pack_forward, K.prepare_int4, K.int4pack_supports, ("w_int4", "w_sz", "in_perm")),
     # CUDA only
     "triton": Kernel(K.triton_forward, K.prepare_triton, K.triton_supports, ("t_qweight", "scales", "z_codes"),
@@ -67,7 +66,7 @@ KERNELS: dict[str, Kernel] = {
     "mma": Kernel(K.mma_forward, K.prepare_mma, K.mma_supports, ("m_words", "m_scales", "m_zeros"),
                   forward_gelu=lambda m, x: K.mma_forward(m, x, gelu=True), forward_fused=K.mma_fused_forward),
     # quantizes activations: opt-in only
-    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, INT8_LAYOUT),
+    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, K.INT8_LAYOUT_BUFFERS[:3]),  # not w_ones
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
 FUSED_BUFFERS = ("e_bias", "ln_weight", "ln_u")  # what QuantLinear.fuse_epilogue registers, in its order
