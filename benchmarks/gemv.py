@@ -35,6 +35,11 @@ from decode import hbm_peak, random_quant_linear  # benchmarks/ is on sys.path w
 from nanogptq.quant import QuantLinear, cuda_gemv, triton_gemv
 
 
+def gpu_tag(name: str) -> str:
+    """A result file's name for the GPU: "h200" for "NVIDIA H200"."""
+    return name.split()[1].lower() if len(name.split()) > 1 else "gpu"
+
+
 def l2_bytes() -> int:
     """The GPU's L2 cache size (50 MB on the H100 SXM, 60 MB on the H200)."""
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
@@ -262,7 +267,7 @@ def main() -> None:
                 f"{'-' if err is None else f'{err:.1e}'} |",
                 flush=True,
             )
-    out = Path(args.json or f"results/gemv_{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json")
+    out = Path(args.json or f"results/gemv_{gpu_tag(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tuned = {**triton_gemv.tuned_configs(), **cuda_gemv.tuned_configs()}
     for key, cfg in tuned.items():

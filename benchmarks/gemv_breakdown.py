@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from gemv import ReadOnly, time_call  # benchmarks/ is on sys.path when run as a script
+from gemv import ReadOnly, gpu_tag, l2_bytes, time_call  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import cuda_gemv
 
@@ -103,18 +102,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gemv_breakdown.py measures GPU kernels: no CUDA device found")
     gpu = torch.cuda.get_device_name()
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     names = ["full"] + [n for n in args.variants if n != "full"] + ["full"]
     print(f"{gpu}; microseconds per call")
     print("| layer | LayerNorm folded | config | " + " | ".join(names) + " | read only |")
     print("|---" * (4 + len(names)) + "|")
     rows = []
     for N, K, fold, config in SHAPES:
-        shape = (N // 16, K // 128, 2, 32, 4)
-        n_copies = min(max(2, -(-3 * l2 // (4 * math.prod(shape)))), 256)
-        copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device="cuda") for _ in range(n_copies)]
-        s, z = cuda_gemv.grid_layout(torch.full((N, K // 128), 0.01, dtype=torch.float16, device="cuda"),
-                                     torch.full((N, K // 128), 8, dtype=torch.uint8, device="cuda"), N)
+        copies, s, z = cuda_gemv.random_layer_copies(N, K, 8, 128, "cuda", l2_bytes())  # as the tuner times
         x = torch.randn(1, K, dtype=torch.float16, device="cuda")
         norm = (torch.rand(K, dtype=torch.float16, device="cuda") + 0.5, torch.randn(N, device="cuda"), 1e-5) \
             if fold else None
@@ -135,7 +129,7 @@ def main() -> None:
                      "us": dict(zip(names[:-1], us[:-1], strict=True)), "full_last": us[-1], "read_only": read_us})
         times = " | ".join(f"{t:.2f}" for t in [*us, read_us])
         print(f"| {N} x {K} | {'yes' if fold else 'no'} | {config} | {times} |")
-    out = Path(args.json or f"results/gemv_breakdown_{gpu.split()[1].lower() if ' ' in gpu else 'gpu'}.json")
+    out = Path(args.json or f"results/gemv_breakdown_{gpu_tag(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")

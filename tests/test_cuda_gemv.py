@@ -160,3 +160,13 @@ def test_launch_structs_have_cuda_h_layout():
     epilogue = cuda_gemv._Epilogue  # the kernel's Epilogue: 4 pointers, then a float (8-byte aligned)
     assert ctypes.sizeof(epilogue) == 40 and epilogue.eps.offset == 32
     assert (config.stream.offset, config.attrs.offset, config.num_attrs.offset) == (32, 40, 48)
+
+
+def test_random_layer_copies_overflow_l2_three_times():
+    """What the tuner (and benchmarks/gemv_breakdown.py) times a shape on: enough copies of the layer's words
+    that they exceed the L2 cache three times, at most 256, all sharing one grid."""
+    copies, s_pairs, z_pairs = cuda_gemv.random_layer_copies(100, 512, 8, 128, "cpu", l2=2**20)
+    words = 7 * 4 * 2 * 32 * 4 * 4  # 7 row tiles (the last padded), 4 chunks of 128 columns
+    assert len(copies) == -(-3 * 2**20 // words) and all(c.shape == (7, 4, 2, 32, 4) for c in copies)
+    assert (s_pairs.shape, z_pairs.shape) == ((7, 4, 8), (7, 4, 8))
+    assert len(cuda_gemv.random_layer_copies(100, 512, 8, 128, "cpu", l2=2**40)[0]) == 256

@@ -530,6 +530,22 @@ def can_fold(K: int) -> bool:
 _TUNED: dict[tuple, Config] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
 
 
+def random_layer_copies(N: int, K: int, cw: int, group_size: int, device: torch.device | str,
+                        l2: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Copies of an N x K layer's words (random codes) that together exceed the L2 cache (`l2` bytes, default
+    the GPU's) three times, at most 256, and one grid for all (scales 0.01, zero points 8): what the tuner
+    times a shape on, as a decoded model reads each weight once per token from HBM."""
+    shape = (-(-N // 16), K // (16 * cw), cw // 4, 32, 4)
+    if l2 is None:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    n_copies = min(max(2, -(-3 * l2 // (4 * math.prod(shape)))), 256)
+    copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device) for _ in range(n_copies)]
+    ng = 1 if group_size <= 0 else K // group_size
+    s_pairs, z_pairs = grid_layout(torch.full((N, ng), 0.01, dtype=torch.float16, device=device),
+                                   torch.full((N, ng), 8, dtype=torch.uint8, device=device), N)
+    return copies, s_pairs, z_pairs
+
+
 def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch.device, fold: bool = False) -> Config:
     """The fastest of CONFIGS for this shape (of those that can run it: no more tiles per block than the layer
     has, x staged only where it fits), timed on random codes in copies that together exceed the L2 cache
@@ -540,14 +556,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
     (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, its
     picks made the 7 B int4 step 482.0 tokens/s against 498.2 on the Triton GEMV in the same run,
     results/decode_cuda_7b_mma_dobench_h200.json; timed in a graph, 510.1 against 503.2.)"""
-    shape = (-(-N // 16), K // (16 * cw), cw // 4, 32, 4)
-    n_bytes = 4 * math.prod(shape)
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    n_copies = min(max(2, -(-3 * l2 // n_bytes)), 256)
-    copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device) for _ in range(n_copies)]
-    ng = 1 if group_size <= 0 else K // group_size
-    s_pairs, z_pairs = grid_layout(torch.full((N, ng), 0.01, dtype=torch.float16, device=device),
-                                   torch.full((N, ng), 8, dtype=torch.uint8, device=device), N)
+    copies, s_pairs, z_pairs = random_layer_copies(N, K, cw, group_size, device)
     x = torch.randn(M, K, dtype=torch.float16, device=device)
     norm = (torch.ones(K, dtype=torch.float16, device=device), torch.zeros(N, device=device), 1e-5) if fold else None
 
@@ -573,7 +582,7 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
             runs.append(start.elapsed_time(end))
         return sorted(runs)[1]
 
-    return min((cfg for cfg in CONFIGS if config_error(cfg, M, K, shape[0], fold) is None), key=seconds)
+    return min((cfg for cfg in CONFIGS if config_error(cfg, M, K, copies[0].shape[0], fold) is None), key=seconds)
 
 
 def pick_config(x: torch.Tensor, words: torch.Tensor, N: int, group_size: int, fold: bool = False) -> Config:

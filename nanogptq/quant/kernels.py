@@ -85,7 +85,8 @@ def prepare_int8(m: QuantLinear) -> None:
     set_int8_layout(m, (codes.to(torch.int16) - 128).to(torch.int8), _per_row(m, m.scales.float()), corr)
 
 
-INT8_LAYOUT_BUFFERS = ("w_int8", "w_scales", "w_corr", "w_ones")  # what set_int8_layout registers
+INT8_WEIGHTS = ("w_int8", "w_scales", "w_corr")  # what int8pack and w8a8 read per token
+INT8_LAYOUT_BUFFERS = (*INT8_WEIGHTS, "w_ones")  # what set_int8_layout registers (int8pack reads w_ones too)
 
 
 def set_int8_layout(m, w_int8: torch.Tensor, scales: torch.Tensor, corr: torch.Tensor | None) -> None:

@@ -66,7 +66,7 @@ KERNELS: dict[str, Kernel] = {
     "mma": Kernel(K.mma_forward, K.prepare_mma, K.mma_supports, ("m_words", "m_scales", "m_zeros"),
                   forward_gelu=lambda m, x: K.mma_forward(m, x, gelu=True), forward_fused=K.mma_fused_forward),
     # quantizes activations: opt-in only
-    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, K.INT8_LAYOUT_BUFFERS[:3]),  # not w_ones
+    "w8a8": Kernel(K.w8a8_forward, K.prepare_int8, K.w8a8_supports, K.INT8_WEIGHTS),
 }
 LAYOUT_BUFFERS = {name for k in KERNELS.values() for name in k.reads} - set(PACKED_BUFFERS)
 FUSED_BUFFERS = ("e_bias", "ln_weight", "ln_u")  # what QuantLinear.fuse_epilogue registers, in its order
