@@ -226,9 +226,36 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
   }
 }
 
+template <int TILES, int FLAGS>
+struct Vectors {  // the epilogue's values for warp 0's outputs, loaded early (TILES <= 2): u, bias, residual
+  static constexpr bool EARLY = TILES <= 2;
+  float u[EARLY && (FLAGS & FOLD) ? TILES : 1][4], c[EARLY && (FLAGS & BIAS) ? TILES : 1][4];
+  float r[EARLY && (FLAGS & RESIDUAL) ? TILES : 1][4];
+};
+
+template <int TILES, int FLAGS>
+__device__ __forceinline__ void load_vectors(Vectors<TILES, FLAGS>& vec, int T0, int M, int N, int y_stride,
+                                             const Epilogue& ep) {
+  // Before the warps' reduction, so that these loads complete while warp 0 waits for the others at the
+  // barrier, and the epilogue after it does not wait on memory again
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (!Vectors<TILES, FLAGS>::EARLY) return;
+#pragma unroll
+  for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
+      const bool in = n < N && m < M;
+      if (FLAGS & FOLD) vec.u[tt][j] = in ? ep.u[n] : 0.f;
+      if (FLAGS & BIAS) vec.c[tt][j] = in ? ep.c[n] : 0.f;
+      if (FLAGS & RESIDUAL) vec.r[tt][j] = in ? h2f(ep.res[(size_t)m * y_stride + n]) : 0.f;
+    }
+}
+
 template <int WARPS, int TILES, int FLAGS>
 __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats, u16* __restrict__ y, int T0, int M,
-                                           int N, int K, int y_stride, const Epilogue& ep) {
+                                           int N, int K, int y_stride, const Epilogue& ep,
+                                           const Vectors<TILES, FLAGS>& vec) {
   // With FOLD, x was staged as gamma * x, so for LayerNorm(x) = (x - mean) rstd gamma + beta,
   //     W LayerNorm(x) + bias = rstd (W (gamma * x) - mean W gamma) + (W beta + bias)
   // (W beta + bias is the BIAS vector): the mean and rstd of x come from the warps' sums.
@@ -261,10 +288,11 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
       const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
       if (n >= N || m >= M) continue;
       float v = acc[tt][j];
-      if (FLAGS & FOLD) v = rstd * (v - mean * ep.u[n]);
-      if (FLAGS & BIAS) v += ep.c[n];
+      constexpr bool EARLY = Vectors<TILES, FLAGS>::EARLY;
+      if (FLAGS & FOLD) v = rstd * (v - mean * (EARLY ? vec.u[tt][j] : ep.u[n]));
+      if (FLAGS & BIAS) v += EARLY ? vec.c[tt][j] : ep.c[n];
       if (FLAGS & GELU) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-      if (FLAGS & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);
+      if (FLAGS & RESIDUAL) v += EARLY ? vec.r[tt][j] : h2f(ep.res[(size_t)m * y_stride + n]);
       y[(size_t)m * y_stride + n] = f2h(v);
     }
 }
@@ -342,7 +370,9 @@ __global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     else load_x<CW, XNC>(ch[0].x, xl + c * 16 * CW);
     compute<CW, TILES>(acc, ch[0]);
   }
-  store_sums<WARPS, TILES, FLAGS>(acc, stats, y, T0, M, N, NC * 16 * CW, y_stride, ep);
+  Vectors<TILES, FLAGS> vec;
+  if (warp == 0) load_vectors<TILES, FLAGS>(vec, T0, M, N, y_stride, ep);  // only warp 0 runs the epilogue
+  store_sums<WARPS, TILES, FLAGS>(acc, stats, y, T0, M, N, NC * 16 * CW, y_stride, ep, vec);
 }
 """
 
