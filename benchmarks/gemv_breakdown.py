@@ -51,10 +51,13 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no activation loads": [(X_LOAD, X_CONST)],
     "no output stores": [(STORE, "      if (v == 123.456f) " + STORE.lstrip())],
 }
-VARIANTS["no epilogue loads"] = [
-    ("if (FLAGS & FOLD) v = rstd * (v - mean * ep.u[n]);", "if (FLAGS & FOLD) v = rstd * (v - mean * 0.5f);"),
-    ("if (FLAGS & BIAS) v += ep.c[n];", "if (FLAGS & BIAS) v += 0.25f;"),
-    ("if (FLAGS & RESIDUAL) v += h2f(ep.res[(size_t)m * y_stride + n]);", "if (FLAGS & RESIDUAL) v += 0.125f;"),
+VARIANTS["no epilogue loads"] = [  # both the early loads (1-2 row tiles) and the epilogue's own (more tiles)
+    ("vec.u[tt][j] = in ? ep.u[n] : 0.f;", "vec.u[tt][j] = 0.5f;"),
+    ("vec.c[tt][j] = in ? ep.c[n] : 0.f;", "vec.c[tt][j] = 0.25f;"),
+    ("vec.r[tt][j] = in ? h2f(ep.res[(size_t)m * y_stride + n]) : 0.f;", "vec.r[tt][j] = 0.125f;"),
+    ("(EARLY ? vec.u[tt][j] : ep.u[n])", "(EARLY ? vec.u[tt][j] : 0.5f)"),
+    ("EARLY ? vec.c[tt][j] : ep.c[n]", "EARLY ? vec.c[tt][j] : 0.25f"),
+    ("EARLY ? vec.r[tt][j] : h2f(ep.res[(size_t)m * y_stride + n])", "EARLY ? vec.r[tt][j] : 0.125f"),
 ]
 # the warps' sums not reduced: warp 0 stores its own, the others stop (no shared memory, no barrier)
 VARIANTS["no reduction"] = [("  if (WARPS > 1) {  // the warps' partial sums over their parts of K\n",
@@ -63,10 +66,10 @@ VARIANTS["code loads only"] = (VARIANTS["no mma, no conversion"] + VARIANTS["no 
                                + VARIANTS["no activation loads"])
 VARIANTS["code loads, staging, launch"] = (VARIANTS["code loads only"] + VARIANTS["no epilogue loads"]
                                           + VARIANTS["no reduction"] + VARIANTS["no output stores"])
-# (out, in, LayerNorm folded, config): the 7 B linears on the configs the tuner picked in the `attnpdl` decode
-# run (results/decode_cuda_7b_attnpdl_h200.json), and c_fc unfolded on its unfolded pick
+# (out, in, LayerNorm folded, config): the 7 B linears on the configs the tuner picked in the `early` decode
+# run (results/decode_cuda_7b_early_h200.json), and c_fc unfolded on its unfolded pick
 SHAPES = [(12288, 4096, True, (2, 8, 1, False, True)), (4096, 4096, False, (8, 4, 1, False, True)),
-          (16384, 4096, True, (2, 4, 2, False, True)), (4096, 16384, False, (2, 8, 1, False, False)),
+          (16384, 4096, True, (2, 4, 2, False, True)), (4096, 16384, False, (4, 8, 1, False, True)),
           (16384, 4096, False, (1, 8, 4, True, False))]
 
 

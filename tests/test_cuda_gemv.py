@@ -170,3 +170,16 @@ def test_random_layer_copies_overflow_l2_three_times():
     assert len(copies) == -(-3 * 2**20 // words) and all(c.shape == (7, 4, 2, 32, 4) for c in copies)
     assert (s_pairs.shape, z_pairs.shape) == ((7, 4, 8), (7, 4, 8))
     assert len(cuda_gemv.random_layer_copies(100, 512, 8, 128, "cpu", l2=2**40)[0]) == 256
+
+
+def test_breakdown_variants_still_match_the_kernel_source(monkeypatch):
+    """benchmarks/gemv_breakdown.py edits cuda_gemv.SOURCE by exact strings: a kernel change that moves a part
+    must fail here on the CPU, not on the GPU after the device time is spent."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gemv_breakdown
+
+    for name in gemv_breakdown.VARIANTS:
+        source = gemv_breakdown.variant_source(name)
+        assert (source == cuda_gemv.SOURCE) == (name == "full")
