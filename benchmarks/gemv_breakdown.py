@@ -51,13 +51,10 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no activation loads": [(X_LOAD, X_CONST)],
     "no output stores": [(STORE, "      if (v == 123.456f) " + STORE.lstrip())],
 }
-VARIANTS["no epilogue loads"] = [  # both the early loads (1-2 row tiles) and the epilogue's own (more tiles)
+VARIANTS["no epilogue loads"] = [  # what warp 0 loads before the reduction
     ("vec.u[tt][j] = in ? ep.u[n] : 0.f;", "vec.u[tt][j] = 0.5f;"),
     ("vec.c[tt][j] = in ? ep.c[n] : 0.f;", "vec.c[tt][j] = 0.25f;"),
     ("vec.r[tt][j] = in ? h2f(ep.res[(size_t)m * y_stride + n]) : 0.f;", "vec.r[tt][j] = 0.125f;"),
-    ("(EARLY ? vec.u[tt][j] : ep.u[n])", "(EARLY ? vec.u[tt][j] : 0.5f)"),
-    ("EARLY ? vec.c[tt][j] : ep.c[n]", "EARLY ? vec.c[tt][j] : 0.25f"),
-    ("EARLY ? vec.r[tt][j] : h2f(ep.res[(size_t)m * y_stride + n])", "EARLY ? vec.r[tt][j] : 0.125f"),
 ]
 # the warps' sums not reduced: warp 0 stores its own, the others stop (no shared memory, no barrier)
 VARIANTS["no reduction"] = [("  if (WARPS > 1) {  // the warps' partial sums over their parts of K\n",

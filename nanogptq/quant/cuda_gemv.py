@@ -31,7 +31,9 @@ The epilogue adds a bias (fp32), applies GELU and adds a residual (each compiled
 template parameter, so a plain GEMV carries none of it); for one row staged in shared memory it
 also folds a LayerNorm of x into the product (store_sums has the algebra): x is staged as gamma * x, the
 staging sums x and x^2, and the epilogue applies the mean and rstd. A decoded block then runs no LayerNorm
-or add kernels (quant.fuse_blocks).
+or add kernels (quant.fuse_blocks). Warp 0, which runs the epilogue, loads its vectors before the warps'
+reduction, so they arrive while it waits at the barrier instead of after it (the output and the residual
+may alias, so loads in the epilogue would each wait for the store before them).
 
 The words are laid out (`to_mma_layout`, once at load) so each lane's word is its A fragment, and so a
 warp's 32 lanes read 512 contiguous bytes per load. The mma's k index is a sum index, so any permutation of
@@ -227,10 +229,8 @@ __device__ __forceinline__ void compute(float (&acc)[TILES][4], const Chunk<CW, 
 }
 
 template <int TILES, int FLAGS>
-struct Vectors {  // the epilogue's values for warp 0's outputs, loaded early (TILES <= 2): u, bias, residual
-  static constexpr bool EARLY = TILES <= 2;
-  float u[EARLY && (FLAGS & FOLD) ? TILES : 1][4], c[EARLY && (FLAGS & BIAS) ? TILES : 1][4];
-  float r[EARLY && (FLAGS & RESIDUAL) ? TILES : 1][4];
+struct Vectors {  // the epilogue's values for warp 0's outputs, loaded early: u, bias, residual
+  float u[FLAGS & FOLD ? TILES : 1][4], c[FLAGS & BIAS ? TILES : 1][4], r[FLAGS & RESIDUAL ? TILES : 1][4];
 };
 
 template <int TILES, int FLAGS>
@@ -239,7 +239,6 @@ __device__ __forceinline__ void load_vectors(Vectors<TILES, FLAGS>& vec, int T0,
   // Before the warps' reduction, so that these loads complete while warp 0 waits for the others at the
   // barrier, and the epilogue after it does not wait on memory again
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  if (!Vectors<TILES, FLAGS>::EARLY) return;
 #pragma unroll
   for (int tt = 0; tt < TILES; ++tt)
 #pragma unroll
@@ -288,11 +287,10 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
       const int n = 16 * (T0 + tt) + g + 8 * (j >> 1), m = 2 * t + (j & 1);
       if (n >= N || m >= M) continue;
       float v = acc[tt][j];
-      constexpr bool EARLY = Vectors<TILES, FLAGS>::EARLY;
-      if (FLAGS & FOLD) v = rstd * (v - mean * (EARLY ? vec.u[tt][j] : ep.u[n]));
-      if (FLAGS & BIAS) v += EARLY ? vec.c[tt][j] : ep.c[n];
+      if (FLAGS & FOLD) v = rstd * (v - mean * vec.u[tt][j]);
+      if (FLAGS & BIAS) v += vec.c[tt][j];
       if (FLAGS & GELU) v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
-      if (FLAGS & RESIDUAL) v += EARLY ? vec.r[tt][j] : h2f(ep.res[(size_t)m * y_stride + n]);
+      if (FLAGS & RESIDUAL) v += vec.r[tt][j];
       y[(size_t)m * y_stride + n] = f2h(v);
     }
 }
