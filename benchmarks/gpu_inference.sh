@@ -14,8 +14,8 @@ DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repea
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 # result files are named by the GPU (h100, h200, ...). "early": the tensor-core GEMV's warp 0 loading its
 # epilogue's vectors before the warps' reduction; "attnpdl" files came from before that, with the decode
-# attention writing the cache itself and launched as a programmatic dependent (attention_triton.py); "fold" files came from before that, with
-# the blocks' LayerNorms and residual adds inside
+# attention writing the cache itself and launched as a programmatic dependent (attention_triton.py); "fold"
+# files came from before that, with the blocks' LayerNorms and residual adds inside
 # the tensor-core GEMVs (quant.fuse_blocks; unfused-int4 without), "xs" files came from before that, with
 # the tensor-core GEMV's tuner also choosing
 # whether x is staged in shared memory, "tiles" files came from before that, with the tuner choosing
