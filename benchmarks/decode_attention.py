@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from decode import hbm_peak  # benchmarks/ is on sys.path when run as a script
-from gemv import l2_bytes, time_call
+from gemv import time_call
 
 import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
+from nanogptq.quant import cuda_gemv
 
 
 def split_heads(qkv, kv):  # the one query (B, H, 1, D) and the cache's keys and values, as PyTorch takes them
@@ -74,7 +75,7 @@ def main() -> None:
         pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
         # one cache per layer of a model whose caches are three times the L2 cache; the new token's key and
         # value already in place (the split kernel writes them again, the other forms only read)
-        n_caches = -(-3 * l2_bytes() // cache_bytes)
+        n_caches = -(-3 * cuda_gemv.l2_bytes() // cache_bytes)
         caches = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(n_caches)]
         for kv in caches:
             kv[:, :, :, L - 8] = qkv[0, 0, C:].view(2, 1, args.heads, args.head_dim)

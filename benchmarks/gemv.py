@@ -40,11 +40,6 @@ def gpu_tag(name: str) -> str:
     return name.split()[1].lower() if len(name.split()) > 1 else "gpu"
 
 
-def l2_bytes() -> int:
-    """The GPU's L2 cache size (50 MB on the H100 SXM, 60 MB on the H200)."""
-    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
-
-
 # name: (bits, group size, symmetric, kernel), None for the float matrix; names ending in fp16 run on fp16
 # activations (and weights, for the float one), the others on bf16
 VARIANTS = {
@@ -213,7 +208,7 @@ def main() -> None:
         raise SystemExit("gemv.py measures GPU kernels: no CUDA device found")
     gpu = torch.cuda.get_device_name()
     peak = hbm_peak()
-    print(f"{gpu}: HBM peak {peak / 1e12:.2f} TB/s, L2 {l2_bytes() / 2**20:.0f} MiB")
+    print(f"{gpu}: HBM peak {peak / 1e12:.2f} TB/s, L2 {cuda_gemv.l2_bytes() / 2**20:.0f} MiB")
     rows = []
     print("| shape | variant | us/call | GB/s | HBM roofline | x bf16 | err |")
     print("|---|---|---|---|---|---|---|")
@@ -226,7 +221,7 @@ def main() -> None:
             # enough copies of the layer, called in turn, that their bytes exceed the L2 cache three times
             # over: a decoded model reads each weight once per token, from HBM
             first = make_layer(n, k, spec, act_dtype(name))
-            more = -(-3 * l2_bytes() // bytes_read(first)) - 1
+            more = -(-3 * cuda_gemv.l2_bytes() // bytes_read(first)) - 1
             copies = [first] + [make_layer(n, k, spec, act_dtype(name)) for _ in range(more)]
             xv = x.to(act_dtype(name))
             turn = itertools.cycle(copies)

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from gemv import ReadOnly, gpu_tag, l2_bytes, time_call  # benchmarks/ is on sys.path when run as a script
+from gemv import ReadOnly, gpu_tag, time_call  # benchmarks/ is on sys.path when run as a script
 
 from nanogptq.quant import cuda_gemv
 
@@ -108,7 +108,7 @@ def main() -> None:
     print("|---" * (4 + len(names)) + "|")
     rows = []
     for N, K, fold, config in SHAPES:
-        copies, s, z = cuda_gemv.random_layer_copies(N, K, 8, 128, "cuda", l2_bytes())  # as the tuner times
+        copies, s, z = cuda_gemv.random_layer_copies(N, K, 8, 128, "cuda")  # as the tuner times
         x = torch.randn(1, K, dtype=torch.float16, device="cuda")
         norm = (torch.rand(K, dtype=torch.float16, device="cuda") + 0.5, torch.randn(N, device="cuda"), 1e-5) \
             if fold else None

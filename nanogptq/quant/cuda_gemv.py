@@ -558,6 +558,11 @@ def can_fold(K: int) -> bool:
 _TUNED: dict[tuple, Config] = {}  # per shape, the tuner's pick (as Triton's autotuner caches)
 
 
+def l2_bytes(device: torch.device | str | int = 0) -> int:
+    """The GPU's L2 cache size (50 MB on the H100 SXM, 60 MB on the H200; 50 MB where torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+
+
 def random_layer_copies(N: int, K: int, cw: int, group_size: int, device: torch.device | str,
                         l2: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Copies of an N x K layer's words (random codes) that together exceed the L2 cache (`l2` bytes, default
@@ -565,7 +570,7 @@ def random_layer_copies(N: int, K: int, cw: int, group_size: int, device: torch.
     times a shape on, as a decoded model reads each weight once per token from HBM."""
     shape = (-(-N // 16), K // (16 * cw), cw // 4, 32, 4)
     if l2 is None:
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+        l2 = l2_bytes(device)
     n_copies = min(max(2, -(-3 * l2 // (4 * math.prod(shape)))), 256)
     copies = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device) for _ in range(n_copies)]
     ng = 1 if group_size <= 0 else K // group_size
