@@ -12,8 +12,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-# result files are named by the GPU (h100, h200, ...). "early": the tensor-core GEMV's warp 0 loading its
-# epilogue's vectors before the warps' reduction; "attnpdl" files came from before that, with the decode
+# result files are named by the GPU (h100, h200, ...). "early4": the tensor-core GEMV's warp 0 loading its
+# epilogue's vectors before the warps' reduction in blocks of every size; "early" files came from before that,
+# with those loads early in blocks of 1-2 row tiles only; "attnpdl" files came from before that, with the decode
 # attention writing the cache itself and launched as a programmatic dependent (attention_triton.py); "fold"
 # files came from before that, with the blocks' LayerNorms and residual adds inside
 # the tensor-core GEMVs (quant.fuse_blocks; unfused-int4 without), "xs" files came from before that, with
@@ -37,11 +38,11 @@ if [ "$PART" = all ] || [ "$PART" = 2 ]; then
   # triton-int4: on the Triton GEMV; all in the same run (nopdl-int4, compiled without programmatic dependent
   # launch, is left out to fit the device time; results/decode_cuda_7b_tiles_h200.json has it)
   timeout 220 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 unfused-int4 triton-int4 \
-    --json "$OUT/decode_cuda_7b_early_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_7b_early4_$GPU.json" | grep -v '^{'
   timeout 150 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 unfused-int4 triton-int4 \
-    --json "$OUT/decode_cuda_xl_early_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_xl_early4_$GPU.json" | grep -v '^{'
   timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 unfused-int4 w8a8 \
-    --json "$OUT/decode_cuda_small_early_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_small_early4_$GPU.json" | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention
