@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 # Triton GEMV's previous version on bf16 activations, the files without either from the first kernel
 GPU=$($PY -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())' 2>/dev/null || echo gpu)
 if [ "$PART" = all ] || [ "$PART" = 1 ]; then
-  timeout 330 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
+  timeout 450 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short 2>&1 | tail -25
   timeout 200 $PY benchmarks/gemv.py --variants bf16 fp16 triton-int8-fp16 triton-int4-g128-fp16 \
     mma-int4-g128-fp16 read-int4-g128-fp16 --json "$OUT/gemv_all_$GPU.json"
   timeout 120 $PY benchmarks/decode_attention.py --json "$OUT/decode_attention_$GPU.json"
