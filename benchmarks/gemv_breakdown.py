@@ -63,10 +63,10 @@ VARIANTS["code loads only"] = (VARIANTS["no mma, no conversion"] + VARIANTS["no 
                                + VARIANTS["no activation loads"])
 VARIANTS["code loads, staging, launch"] = (VARIANTS["code loads only"] + VARIANTS["no epilogue loads"]
                                           + VARIANTS["no reduction"] + VARIANTS["no output stores"])
-# (out, in, LayerNorm folded, config): the 7 B linears on the configs the tuner picked in the `early` decode
-# run (results/decode_cuda_7b_early_h200.json), and c_fc unfolded on its unfolded pick
+# (out, in, LayerNorm folded, config): the 7 B linears on the configs the tuner picked in the `early4` decode
+# run (results/decode_cuda_7b_early4_h200.json), and c_fc unfolded on its unfolded pick
 SHAPES = [(12288, 4096, True, (2, 8, 1, False, True)), (4096, 4096, False, (8, 4, 1, False, True)),
-          (16384, 4096, True, (2, 4, 2, False, True)), (4096, 16384, False, (4, 8, 1, False, True)),
+          (16384, 4096, True, (1, 8, 4, False, True)), (4096, 16384, False, (4, 8, 1, False, True)),
           (16384, 4096, False, (1, 8, 4, True, False))]
 
 

@@ -65,5 +65,5 @@ if [ "$PART" = all ] || [ "$PART" = 4 ]; then
   done
 fi
 if [ "$PART" = all ] || [ "$PART" = 5 ]; then
-  timeout 240 $PY benchmarks/gemv_breakdown.py --json "$OUT/gemv_breakdown_$GPU.json"
+  timeout 240 $PY benchmarks/gemv_breakdown.py --json "$OUT/gemv_breakdown_early4_$GPU.json"
 fi
