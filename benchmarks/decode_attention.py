@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from decode import hbm_peak  # benchmarks/ is on sys.path when run as a script
-from gemv import time_call
+from gemv import gpu_tag, time_call
 
 import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
 from nanogptq.quant import cuda_gemv
@@ -110,7 +110,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(f"{L:>6} {label:>32} {row['us']:>8.1f} {row['GB_s']:>8.0f} {row['roofline']:>8.2f}  {err:.1e}")
-    out = Path(args.json or "results/decode_attention_h100.json")
+    out = Path(args.json or f"results/decode_attention_{gpu_tag(gpu)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
     print(f"wrote {out}")

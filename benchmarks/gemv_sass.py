@@ -5,14 +5,20 @@ shared-memory shuffles (barriers) inside the loop.
     python benchmarks/gemv_sass.py                 # the tiles the H200's autotuner picked (results JSON)
     python benchmarks/gemv_sass.py --all           # every tile of the autotuner, at 4 and 8 bits
     python benchmarks/gemv_sass.py --x bf16        # bf16 activations (converted in the loop); default fp16
+    python benchmarks/gemv_sass.py --mma "8, 1, 8, 4, true, false, 6"   # the tensor-core GEMV (cuda_gemv.py)
 
-Counts are static (one pass of the loop body), not a profile.
+Counts are static (one pass of the loop body), not a profile. --mma takes w4_gemv's template arguments (CW,
+UNROLL, WARPS, TILES, XNC, XS, FLAGS) and reports ptxas's registers and spills for each instance; it needs
+nvcc (CUDA's compiler: $NVCC, on PATH, or under /usr/local/cuda*), as the kernel is CUDA C.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,6 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nanogptq.quant import cuda_gemv
 from nanogptq.quant import triton_gemv as tg
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -48,6 +55,23 @@ def compile_sass(bits: int, pg: int, has_z: bool, cfg: triton.Config, x_bf16: bo
     return report, sass
 
 
+def mma_report(instance: str) -> str:
+    """ptxas's report (registers, spills) for one instance of the tensor-core GEMV, compiled for sm_90."""
+    installed = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or (installed[-1] if installed else None)
+    if nvcc is None or not Path(nvcc).is_file():
+        raise SystemExit(f"gemv_sass.py --mma needs nvcc ({nvcc or 'not found'}): set $NVCC or put CUDA's bin on PATH")
+    args = "const u32*, const u16*, const u32*, const u16*, u16*, " + "int, " * 8 + "Epilogue"
+    with tempfile.TemporaryDirectory() as d:
+        cu = Path(d) / "k.cu"
+        cu.write_text(f"{cuda_gemv.SOURCE}\ntemplate __global__ void w4_gemv<{instance}>({args});\n")
+        cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", Path(d) / "k.cubin", cu]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"nvcc failed on w4_gemv<{instance}>: {r.stderr.strip()[-500:]}")
+    return r.stderr
+
+
 def loop_ops(sass: str) -> dict[str, int]:
     """Opcode counts between the main loop's head and its backward branch."""
     lines = sass.splitlines()
@@ -66,7 +90,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="every autotuner tile, not only the H200's picks")
     p.add_argument("--x", choices=("fp16", "bf16"), default="fp16", help="the activations' dtype")
+    p.add_argument("--mma", nargs="+", metavar="INSTANCE", help="tensor-core GEMV instances instead (see above)")
     args = p.parse_args()
+    if args.mma:
+        print("| w4_gemv<CW, UNROLL, WARPS, TILES, XNC, XS, FLAGS> | registers | spill stores |")
+        print("|---|---|---|")
+        for instance in args.mma:
+            report = mma_report(instance)
+            regs = re.search(r"Used (\d+) registers", report).group(1)
+            spills = re.search(r"(\d+) bytes spill stores", report).group(1)
+            print(f"| {instance} | {regs} | {spills} |")
+        return
     picked = [(1, 32, 4, 4), (1, 16, 4, 2), (1, 16, 2, 4), (1, 16, 2, 2), (1, 16, 1, 4)]  # results/gemv_even_h200.json
     configs = tg._rows_configs() if args.all else [
         triton.Config({"BLOCK_W": bw, "GPI": gpi, "R": r, "STAGES": 1}, num_warps=w) for bw, gpi, r, w in picked]
