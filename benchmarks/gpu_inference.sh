@@ -12,8 +12,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DECODE="$PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-# result files are named by the GPU (h100, h200, ...). "cap": the tensor-core GEMV compiled with at most 128
-# registers a thread; "early4" files came from before that, with the GEMV's warp 0 loading its
+# result files are named by the GPU (h100, h200, ...). "early4": the tensor-core GEMV's warp 0 loading its
 # epilogue's vectors before the warps' reduction in blocks of every size; "early" files came from before that,
 # with those loads early in blocks of 1-2 row tiles only; "attnpdl" files came from before that, with the decode
 # attention writing the cache itself and launched as a programmatic dependent (attention_triton.py); "fold"
@@ -39,11 +38,11 @@ if [ "$PART" = all ] || [ "$PART" = 2 ]; then
   # triton-int4: on the Triton GEMV; all in the same run (nopdl-int4, compiled without programmatic dependent
   # launch, is left out to fit the device time; results/decode_cuda_7b_tiles_h200.json has it)
   timeout 220 $DECODE --act-dtype fp16 --sizes 7b --variants bf16 int8 int4 unfused-int4 triton-int4 \
-    --json "$OUT/decode_cuda_7b_cap_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_7b_early4_$GPU.json" | grep -v '^{'
   timeout 150 $DECODE --act-dtype fp16 --sizes gpt2-xl --variants bf16 int8 int4 unfused-int4 triton-int4 \
-    --json "$OUT/decode_cuda_xl_cap_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_xl_early4_$GPU.json" | grep -v '^{'
   timeout 100 $DECODE --act-dtype fp16 --sizes small --variants fp32 bf16 int8 int4 unfused-int4 w8a8 \
-    --json "$OUT/decode_cuda_small_cap_$GPU.json" | grep -v '^{'
+    --json "$OUT/decode_cuda_small_early4_$GPU.json" | grep -v '^{'
 fi
 if [ "$PART" = all ] || [ "$PART" = 3 ]; then
   # PyTorch's own int4 (tinygemm needs bf16 activations) and W8A8, and the 7 B steps on PyTorch's attention
@@ -66,5 +65,5 @@ if [ "$PART" = all ] || [ "$PART" = 4 ]; then
   done
 fi
 if [ "$PART" = all ] || [ "$PART" = 5 ]; then
-  timeout 240 $PY benchmarks/gemv_breakdown.py --json "$OUT/gemv_breakdown_cap_$GPU.json"
+  timeout 240 $PY benchmarks/gemv_breakdown.py --json "$OUT/gemv_breakdown_early4_$GPU.json"
 fi

@@ -295,11 +295,8 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
     }
 }
 
-// At most 128 registers a thread (16 warps' worth of an SM's 64K): the blocks of wide configs (4 warps of
-// 8 chunks, 2-4 row tiles) took 138-180 uncapped, so fewer blocks of this kernel and of the next one (PDL)
-// shared an SM; capped, the 7 B int4 step ran about 1.3% faster (docs/inference_history.md, `cap`)
 template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS, int FLAGS>
-__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) w4_gemv(
+__global__ void __launch_bounds__(WARPS * 32) w4_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
     Epilogue ep) {
