@@ -23,8 +23,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from nanogptq.checkpoint import CONFIG, Checkpoint  # noqa: E402
-from nanogptq.evaluate import describe  # noqa: E402
+from nanogptq.checkpoint import CONFIG, Checkpoint, short_names  # noqa: E402
+from nanogptq.evaluate import describe, report_folder  # noqa: E402
 from nanogptq.generate import (  # noqa: E402
     Generation,
     SampleSettings,
@@ -89,11 +89,8 @@ def load_variants(paths: list[Path], device: str, compile: bool = False, dtype: 
     """Every checkpoint as `sample` loads it; `dtype` (auto, fp32, bf16, fp16) is resolved per checkpoint, so
     on CUDA "auto" runs the quantized variants on fp16 activations and the float ones on bf16."""
     variants: list[Variant] = []
-    for path in paths:
+    for path, key in zip(paths, short_names([Path(p) for p in paths]), strict=True):  # runs/a/best, runs/b/best
         ckpt = load_for_generation(path, device, dtype=dtype, compile=compile)
-        key = ckpt.name
-        if key in {v.key for v in variants}:  # runs/a/best and runs/b/best: say which run
-            key = f"{ckpt.path.parent.name}/{ckpt.name}"
         described = describe(ckpt)
         variants.append(Variant(key, ckpt, _method(described), described["bits_per_weight"]))
     return variants
@@ -234,9 +231,11 @@ def report_section(report_dir: Path) -> None:
                     elem_id="report-empty")
 
 
-def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "results",
+def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path | None = None,
               device: str = "cpu", compile: bool = False, dtype: str = "auto") -> gr.Blocks:
+    """The demo page. `report_dir`: the `compare` report to show (default: report_folder's)."""
     paths = [Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints()
+    report_dir = report_folder(paths, report_dir)
     variants = load_variants(paths, device, compile, dtype)
     if not ckpt_paths:  # the main job's outputs: widest first, so the page reads baseline -> smallest
         variants.sort(key=lambda v: -(v.bits_per_weight or 0))
@@ -275,7 +274,7 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "res
 
         with gr.Accordion("What am I looking at", open=True):
             gr.Markdown(INTRO)
-        report_section(Path(report_dir))
+        report_section(report_dir)
 
         picked.change(lambda sel: [gr.Column(visible=v.key in (sel or [])) for v in variants],
                       inputs=picked, outputs=columns, api_name=False,
@@ -292,10 +291,11 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path = "res
 
 
 def launch(ckpt_paths: list[str] | None = None, host: str = "127.0.0.1", port: int = 7860,
-           report_dir: str | Path = "results", device: str = "cpu", block: bool = True,
+           report_dir: str | Path | None = None, device: str = "cpu", block: bool = True,
            compile: bool = False, dtype: str = "auto") -> gr.Blocks:
     """Build and serve the demo; block=False returns the running app (call .close() when done). `dtype`:
     the activation dtype, as `nanogptq demo --dtype` (resolve_dtype's names)."""
+    report_dir = report_folder([Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints(), report_dir)
     demo = build_app(ckpt_paths, report_dir=report_dir, device=device, compile=compile, dtype=dtype)
     # one generation at a time: the models keep a KV cache per module, and CPUs are busy enough;
     # further users wait in the queue (Gradio shows their position) instead of failing

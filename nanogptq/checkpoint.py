@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from nanogptq.data import Tokenizer, tokenizer_from_dict
+from nanogptq.data import TokenData, Tokenizer, prepare_data, tokenizer_from_dict
 from nanogptq.model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -74,9 +74,21 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None) -> Path:
-    """Write model weights, `meta` (merged into config.json) and optional resume state atomically."""
+def check_output(path: str | Path, source: str | Path | None = None) -> None:
+    """Refuse to write a checkpoint where it would destroy something else: over its own `source`, or over a
+    file or a non-empty folder that is not a checkpoint (a run folder, say). A checkpoint there is replaced."""
     path = Path(path)
+    if source is not None and path.resolve() == _existing(Path(source)).resolve():
+        raise CheckpointError(f"{path}: the output would replace its own source checkpoint; choose another --out")
+    if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / CONFIG).exists()):
+        raise CheckpointError(f"{path}: exists and is not a nanogptq checkpoint; refusing to replace it")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None) -> Path:
+    """Write model weights, `meta` (merged into config.json) and optional resume state atomically, replacing
+    a checkpoint at `path` (never anything else: check_output)."""
+    path = Path(path)
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -130,12 +142,14 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg}: corrupt or truncated JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg}: not a nanogptq config (a JSON object is expected)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cfg}: format version {version!r}, this nanogptq reads version {FORMAT_VERSION}")
     for key in ("model", "tokenizer"):
-        if key not in meta:
-            raise CheckpointError(f"{cfg}: missing the {key!r} entry")
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{cfg}: the {key!r} entry is missing or not a JSON object")
     return meta
 
 
@@ -190,17 +204,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
     """A checkpoint folder as a model on `device`; quantized layers run `kernel`. keep_packed=False (for
     generation only) frees the stored codes that a kernel's own layout replaced. `dtype`: run on activations
     of that dtype (cast_activations); None keeps fp32."""
+    from nanogptq.quant.linear import check_kernel
+
+    check_kernel(kernel)  # a bad flag is the flag's error, also for a float checkpoint, not the config's
     path = _existing(Path(path))
     meta = read_meta(path)
     weights = path / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing")
-    model = build_model(meta, kernel=kernel)
+    try:
+        model = build_model(meta, kernel=kernel)
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    except (TypeError, KeyError, ValueError) as e:  # a hand-edited config.json: a wrong type, a missing field
+        raise CheckpointError(f"{path / CONFIG}: invalid model or tokenizer entry ({type(e).__name__}: {e})") from None
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
     except (SafetensorError, OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{weights}: unreadable or truncated ({first})") from None
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        sizes = [line.strip() for line in lines if "size mismatch" in line]
+        if sizes:  # the file is whole, its shapes are not the ones config.json describes
+            raise CheckpointError(f"{weights}: tensor shapes do not match config.json ({sizes[0]})") from None
+        raise CheckpointError(f"{weights}: unreadable or truncated ({lines[0]})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{weights}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -212,7 +236,29 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
         finalize_quantized_model(model, keep_packed)  # builds each kernel's layout from the packed weights
     if dtype is not None:
         cast_activations(model, dtype)
-    return Checkpoint(model=model, tokenizer=tokenizer_from_dict(meta["tokenizer"]), meta=meta, path=path)
+    return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=path)
+
+
+def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None) -> TokenData:
+    """The dataset the checkpoint was trained on, split and tokenized as it was. The tokenizer is rebuilt from
+    the text, so a text that changed since (other characters, say) is an error, not shifted token ids."""
+    spec = ckpt.meta.get("data")
+    if not isinstance(spec, dict) or "dataset" not in spec:
+        raise CheckpointError(f"{ckpt.path / CONFIG}: no 'data' entry saying which dataset it was trained on")
+    try:
+        data = prepare_data(**spec, data_dir=data_dir)
+    except TypeError as e:  # an unknown or missing key in a hand-edited entry
+        raise CheckpointError(f"{ckpt.path / CONFIG}: invalid 'data' entry ({e})") from None
+    if data.tokenizer.to_dict() != ckpt.tokenizer.to_dict():
+        raise CheckpointError(f"{ckpt.path}: dataset {ckpt.meta['data'].get('dataset')!r} no longer gives the "
+                              "tokenizer this checkpoint was trained with (has its text changed?)")
+    return data
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """A name per checkpoint folder for tables and pickers: the folder's name, or run/name where two clash."""
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
 def load_resume_state(path: str | Path) -> dict:

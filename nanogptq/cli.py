@@ -25,7 +25,9 @@ TRAIN_HELP = {
     "max_steps": "optimizer steps in the whole run (the schedule's length)",
     "max_time": "stop after this many seconds of training (saving first)",
     "time_schedule": "with --max-time: decay the learning rate by the clock too, so it ends at --min-lr in time",
-    "resume": "continue the run in --out-dir from its last checkpoint",
+    "resume": "continue the run in --out-dir from its last checkpoint; flags given with it override the run's "
+    "saved settings (e.g. a larger --max-steps extends it), except the data and model ones",
+    "overwrite": "start a new run in an --out-dir that holds one, replacing its checkpoints",
     "init_from": "start from this fp32 checkpoint's weights (fine-tuning, e.g. QAT)",
     "qat_config": "quantization-aware training config (JSON), e.g. configs/qat/weights_only.json",
     "qat_start": "with --qat-config: train this fraction of the steps in float first (16-to-1.58-bit training)",
@@ -43,10 +45,12 @@ DTYPE_ARGS = dict(default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}",
                   "the GEMVs' fast path, and bf16 for float ones)")
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict) -> None:
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict, suppress: bool = False) -> None:
+    """A flag per field. With `suppress`, flags not given are absent from the parsed namespace (the dataclass
+    default applies), so that the caller knows which were given."""
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
+        default = argparse.SUPPRESS if suppress else f.default if f.default is not MISSING else None
         typ = eval_type(f.type)
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
@@ -65,17 +69,31 @@ def eval_type(annotation: str | type) -> type:
     return str
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogptq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (or resume a run)")
-    _add_dataclass_args(p, TrainConfig, TRAIN_HELP)
+    _add_dataclass_args(p, TrainConfig, TRAIN_HELP, suppress=True)  # --resume overrides only the flags given
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=_positive_int, default=1)
     _add_dataclass_args(p, SampleSettings, {})
     p.add_argument("--device", default="auto")
     p.add_argument("--kernel", default="auto", help=f"quantized kernel: {KERNEL_NAMES}")
@@ -106,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="evaluate variants side by side: table, JSON and plot")
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
-    p.add_argument("--out", default="results", help="folder for compare.md/.json/.png")
+    p.add_argument("--out", default=None, help="folder for compare.md/.json/.png (default: the report folder "
+                   "beside the first checkpoint, RUN/report for RUN/best)")
     p.add_argument("--name", default="compare", help="file name stem of the report")
     p.add_argument("--kernel", default="dequant", help=EXACT_KERNEL_HELP)
     p.add_argument("--data-dir", default=None)
@@ -114,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="web demo: variants side by side")
     p.add_argument("ckpts", nargs="*", help="checkpoint folders (default: the main job's)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--report", default="results", help="folder with the compare report to show")
+    p.add_argument("--report", default=None, help="folder with the compare report to show (default: the "
+                   "report folder beside the first checkpoint, RUN/report for RUN/best)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", **DTYPE_ARGS)
     p.add_argument("--compile", action="store_true", help="torch.compile each model's blocks at start-up")
@@ -133,8 +153,8 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from nanogptq.train import train
 
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-        out = train(TrainConfig(**values))
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+        out = train(TrainConfig(**values), explicit=set(values))
         print(f"run saved in {out}")
     elif args.command == "sample":
         from nanogptq.generate import generate_text, load_for_generation
@@ -174,12 +194,12 @@ def run(args: argparse.Namespace) -> None:
 
         print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")
     elif args.command == "compare":
-        from nanogptq.evaluate import compare, markdown_table
+        from nanogptq.evaluate import compare, markdown_table, report_folder
 
-        rows = compare(args.ckpts, args.out, args.data_dir, _device(args.device), name=args.name,
-                       kernel=args.kernel)
+        out = report_folder(args.ckpts, args.out)
+        rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel)
         print(markdown_table(rows))
-        print(f"report written to {args.out}/{args.name}.md, .json and .png")
+        print(f"report written to {out}/{args.name}.md, .json and .png")
     elif args.command == "demo":
         from nanogptq.app import launch
 
@@ -192,12 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be written
         if os.environ.get("NANOGPTQ_DEBUG"):
             raise
         parser.exit(2, f"nanogptq {args.command}: error: {e}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "\ninterrupted (a training run can be continued with --resume)\n")
+        parser.exit(130, f"\nnanogptq {args.command}: interrupted\n")  # train has said what it saved
 
 
 if __name__ == "__main__":

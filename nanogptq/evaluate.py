@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogptq.checkpoint import Checkpoint, load_checkpoint, update_meta
-from nanogptq.data import prepare_data, val_windows
+from nanogptq.checkpoint import Checkpoint, checkpoint_data, load_checkpoint, read_meta, short_names, update_meta
+from nanogptq.data import val_windows
 from nanogptq.quant import bits_per_weight
 
 
@@ -51,7 +51,7 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt, device=device, kernel=kernel)
-    data = prepare_data(**ckpt.meta["data"], data_dir=data_dir)
+    data = checkpoint_data(ckpt, data_dir)
     t0 = time.time()
     result = perplexity(ckpt.model, data.val, device=device, progress=progress)
     result["eval_s"] = round(time.time() - t0, 2)
@@ -79,20 +79,32 @@ def describe(ckpt: Checkpoint) -> dict:
             "quant_time_s": ckpt.meta.get("quant_time_s")}
 
 
-def compare(paths: list[str | Path], out_dir: str | Path = "results", data_dir: str | None = None,
+def report_folder(paths: list[str | Path], report_dir: str | Path | None = None) -> Path:
+    """`report_dir`, or by default the report beside the first checkpoint (RUN/report for RUN/best), where
+    `compare` writes and the demo looks."""
+    return Path(report_dir) if report_dir is not None else Path(paths[0]).parent / "report"
+
+
+def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir: str | None = None,
             device: str = "cpu", name: str = "compare", kernel: str = "dequant", progress: bool = True) -> list[dict]:
-    """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png."""
+    """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png into
+    `out_dir` (default: report_folder's)."""
+    metas = [read_meta(path) for path in paths]  # every path checked before the first evaluation
+    for path, meta in zip(paths[1:], metas[1:], strict=True):
+        if (meta.get("data"), meta["tokenizer"]) != (metas[0].get("data"), metas[0]["tokenizer"]):
+            raise ValueError(f"{path}: trained on other data or another tokenizer than {paths[0]}, so their "
+                             "per-token perplexities are not comparable")
+    out = report_folder(paths, out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in paths:
+    for path, variant in zip(paths, short_names([Path(p) for p in paths]), strict=True):
         ckpt = load_checkpoint(path, device=device, kernel=kernel)
-        row = {**describe(ckpt), "path": str(path)}
+        row = {**describe(ckpt), "variant": variant, "path": str(path)}
         row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress))
         rows.append(row)
     base = rows[0]["val_ppl"]
     for row in rows:
         row["ppl_change_pct"] = 100.0 * (row["val_ppl"] / base - 1.0)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     (out / f"{name}.md").write_text(markdown_table(rows))
     plot(rows, out / f"{name}.png")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the checkpoints of an old one in out_dir
     init_from: str | None = None
     qat_config: str | None = None
     qat_start: float = 0.0  # fraction of max_steps trained in float before the QAT quantizers switch on
@@ -68,8 +70,14 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
+        if self.warmup_steps < 0 or not self.lr > 0 or not self.min_lr >= 0:
             raise ValueError("--warmup-steps, --lr and --min-lr must be non-negative (lr positive)")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite non-negative number, got {value}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"--max-time must be a positive number of seconds, got {self.max_time}")
         if self.lr_schedule not in ("cosine", "bitnet"):
             raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}; choose cosine or bitnet")
         if self.time_schedule and not self.max_time:
@@ -83,11 +91,36 @@ class TrainConfig:
             raise ValueError("--qat-restart needs --qat-start (the step where the schedule restarts)")
         if self.resume and self.init_from:
             raise ValueError("--resume and --init-from exclude each other")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# what a run's saved weights and data depend on: a resumed run keeps them
+RUN_FIELDS = ("dataset", "tokenizer", "vocab_size", "val_fraction", "split_seed", "split", "preset", "init_from",
+              "qat_config", "qat_start", "qat_ramp", "qat_restart")
+SESSION_FIELDS = ("device", "data_dir", "progress", "compile")  # this invocation's, resumed or not
+
+
+def resumed_config(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
+    """The run's saved settings (out_dir/last), with those the user gave again (`explicit`: the field names;
+    None: those differing from the defaults) overriding them, e.g. a larger max_steps to extend the run, and
+    this session's device, data folder and progress bar. The data and model settings cannot change."""
+    saved = TrainConfig.from_dict(read_meta(Path(cfg.out_dir) / "last")["train"])
+    if explicit is None:
+        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+    for name in sorted(explicit | set(SESSION_FIELDS)):
+        value = getattr(cfg, name)
+        if name in RUN_FIELDS and value != getattr(saved, name):
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's "
+                             f"{getattr(saved, name)}: a resumed run keeps its data and model settings")
+        setattr(saved, name, value)
+    saved.resume, saved.overwrite, saved.out_dir = True, False, cfg.out_dir
+    return saved
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
@@ -129,7 +162,13 @@ def make_optimizer(model: GPT, cfg: TrainConfig, fused: bool) -> torch.optim.Ada
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but CUDA is not available here")
     return name
 
@@ -209,22 +248,26 @@ def build_model(cfg: TrainConfig, data: TokenData) -> GPT:
     return model
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) a run; returns the run folder. Only rank 0 writes files."""
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
+    """Train (or resume) a run; returns the run folder. Only rank 0 writes files. On resume, `explicit` names
+    the settings given again, which override the saved ones (`resumed_config`)."""
     cfg.validate()
-    device = pick_device(cfg.device)
-    dist_info, device = init_distributed(device)
     out = Path(cfg.out_dir)
     if cfg.resume:
-        saved = read_meta(out / "last")["train"]
-        saved.update(resume=True, max_steps=cfg.max_steps, max_time=cfg.max_time, progress=cfg.progress,
-                     device=cfg.device, data_dir=cfg.data_dir)
-        cfg = TrainConfig.from_dict(saved)
+        cfg = resumed_config(cfg, explicit)
+    elif not cfg.overwrite and any((out / name).exists() for name in ("last", "best")):
+        raise ValueError(f"{out} already holds a run: continue it with --resume, or replace it with --overwrite")
+    device = pick_device(cfg.device)
+    dist_info, device = init_distributed(device)
 
     torch.manual_seed(cfg.seed + dist_info.rank)
     data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
                         val_fraction=cfg.val_fraction, seed=cfg.split_seed, split=cfg.split)
     model = build_model(cfg, data).to(device)
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= model.config.block_size:  # a batch window is block_size + 1 tokens
+            raise ValueError(f"the {split} split holds {len(tokens)} tokens, too few for the model's context of "
+                             f"{model.config.block_size}: use a longer text (or a larger --val-fraction)")
     is_cuda = device.startswith("cuda")
     optimizer = make_optimizer(model, cfg, fused=is_cuda)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
@@ -264,7 +307,11 @@ def train(cfg: TrainConfig) -> Path:
         "num_params": raw_model.num_params(non_embedding=False),
     }
 
+    saved_step = step
+
     def save(name: str, metrics: dict) -> None:
+        nonlocal saved_step
+        saved_step = step
         rng = [_rng_state(gen)]
         if dist_info.world_size > 1:
             rng = [None] * dist_info.world_size
@@ -287,65 +334,81 @@ def train(cfg: TrainConfig) -> Path:
     last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
     model.train()
     elapsed = elapsed_before
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg, elapsed)
-        if strength is not None:
-            s = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
-            if s != strength:
-                strength = s
-                set_qat_strength(raw_model, strength)
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:
-                group["weight_decay"] = weight_decay_at(step, cfg)
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(data.train, cfg.batch_size, block_size, gen, device)
-            sync = dist_info.world_size == 1 or micro == cfg.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx, autocast:
-                _, loss = model(x, y)
-                loss = loss / cfg.grad_accum
-            with ctx:
-                loss.backward()
-            loss_sum += loss.item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = elapsed_before + time.time() - start
-        if dist_info.world_size > 1:
-            # the clock is averaged with the loss: every rank then takes the same time-scheduled learning
-            # rate and stops at the same step under --max-time (a rank stopping alone would hang the others)
-            t = torch.tensor([loss_sum, elapsed], device=device, dtype=torch.float64)
-            dist.all_reduce(t)  # a sum: gloo has no average
-            loss_sum, elapsed = (t / dist_info.world_size).tolist()
-        train_loss = loss_sum
-        now = time.time()
-        tok_s = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", val=f"{last_val:.3f}", tok_s=f"{tok_s:,.0f}")
-
-        out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-            last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
-            record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
-                      "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg, elapsed)
             if strength is not None:
-                record["qat_strength"] = strength
-            # a model not yet fully quantized is not a QAT result: it never becomes the best checkpoint
-            if last_val < best_val and strength in (None, 1.0):
-                best_val = last_val
-                save("best", {**record, "best_val_loss": best_val})
-            save("last", {**record, "best_val_loss": best_val})
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            t_last = time.time()  # keep evaluation time out of tokens/s
-        if out_of_time:
-            break
+                s = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
+                if s != strength:
+                    strength = s
+                    set_qat_strength(raw_model, strength)
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = lr
+                if i == 0:
+                    group["weight_decay"] = weight_decay_at(step, cfg)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train, cfg.batch_size, block_size, gen, device)
+                sync = dist_info.world_size == 1 or micro == cfg.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx, autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                with ctx:
+                    loss.backward()
+                loss_sum += loss.item()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = elapsed_before + time.time() - start
+            if dist_info.world_size > 1:
+                # the clock is averaged with the loss: every rank then takes the same time-scheduled learning
+                # rate and stops at the same step under --max-time (a rank stopping alone would hang the others)
+                t = torch.tensor([loss_sum, elapsed], device=device, dtype=torch.float64)
+                dist.all_reduce(t)  # a sum: gloo has no average
+                loss_sum, elapsed = (t / dist_info.world_size).tolist()
+            train_loss = loss_sum
+            if not math.isfinite(train_loss):
+                raise ValueError(f"the training loss became {train_loss} at step {step}: the run diverged (try a "
+                                 f"lower --lr); {out / 'last'} keeps step {saved_step}, the last one saved")
+            now = time.time()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", val=f"{last_val:.3f}", tok_s=f"{tok_s:,.0f}")
+
+            out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+                last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
+                record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
+                          "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
+                if strength is not None:
+                    record["qat_strength"] = strength
+                # a model not yet fully quantized is not a QAT result: it never becomes the best checkpoint
+                if last_val < best_val and strength in (None, 1.0):
+                    best_val = last_val
+                    save("best", {**record, "best_val_loss": best_val})
+                save("last", {**record, "best_val_loss": best_val})
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                t_last = time.time()  # keep evaluation time out of tokens/s
+            if out_of_time:
+                break
+    except KeyboardInterrupt:
+        # keep the steps since the last save: --resume continues from here (one process only: under DDP the
+        # ranks are not at a point where they could gather their states together)
+        if dist_info.world_size == 1 and step > saved_step:
+            save("last", {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr_at(step, cfg, elapsed),
+                          "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2),
+                          "best_val_loss": best_val if math.isfinite(best_val) else None})
+        bar.close()
+        if dist_info.is_main and (out / "last").exists():
+            print(f"\ninterrupted at step {step}: {out / 'last'} holds step {saved_step}; continue with --resume",
+                  file=sys.stderr)
+        raise
     bar.close()
     if log_file:
         log_file.close()

@@ -5,6 +5,7 @@ import torch
 
 from nanogptq.checkpoint import (
     CheckpointError,
+    check_output,
     is_quantized,
     load_checkpoint,
     load_resume_state,
@@ -78,6 +79,37 @@ def test_truncated_config(tmp_path):
     (path / "config.json").write_text(text[:40])
     with pytest.raises(CheckpointError, match="config.json: corrupt or truncated"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda meta: [meta], "a JSON object is expected"),
+    (lambda meta: {**meta, "model": None}, "'model' entry is missing or not a JSON object"),
+    (lambda meta: {**meta, "model": {**meta["model"], "n_layer": "1"}}, "invalid model or tokenizer entry"),
+    (lambda meta: {**meta, "tokenizer": {"kind": "char"}}, "invalid model or tokenizer entry"),
+    (lambda meta: {**meta, "model": {**meta["model"], "n_embd": 32}}, "tensor shapes do not match config.json"),
+])
+def test_hand_edited_config_is_a_checkpoint_error(tmp_path, edit, message):
+    _, path = make(tmp_path)
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_never_replaces_what_is_not_one(tmp_path):
+    model, path = make(tmp_path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    for target in (notes, notes / "todo.txt"):
+        with pytest.raises(CheckpointError, match="is not a nanogptq checkpoint; refusing to replace it"):
+            save_checkpoint(target, model, {})
+    assert (notes / "todo.txt").read_text() == "keep me"
+    with pytest.raises(CheckpointError, match="would replace its own source"):
+        check_output(path, source=path)
+    check_output(path)  # a checkpoint is replaced (atomically)
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty")
 
 
 def test_resume_state_is_not_unpickled(tmp_path):

@@ -1,11 +1,12 @@
 import json
 import math
 
+import pytest
 import torch
 
-from nanogptq.checkpoint import save_checkpoint
+from nanogptq.checkpoint import CheckpointError, save_checkpoint
 from nanogptq.data import prepare_data
-from nanogptq.evaluate import compare, perplexity
+from nanogptq.evaluate import compare, evaluate_checkpoint, perplexity
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant import QuantConfig, quant_meta, quantize
 from nanogptq.quant.qat import QATConfig, apply_qat, export_checkpoint
@@ -47,3 +48,30 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     # compare records each variant's perplexity in its config.json, where the demo reads it
     saved = json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"]
     assert saved == rows[1]["val_ppl"]
+
+    # two runs' best/ folders get the run's name in the table; the report goes beside the first by default
+    (tmp_path / "other").mkdir()
+    save_checkpoint(tmp_path / "other" / "fp32", fp, {**meta, "quantization": None})
+    rows = compare([tmp_path / "fp32", tmp_path / "other" / "fp32"], progress=False)
+    assert [r["variant"] for r in rows] == [f"{tmp_path.name}/fp32", "other/fp32"]
+    assert (tmp_path / "report" / "compare.md").read_text().count("/fp32 |") == 2
+    # another tokenizer's per-token perplexity is not comparable: refused before any evaluation
+    other = prepare_data(f"file:{text_file}", "byte")
+    byte_cfg = GPTConfig(vocab_size=other.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "byte", GPT(byte_cfg), {**meta, "model": byte_cfg.to_dict(),
+                                                        "tokenizer": other.tokenizer.to_dict()})
+    with pytest.raises(ValueError, match="another tokenizer .* not comparable"):
+        compare([tmp_path / "fp32", tmp_path / "byte"], tmp_path / "r2", progress=False)
+    assert not (tmp_path / "r2" / "compare.md").exists()
+
+
+def test_eval_refuses_a_dataset_whose_text_changed(tmp_path, text_file):
+    data = prepare_data(f"file:{text_file}")
+    cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    meta = {"model": cfg.to_dict(), "tokenizer": data.tokenizer.to_dict(),
+            "data": {"dataset": f"file:{text_file}", "tokenizer": "char"}}
+    path = save_checkpoint(tmp_path / "ck", GPT(cfg), meta)
+    assert evaluate_checkpoint(path, save=False, progress=False)["val_ppl"] > 1
+    text_file.write_text("# " + text_file.read_text())  # a new character: every token id after '#' shifts
+    with pytest.raises(CheckpointError, match="no longer gives the tokenizer this checkpoint was trained with"):
+        evaluate_checkpoint(path, save=False, progress=False)

@@ -46,6 +46,27 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size, symmetric):
     assert e_gptq < 0.8 * e_rtn
 
 
+@pytest.mark.parametrize("group_size", [-1, 20])
+def test_lazy_batches_give_the_same_codes_as_one_block(group_size):
+    """The lazy batch update is exact algebra: blocks of 16 columns (each carrying its error to the columns
+    after it) must round like one block of all 96, up to float rounding on a few codes."""
+    W, X, H = correlated_layer()
+    cfg = dict(method="gptq", bits=3, group_size=group_size)
+    one = gptq_quantize_weight(W, H, QuantConfig(**cfg, block_size=128))
+    lazy = gptq_quantize_weight(W, H, QuantConfig(**cfg, block_size=16))
+    assert (one.codes == lazy.codes).float().mean() > 0.99
+    e_rtn = output_error(W, rtn_quantize_weight(W, QuantConfig(**cfg)).dequantize(), X)
+    assert output_error(W, lazy.dequantize(), X) < 0.6 * e_rtn
+
+
+def test_damping_is_relative_to_the_hessian():
+    """damp is a fraction of mean diag(H): scaling the inputs (H by 1e3) changes no code."""
+    W, _, H = correlated_layer()
+    cfg = QuantConfig(method="gptq", bits=4, group_size=-1, damp=0.1)
+    a, b = gptq_quantize_weight(W, H, cfg), gptq_quantize_weight(W, H * 1e3, cfg)
+    assert (a.codes == b.codes).float().mean() > 0.99
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -85,6 +106,10 @@ def test_act_order_gives_valid_codes_and_unpermuted_layout(static_groups):
     )
     e_gptq = output_error(W, qw.dequantize(), X @ torch.linspace(0.1, 3, W.shape[1]).sqrt().diag())
     assert e_gptq < e_rtn
+    # and the order matters: the columns of largest diag(H) first beat the stored order, where they come last
+    in_order = gptq_quantize_weight(W, H, QuantConfig(method="gptq", bits=3, group_size=32))
+    e_in_order = output_error(W, in_order.dequantize(), X @ torch.linspace(0.1, 3, W.shape[1]).sqrt().diag())
+    assert e_gptq < 0.85 * e_in_order
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+from nanogptq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanogptq.data import CharTokenizer, prepare_data
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant import (
@@ -179,6 +179,13 @@ def test_quantize_checkpoint(trained, tmp_path):
     assert ck.meta["quantization"]["method"] == "rtn" and ck.meta["metrics"] == {}
     assert ck.meta["source_metrics"] == {"val_loss": 1.0} and ck.meta["parent"] == str(tmp_path / "fp-nodata")
     assert len(ck.meta["quant_log"]) == 8 and ck.meta["quant_time_s"] > 0
+    # --out never destroys its source or a folder that is not a checkpoint, and says so before any work
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    for bad, message in ((tmp_path / "notes", "is not a nanogptq checkpoint"), (src, "its own source")):
+        with pytest.raises(CheckpointError, match=message):
+            quantize_checkpoint(src, bad, QuantConfig(method="rtn", bits=4), progress=False)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep" and load_checkpoint(src).meta["quantization"] is None
     out = quantize_checkpoint(
         src, tmp_path / "gptq", QuantConfig(method="gptq", bits=4, calib_samples=8), progress=False
     )

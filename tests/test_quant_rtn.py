@@ -35,6 +35,21 @@ def test_config_rejects_bad_values(d, match):
         QuantConfig.from_dict(d)
 
 
+def test_rtn_grids_are_the_standard_ones():
+    """Asymmetric: the range [min(w, 0), max(w, 0)] in 2^b - 1 steps, zero = round(-min / step), so min and
+    max get codes 0 and 2^b - 1; symmetric: step 2 max|w| / (2^b - 1), zero 2^(b-1) (GPTQ's grids). Scales are
+    stored in fp16, rounded up so that the extremes stay on the grid."""
+    W = torch.tensor([[-1.0, 0.7, 2.0, 0.25], [0.4, 1.6, 3.0, 0.0]])
+    q = rtn_quantize_weight(W, QuantConfig(method="rtn", bits=2, group_size=-1, symmetric=False))
+    assert q.scales.float().flatten().tolist() == [1.0, 1.0] and q.zeros.flatten().tolist() == [1, 0]
+    assert q.codes.tolist() == [[0, 2, 3, 1], [0, 2, 3, 0]]
+    q = rtn_quantize_weight(torch.tensor([[-2.0, 1.0, 0.1, 0.0]]), QuantConfig(method="rtn", bits=4, group_size=-1,
+                                                                              symmetric=True))
+    step = q.scales.float().item()
+    assert 4 / 15 <= step < 4 / 15 * (1 + 2**-10) and q.zeros is None
+    assert q.codes.tolist() == [[1, 12, 8, 8]]  # -2 / step = -7.5 + a little: -7, so code 8 - 7
+
+
 def _scale_per_element(q, n):
     return expand_groups(q.scales.float(), q.group_size, n)
 

@@ -57,10 +57,82 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
     ck = load_checkpoint(run / "best")
     assert ck.meta["metrics"]["best_val_loss"] == pytest.approx(min(losses))
     assert ck.meta["data"]["dataset"] == f"file:{text_file}"
-    # a new run in the same folder (not --resume) logs only itself
+    # a new run in the same folder: refused unless --overwrite, and then it logs only itself
     cfg.max_steps = 20
+    with pytest.raises(ValueError, match="already holds a run: continue it with --resume, or replace it"):
+        train(cfg)
+    assert len(val_losses(run)) == 3
+    cfg.overwrite = True
     train(cfg)
     assert len(val_losses(run)) == 1
+
+
+def small_run(tmp_path, text_file, **kw) -> TrainConfig:
+    return TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), batch_size=8, eval_interval=10,
+                       eval_batches=2, lr=3e-3, warmup_steps=5, progress=False, **kw)
+
+
+def test_resume_keeps_the_runs_settings_and_takes_the_flags_given(tmp_path, text_file):
+    run = train(small_run(tmp_path, text_file, max_steps=10))
+    # as `nanogptq train --resume --out-dir RUN --max-steps 20` parses: the flags given are the explicit ones
+    resumed = TrainConfig(out_dir=str(run), resume=True, max_steps=20, progress=False)
+    train(resumed, explicit={"out_dir", "resume", "max_steps"})
+    meta = read_meta(run / "last")
+    assert meta["metrics"]["step"] == 20
+    assert meta["train"]["max_steps"] == 20 and meta["train"]["lr"] == 3e-3 and meta["train"]["batch_size"] == 8
+    assert meta["train"]["dataset"] == f"file:{text_file}"  # not the default, which the flags left out
+    with pytest.raises(ValueError, match="--preset small differs from the resumed run's tiny"):
+        train(TrainConfig(out_dir=str(run), resume=True, preset="small"), explicit={"out_dir", "resume", "preset"})
+
+
+def test_interrupt_saves_the_steps_done_and_resume_continues(tmp_path, text_file, monkeypatch, capsys):
+    import nanogptq.train as train_module
+
+    real, calls = train_module.get_batch, []
+
+    def get_batch(*args, **kw):  # steps 1-10 (calls 1-10), the evaluation at 10 (11, 12), steps 11-13
+        calls.append(1)
+        if len(calls) == 16:  # Ctrl-C during step 14
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    cfg = small_run(tmp_path, text_file, max_steps=30)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert "interrupted at step 13" in capsys.readouterr().err
+    run = Path(cfg.out_dir)
+    assert read_meta(run / "last")["metrics"]["step"] == 13
+    assert read_meta(run / "best")["metrics"]["step"] == 10  # evaluated checkpoints only
+    monkeypatch.setattr(train_module, "get_batch", real)
+    train(TrainConfig(out_dir=str(run), resume=True, progress=False), explicit={"out_dir", "resume"})
+    assert read_meta(run / "last")["metrics"]["step"] == 30
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [10, 20, 30]
+
+
+def test_a_diverged_run_stops_with_an_error_and_saves_nothing(tmp_path, text_file, monkeypatch):
+    import nanogptq.train as train_module
+
+    real = train_module.build_model
+
+    def build_nan_model(cfg, data):
+        model = real(cfg, data)
+        model.transformer.ln_f.weight.data.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_nan_model)
+    cfg = small_run(tmp_path, text_file, max_steps=20)
+    with pytest.raises(ValueError, match="the training loss became nan at step 1: the run diverged"):
+        train(cfg)
+    assert not (Path(cfg.out_dir) / "last").exists()
+
+
+def test_a_text_too_short_for_the_context_fails_before_training(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("the cat sat on the mat. " * 40)  # 960 characters: a validation split under 128 tokens
+    with pytest.raises(ValueError, match="split holds .* tokens, too few for the model's context of 128"):
+        train(TrainConfig(dataset=f"file:{path}", out_dir=str(tmp_path / "r"), progress=False))
+    assert not (tmp_path / "r" / "last").exists()
 
 
 @pytest.mark.slow
@@ -130,6 +202,9 @@ def test_ddp_ranks_stop_together_on_the_clock(tmp_path, text_file):
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
     (["sample", "no/such/ckpt"], "no such checkpoint folder"),
+    (["train", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["train", "--lr", "inf"], "--lr must be a finite non-negative number"),
+    (["train", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
 def test_cli_errors_are_one_line(args, message):
     proc = cli(*args, check=False, timeout=60)

@@ -61,16 +61,15 @@ def quantize_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Load a float checkpoint, quantize it (GPTQ calibrates on its training split) and save it to `out`."""
-    from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+    from nanogptq.checkpoint import check_output, checkpoint_data, load_checkpoint, save_checkpoint
 
+    check_output(out, src)  # before the work, not after it
     ckpt = load_checkpoint(src, device=device)
     if ckpt.meta.get("quantization") or ckpt.meta.get("qat"):
         raise ValueError(f"{src}: already quantized; quantize the float checkpoint instead")
     tokens = None
     if config.method == "gptq":
-        from nanogptq.data import prepare_data
-
-        tokens = prepare_data(**ckpt.meta["data"], data_dir=data_dir).train
+        tokens = checkpoint_data(ckpt, data_dir).train
     t0 = time.perf_counter()
     model = quantize(ckpt.model, config, tokens, progress=progress)
     meta = dict(ckpt.meta)

@@ -63,6 +63,8 @@ class QuantConfig:
             raise ValueError("block_size and calib_samples must be at least 1")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order only applies to method 'gptq'")
+        if self.static_groups and self.method != "gptq":
+            raise ValueError("static_groups only applies to method 'gptq'")
         if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
             raise ValueError(f"layers must be a non-empty list of linear names, got {list(self.layers)!r}")
 

@@ -65,7 +65,7 @@ class QATConfig:
     eps: float = 1e-5  # floor of every quantization scale (BitNet's code clamps at 1e-5)
 
     def __post_init__(self):
-        if isinstance(self.layers, str) or not all(isinstance(n, str) and n for n in self.layers):
+        if not isinstance(self.layers, (list, tuple)) or not all(isinstance(n, str) and n for n in self.layers):
             raise ValueError(f"qat layers must be a list of linear names, got {self.layers!r}")
         self.layers = tuple(self.layers)
         if not self.layers:
@@ -109,6 +109,8 @@ def load_qat_config(path: str | Path) -> QATConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (a QAT config is UTF-8 JSON)") from None
     return QATConfig.from_dict(d, source=str(path))
 
 
@@ -444,8 +446,9 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict, kernel: str = "deq
 
 def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`."""
-    from nanogptq.checkpoint import load_checkpoint, save_checkpoint
+    from nanogptq.checkpoint import check_output, load_checkpoint, save_checkpoint
 
+    check_output(out, src)
     ckpt = load_checkpoint(src)
     qat = ckpt.meta.get("qat")
     if not qat:
