@@ -6,12 +6,12 @@
 set -euo pipefail
 PY=${PY:-python}
 common="--preset tiny --dataset shakespeare --split tail --warmup-steps 50 --eval-batches 10 --device cpu"
-$PY -m nanogptq.cli train $common --out-dir runs/cpu-2min --batch-size 16 --lr 4e-3 --min-lr 4e-4 --eval-interval 100 \
+$PY -m nanogptq.cli train $common --overwrite --out-dir runs/cpu-2min --batch-size 16 --lr 4e-3 --min-lr 4e-4 --eval-interval 100 \
   --max-steps 1200 --max-time 120 --time-schedule
 # 5 minutes: a larger batch, a higher peak, and weight decay 0.6 (by 5 minutes the model overfits: train loss
 # ~1.4 against val ~1.6; dropout 0.1 costs 30-44% of the CPU throughput); eager, as torch.compile gains ~1%
 # on this CPU's steps and its compilation counts against the budget (benchmarks/train_throughput.py)
-$PY -m nanogptq.cli train $common --out-dir runs/cpu-5min --batch-size 24 --lr 4e-3 --min-lr 2e-4 --eval-interval 200 \
+$PY -m nanogptq.cli train $common --overwrite --out-dir runs/cpu-5min --batch-size 24 --lr 4e-3 --min-lr 2e-4 --eval-interval 200 \
   --weight-decay 0.6 --max-steps 2400 --max-time 300 --time-schedule
 for r in cpu-2min cpu-5min; do
   echo "== $r"; tail -n 1 runs/$r/metrics.jsonl

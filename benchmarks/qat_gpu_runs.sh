@@ -24,7 +24,7 @@ train() {  # dataset name flags...
   local ds=$1 name=$2; shift 2
   # TinyStories keeps the seeded-chunk split: the subset's last 10% has characters its first 90% lacks
   local split=chunks; [ $ds = shakespeare ] && split=$SPLIT
-  $PY -m nanogptq.cli train --dataset $ds --split $split --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
+  $PY -m nanogptq.cli train --overwrite --dataset $ds --split $split --out-dir $R/$ds/$name $common "$@" > $R/$ds-$name.log 2>&1
 }
 mkdir -p $R $RES
 if [ -n "${PTQ_BASELINE:-}" ]; then

@@ -11,7 +11,7 @@ case "${1:-}" in
     # nanoGPT's shakespeare-char recipe (batch 64, context 256, lr 1e-3, dropout 0.2) on its split (the
     # last 10% of the text is the validation set), stopped at 120 s. Our model overfits after ~1,500 steps
     # (at 5,000: best 1.4725 on the whole split at step 1,500, 37 s), so the cosine schedule ends at 2,500.
-    $PY -m nanogptq.cli train --preset shakespeare --dataset shakespeare --split tail --out-dir "$RUNS/shakespeare-h100" \
+    $PY -m nanogptq.cli train --overwrite --preset shakespeare --dataset shakespeare --split tail --out-dir "$RUNS/shakespeare-h100" \
       --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps "${STEPS:-2500}" --eval-interval 250 \
       --eval-batches 20 --compile --max-time 120 --no-progress
     $PY -m nanogptq.cli eval "$RUNS/shakespeare-h100/best"
@@ -19,7 +19,7 @@ case "${1:-}" in
   small)
     # the `small` preset (6 x 192) for 5,000 steps on each corpus, both at once on the one GPU
     for ds in shakespeare tinystories; do
-      $PY -m nanogptq.cli train --preset small --dataset $ds --out-dir "$RUNS/small-$ds" --batch-size 64 \
+      $PY -m nanogptq.cli train --overwrite --preset small --dataset $ds --out-dir "$RUNS/small-$ds" --batch-size 64 \
         --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps 5000 --eval-interval 250 --eval-batches 20 \
         --compile --no-progress > "$RUNS/small-$ds.log" 2>&1 &
     done
