@@ -2,7 +2,8 @@
 # The `tiny` preset on Tiny Shakespeare (nanoGPT's tail split) within wall-clock budgets on this CPU,
 # for the side-by-side with nanoGPT's CPU "baby" config. --time-schedule decays the learning rate by the
 # clock as well as by steps, so the cosine ends at the budget on a slower machine instead of being cut off.
-#   bash benchmarks/cpu_budget.sh            # 2-minute and 5-minute runs, then full-split evaluation
+#   bash benchmarks/cpu_budget.sh            # 2-minute and 5-minute runs, then full-split evaluation,
+#                                            # all recorded in results/cpu_budget.json
 set -euo pipefail
 PY=${PY:-python}
 common="--preset tiny --dataset shakespeare --split tail --warmup-steps 50 --eval-batches 10 --device cpu"
@@ -15,5 +16,14 @@ $PY -m nanogptq.cli train $common --overwrite --out-dir runs/cpu-5min --batch-si
   --weight-decay 0.6 --max-steps 2400 --max-time 300 --time-schedule
 for r in cpu-2min cpu-5min; do
   echo "== $r"; tail -n 1 runs/$r/metrics.jsonl
-  $PY -m nanogptq.cli eval runs/$r/best --no-save
+  $PY -m nanogptq.cli eval runs/$r/best --no-save | tee runs/$r/eval.json
 done
+# the record: each run's log and its best checkpoint's whole-split evaluation
+OUT=${OUT:-results/cpu_budget.json} $PY - <<'PYEOF'
+import json, os, platform
+runs = {r: {"log": [json.loads(line) for line in open(f"runs/{r}/metrics.jsonl")],
+            "best_whole_split": json.load(open(f"runs/{r}/eval.json"))} for r in ("cpu-2min", "cpu-5min")}
+with open(os.environ["OUT"], "w") as f:
+    json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "runs": runs}, f, indent=2)
+print("wrote", os.environ["OUT"])
+PYEOF

@@ -12,7 +12,8 @@ in the same run. "err" is the relative L2 error of the last-token logits (that t
 step after a prefill of the others: the step the timing runs) against the same weights through the fp32
 dequant reference (fp32 model for float variants): it catches a wrong kernel layout or fusion. Memory:
 peak torch.cuda.max_memory_allocated over prefill + decode on CUDA; on CPU "resident" counts every model
-tensor (the packed checkpoint buffers stay next to the kernel layouts), and the JSON adds the RSS delta.
+tensor left once the stored codes a kernel's layout replaced are freed (as `sample` loads), and the JSON
+adds the RSS delta.
 
 Decoding uses the model's own static KV cache, so every step has the same shapes; on CUDA the step is
 replayed from a CUDA graph (model.CUDAGraphStep, as `nanogptq sample` does) unless --no-graph, and with

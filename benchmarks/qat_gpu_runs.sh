@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The QAT ablation and the PTQ sweep on one H100, all runs at once (small models leave the GPU idle
+# The QAT ablation and the PTQ sweep on one GPU (an H100 or H200: the README says which), all runs at once (small models leave the GPU idle
 # most of the time, so concurrent processes finish the set faster than one after another).
 #   NANOGPTQ_DATA_DIR=... bash benchmarks/qat_gpu_runs.sh
 # Tiny Shakespeare validates on nanoGPT's split (the last 10% of the text) unless SPLIT=chunks. Results go to

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every figure in the README, in one command (`make figures`). CPU parts always run; GPU parts run
-# when CUDA is present (the published GPU figures came from one H100). Results land in results/.
+# when CUDA is present (the published GPU figures came from one H100 or one H200, as the README marks each).
+# Results land in results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -28,4 +29,5 @@ $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 -
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
   --out results/train_throughput_cpu_dropout.json                  # 1. why the 5-minute recipe is eager, no dropout
 $PY benchmarks/decode.py --device cpu                              # 4. CPU decode kernels
-$PY benchmarks/gptq_layer.py --device cpu
+$PY benchmarks/gptq_layer.py --device cpu --json results/gptq_layer_cpu.json   # 2. (results/gptq_layer.json: the GPU's)
+$PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/decode_cpu_presets.json  # 4.

@@ -3,7 +3,8 @@
 Datasets are named `shakespeare`, `tinystories` or `file:PATH`. A named dataset is looked up in a data
 dir (the `data_dir` argument, else `$NANOGPTQ_DATA_DIR`), else in the user cache (`$NANOGPTQ_CACHE_DIR`
 or `~/.cache/nanogptq`), else downloaded into that cache. Every file is checked against its known
-size and sha256 before it is used, so a result always names the exact text it came from.
+size, and against its sha256 where one is known (not for the TinyStories download, a stand-in for a
+subset that has no public address), before it is used.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            bar = tqdm(total=r.length or size, unit="B", unit_scale=True, desc=dest.name, disable=None)
+            total = getattr(r, "length", None) or size  # only HTTP responses have a length
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None)
             with bar:
                 while block := r.read(1 << 16):
                     f.write(block)
