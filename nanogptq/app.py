@@ -89,7 +89,7 @@ def load_variants(paths: list[Path], device: str, compile: bool = False, dtype: 
     """Every checkpoint as `sample` loads it; `dtype` (auto, fp32, bf16, fp16) is resolved per checkpoint, so
     on CUDA "auto" runs the quantized variants on fp16 activations and the float ones on bf16."""
     variants: list[Variant] = []
-    for path, key in zip(paths, short_names([Path(p) for p in paths]), strict=True):  # runs/a/best, runs/b/best
+    for path, key in zip(paths, short_names(paths), strict=True):  # runs/a/best, runs/b/best
         ckpt = load_for_generation(path, device, dtype=dtype, compile=compile)
         described = describe(ckpt)
         variants.append(Variant(key, ckpt, _method(described), described["bits_per_weight"]))

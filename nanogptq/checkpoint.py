@@ -250,13 +250,14 @@ def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None) -> TokenData:
     except TypeError as e:  # an unknown or missing key in a hand-edited entry
         raise CheckpointError(f"{ckpt.path / CONFIG}: invalid 'data' entry ({e})") from None
     if data.tokenizer.to_dict() != ckpt.tokenizer.to_dict():
-        raise CheckpointError(f"{ckpt.path}: dataset {ckpt.meta['data'].get('dataset')!r} no longer gives the "
+        raise CheckpointError(f"{ckpt.path}: dataset {spec['dataset']!r} no longer gives the "
                               "tokenizer this checkpoint was trained with (has its text changed?)")
     return data
 
 
-def short_names(paths: list[Path]) -> list[str]:
+def short_names(paths: list[str | Path]) -> list[str]:
     """A name per checkpoint folder for tables and pickers: the folder's name, or run/name where two clash."""
+    paths = [Path(p) for p in paths]
     names = [p.name for p in paths]
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 

@@ -97,7 +97,7 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
     out = report_folder(paths, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path, variant in zip(paths, short_names([Path(p) for p in paths]), strict=True):
+    for path, variant in zip(paths, short_names(paths), strict=True):
         ckpt = load_checkpoint(path, device=device, kernel=kernel)
         row = {**describe(ckpt), "variant": variant, "path": str(path)}
         row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress))

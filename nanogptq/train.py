@@ -70,12 +70,12 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or not self.lr > 0 or not self.min_lr >= 0:
-            raise ValueError("--warmup-steps, --lr and --min-lr must be non-negative (lr positive)")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite non-negative number, got {value}")
+        if self.warmup_steps < 0 or self.lr == 0:
+            raise ValueError("--warmup-steps must be non-negative and --lr positive")
         if self.max_time is not None and not self.max_time > 0:
             raise ValueError(f"--max-time must be a positive number of seconds, got {self.max_time}")
         if self.lr_schedule not in ("cosine", "bitnet"):
@@ -404,14 +404,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
             save("last", {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr_at(step, cfg, elapsed),
                           "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2),
                           "best_val_loss": best_val if math.isfinite(best_val) else None})
-        bar.close()
         if dist_info.is_main and (out / "last").exists():
             print(f"\ninterrupted at step {step}: {out / 'last'} holds step {saved_step}; continue with --resume",
                   file=sys.stderr)
         raise
-    bar.close()
-    if log_file:
-        log_file.close()
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
     if dist_info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
