@@ -64,6 +64,11 @@ class TrainConfig:
     time_schedule: bool = False  # with max_time: the cosine also follows the clock (see lr_at)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # stored absolute, so that eval, compare and the demo find the text from any folder
+        if self.dataset.startswith("file:"):
+            self.dataset = "file:" + str(Path(self.dataset[len("file:"):]).expanduser().absolute())
+
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")

@@ -67,6 +67,18 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
     assert len(val_losses(run)) == 1
 
 
+def test_a_relative_text_path_is_stored_absolute(tmp_path, text_file, monkeypatch):
+    from nanogptq.checkpoint import checkpoint_data
+
+    monkeypatch.chdir(text_file.parent)
+    run = train(TrainConfig(dataset=f"file:{text_file.name}", out_dir=str(tmp_path / "run"), max_steps=2,
+                            batch_size=4, eval_interval=2, eval_batches=1, progress=False))
+    ck = load_checkpoint(run / "best")
+    assert ck.meta["data"]["dataset"] == f"file:{text_file.resolve()}"
+    monkeypatch.chdir(tmp_path / "run")  # eval, compare and the demo read the text from wherever they run
+    assert len(checkpoint_data(ck).val) > 0
+
+
 def small_run(tmp_path, text_file, **kw) -> TrainConfig:
     return TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), batch_size=8, eval_interval=10,
                        eval_batches=2, lr=3e-3, warmup_steps=5, progress=False, **kw)
