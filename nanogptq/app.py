@@ -279,8 +279,9 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path | None
         picked.change(lambda sel: [gr.Column(visible=v.key in (sel or [])) for v in variants],
                       inputs=picked, outputs=columns, api_name=False,
                       concurrency_limit=None)  # showing a column must not wait behind a generation
-        def on_generate(*args) -> Iterator[list]:
-            yield from generate_all(variants, *args)
+        # named parameters: they are the API's (gradio_client's keyword arguments)
+        def on_generate(selected, prompt, max_new_tokens, temperature, top_k, seed) -> Iterator[list]:
+            yield from generate_all(variants, selected, prompt, max_new_tokens, temperature, top_k, seed)
 
         button.click(on_generate,
                      inputs=[picked, prompt, max_new, temperature, top_k, seed],
@@ -300,7 +301,12 @@ def launch(ckpt_paths: list[str] | None = None, host: str = "127.0.0.1", port: i
     # one generation at a time: the models keep a KV cache per module, and CPUs are busy enough;
     # further users wait in the queue (Gradio shows their position) instead of failing
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False,
-                allowed_paths=[str(Path(report_dir).resolve())])
+    try:
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False,
+                    allowed_paths=[str(Path(report_dir).resolve())])
+    except OSError as e:
+        if "port" not in str(e).lower():
+            raise
+        raise OSError(f"port {port} on {host} is in use or not allowed; choose another with --port") from None
     return demo
 

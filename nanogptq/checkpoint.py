@@ -75,13 +75,19 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def check_output(path: str | Path, source: str | Path | None = None) -> None:
-    """Refuse to write a checkpoint where it would destroy something else: over its own `source`, or over a
-    file or a non-empty folder that is not a checkpoint (a run folder, say). A checkpoint there is replaced."""
+    """Refuse to write a checkpoint where it would destroy something else: over a file or a non-empty folder
+    that is not a checkpoint (a run folder, say), or, for a checkpoint made from a `source` (quantize,
+    export), over that source or over any checkpoint that training wrote; one made the same way is replaced."""
     path = Path(path)
-    if source is not None and path.resolve() == _existing(Path(source)).resolve():
-        raise CheckpointError(f"{path}: the output would replace its own source checkpoint; choose another --out")
     if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / CONFIG).exists()):
         raise CheckpointError(f"{path}: exists and is not a nanogptq checkpoint; refusing to replace it")
+    if source is None:
+        return
+    if path.resolve() == _existing(Path(source)).resolve():
+        raise CheckpointError(f"{path}: the output would replace its own source checkpoint; choose another --out")
+    if (path / CONFIG).exists() and ((path / RESUME).exists() or "parent" not in read_meta(path)):
+        raise CheckpointError(f"{path}: holds a trained checkpoint, not one made by quantize or export; "
+                              "refusing to replace it; choose another --out")
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None) -> Path:
@@ -104,6 +110,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state
             f.flush()
             os.fsync(f.fileno())
     _write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **meta})
+    # safetensors writes its file private (0600); give it the permissions the umask gives config.json
+    os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -134,6 +142,8 @@ def _existing(path: Path) -> Path:
 def read_meta(path: str | Path) -> dict:
     path = _existing(Path(path))
     cfg = path / CONFIG
+    if path.is_file():
+        raise CheckpointError(f"{path}: a file; name the checkpoint folder that holds it ({path.parent})")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not cfg.exists():

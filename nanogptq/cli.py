@@ -21,7 +21,7 @@ TRAIN_HELP = {
     "split": "chunks (seeded 64 KiB chunks to validation) or tail (nanoGPT's: the last val-fraction)",
     "vocab_size": "BPE vocabulary size",
     "data_dir": "local data folder (default: $NANOGPTQ_DATA_DIR, then the cache, then download)",
-    "preset": "model size: tiny (0.8 M), small (2.7 M) or shakespeare (10.7 M)",
+    "preset": "model size: tiny (0.8 M), small (2.7 M) or shakespeare (10.6 M)",
     "max_steps": "optimizer steps in the whole run (the schedule's length)",
     "max_time": "stop after this many seconds of training (saving first)",
     "time_schedule": "with --max-time: decay the learning rate by the clock too, so it ends at --min-lr in time",
@@ -37,6 +37,24 @@ TRAIN_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "compile": "torch.compile the model (worth it on CUDA; a small gain on CPU after ~20 s of compiling)",
 }
+QUANT_HELP = {
+    "method": "rtn (round to nearest) or gptq (Hessian-aware, calibrated on the training split)",
+    "bits": "8, 4, 3 or 2",
+    "group_size": "0: per tensor, -1: per channel, G: groups of G input columns",
+    "symmetric": "a fixed zero point (symmetric grid) instead of a stored one",
+    "act_order": "gptq: quantize columns in order of decreasing Hessian diagonal",
+    "static_groups": "gptq: fix the group grids from the unquantized weights first (with --act-order: no "
+    "per-column group index stored)",
+    "damp": "gptq: dampening added to the Hessian's diagonal, as a fraction of its mean",
+    "block_size": "gptq: columns per lazy batch update",
+    "calib_samples": "gptq: calibration windows of the model's context length",
+    "calib_seed": "gptq: seed of the calibration windows",
+    "clip_search": "search each grid's clipping ratio (minimum weight error) instead of taking max|w|",
+    "rotate": "random orthogonal rotation of each layer's input side (QuIP-style)",
+    "rotate_seed": "seed of the rotations",
+    "quantize_embeddings": "store the tied embedding/head table at 8 bits per row too",
+    "layers": "comma-separated linears inside each block to quantize",
+}
 KERNEL_NAMES = ", ".join(("auto", *KERNELS))  # a named one runs the layers it can; auto picks for the rest
 EXACT_KERNEL_HELP = f"quantized kernel: {KERNEL_NAMES} (default: dequant, the exact path)"
 # --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
@@ -50,14 +68,16 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict, s
     default applies), so that the caller knows which were given."""
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = argparse.SUPPRESS if suppress else f.default if f.default is not MISSING else None
+        value = f.default if f.default is not MISSING else None
+        default = argparse.SUPPRESS if suppress else value
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        help = f"{help_text[f.name]} (default: {shown})" if f.name in help_text else f"default: {shown}"
+        help = help.replace("%", "%%")  # argparse %-formats help strings
         typ = eval_type(f.type)
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag, type=typ, default=default, help=help_text.get(f.name),
-                                metavar=f.name.upper())
+            parser.add_argument(flag, type=typ, default=default, help=help, metavar=f.name.upper())
 
 
 def eval_type(annotation: str | type) -> type:
@@ -115,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     from nanogptq.quant import QuantConfig
 
-    _add_dataclass_args(p, QuantConfig, {"group_size": "0: per tensor, -1: per channel, G: groups of G"})
+    _add_dataclass_args(p, QuantConfig, QUANT_HELP)
     p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
     p = sub.add_parser("export", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
@@ -155,7 +175,8 @@ def run(args: argparse.Namespace) -> None:
 
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
         out = train(TrainConfig(**values), explicit=set(values))
-        print(f"run saved in {out}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            print(f"run saved in {out}")
     elif args.command == "sample":
         from nanogptq.generate import generate_text, load_for_generation
 
@@ -178,6 +199,9 @@ def run(args: argparse.Namespace) -> None:
         result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save,
                                      kernel=args.kernel)
         print(json.dumps(result, indent=2))
+        if args.kernel != "dequant" and not args.no_save:
+            print(f"note: not stored in {args.ckpt}: the stored perplexity is the exact --kernel dequant one",
+                  file=sys.stderr)
     elif args.command == "quantize":
         from nanogptq.quant import QuantConfig, quantize_checkpoint
 

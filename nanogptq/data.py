@@ -140,6 +140,8 @@ def resolve_text_path(
     """Find (or download) the text file of dataset `name`. `urls` overrides download URLs by name."""
     if name.startswith("file:"):
         path = Path(name[len("file:") :]).expanduser()
+        if not name[len("file:") :] or path.is_dir():
+            raise DataError(f"dataset {name!r} names a folder, not a text file: use file:PATH/TO/TEXT.txt")
         if not path.is_file():
             raise DataError(f"missing file: {path} (from dataset {name!r})")
         return path

@@ -47,7 +47,9 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json.
 
     Quantized weights are evaluated on the exact "dequant" path by default (fp32 arithmetic, as the
-    baseline), so the table measures the weights, not the bf16 rounding of a fast kernel.
+    baseline), so the table measures the weights, not the bf16 rounding of a fast kernel. Only that exact
+    figure is stored (the demo shows it as the checkpoint's perplexity); `kernel` is the one `ckpt` was, or
+    is to be, loaded with.
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt, device=device, kernel=kernel)
@@ -56,7 +58,8 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     result = perplexity(ckpt.model, data.val, device=device, progress=progress)
     result["eval_s"] = round(time.time() - t0, 2)
     result["size_bytes"] = ckpt.size_bytes()
-    if save:
+    result["kernel"] = kernel
+    if save and kernel == "dequant":
         meta = dict(ckpt.meta)
         meta["metrics"] = {**meta.get("metrics", {}), **result}
         update_meta(ckpt.path, meta)
@@ -90,17 +93,25 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
     """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png into
     `out_dir` (default: report_folder's)."""
     metas = [read_meta(path) for path in paths]  # every path checked before the first evaluation
+    first_data = metas[0].get("data") or {}
     for path, meta in zip(paths[1:], metas[1:], strict=True):
-        if (meta.get("data"), meta["tokenizer"]) != (metas[0].get("data"), metas[0]["tokenizer"]):
-            raise ValueError(f"{path}: trained on other data or another tokenizer than {paths[0]}, so their "
+        data = meta.get("data") or {}
+        differs = [f"{k} {data.get(k)!r} against {first_data.get(k)!r}" for k in sorted(data.keys() | first_data.keys())
+                   if data.get(k) != first_data.get(k)]
+        if meta["tokenizer"] != metas[0]["tokenizer"] and not differs:
+            differs = ["another tokenizer"]
+        if differs:
+            raise ValueError(f"{path}: its data differ from {paths[0]}'s ({'; '.join(differs)}), so their "
                              "per-token perplexities are not comparable")
     out = report_folder(paths, out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, variant in zip(paths, short_names(paths), strict=True):
         ckpt = load_checkpoint(path, device=device, kernel=kernel)
         row = {**describe(ckpt), "variant": variant, "path": str(path)}
-        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress))
+        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress, kernel=kernel))
         rows.append(row)
     base = rows[0]["val_ppl"]
     for row in rows:

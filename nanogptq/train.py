@@ -262,6 +262,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
         cfg = resumed_config(cfg, explicit)
     elif not cfg.overwrite and any((out / name).exists() for name in ("last", "best")):
         raise ValueError(f"{out} already holds a run: continue it with --resume, or replace it with --overwrite")
+    if cfg.init_from and not cfg.resume:
+        # a fine-tuned model keeps the shape it was trained with: the run records its preset, not --preset's
+        init_preset = read_meta(cfg.init_from).get("train", {}).get("preset", cfg.preset)
+        given = "preset" in explicit if explicit is not None else cfg.preset != TrainConfig.preset
+        if given and cfg.preset != init_preset:
+            raise ValueError(f"--preset {cfg.preset} differs from --init-from {cfg.init_from}'s preset "
+                             f"{init_preset}: a fine-tuned model keeps its shape")
+        cfg.preset = init_preset
     device = pick_device(cfg.device)
     dist_info, device = init_distributed(device)
 
@@ -272,7 +280,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     for split, tokens in (("training", data.train), ("validation", data.val)):
         if len(tokens) <= model.config.block_size:  # a batch window is block_size + 1 tokens
             raise ValueError(f"the {split} split holds {len(tokens)} tokens, too few for the model's context of "
-                             f"{model.config.block_size}: use a longer text (or a larger --val-fraction)")
+                             f"{model.config.block_size}: use a longer text (or a "
+                             f"{'smaller' if split == 'training' else 'larger'} --val-fraction)")
     is_cuda = device.startswith("cuda")
     optimizer = make_optimizer(model, cfg, fused=is_cuda)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
@@ -376,8 +385,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
                 loss_sum, elapsed = (t / dist_info.world_size).tolist()
             train_loss = loss_sum
             if not math.isfinite(train_loss):
+                kept = (f"{out / 'last'} keeps step {saved_step}, the last one saved" if saved_step > 0 or cfg.resume
+                        else "nothing was saved")
                 raise ValueError(f"the training loss became {train_loss} at step {step}: the run diverged (try a "
-                                 f"lower --lr); {out / 'last'} keeps step {saved_step}, the last one saved")
+                                 f"lower --lr); {kept}")
             now = time.time()
             tok_s = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
@@ -399,6 +410,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
                 if log_file:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
+                    if not cfg.progress:  # no bar: a line per evaluation, so a log shows the run's course
+                        print(f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}, "
+                              f"{tok_s:,.0f} tokens/s", file=sys.stderr, flush=True)
                 t_last = time.time()  # keep evaluation time out of tokens/s
             if out_of_time:
                 break

@@ -129,7 +129,8 @@ def client(app):
 
 def ask(client, keys: list[str], prompt="the cat", max_new=24, temperature=0.8, top_k=40, seed=7) -> dict:
     """One /generate call: the status line, then the text and the stats of every column (selected or not)."""
-    out = client.predict(keys, prompt, max_new, temperature, top_k, seed, api_name="/generate")
+    out = client.predict(selected=keys, prompt=prompt, max_new_tokens=max_new, temperature=temperature,
+                         top_k=top_k, seed=seed, api_name="/generate")  # the API's names, as documented
     n = (len(out) - 1) // 2
     return {"status": out[0], "texts": list(out[1 : 1 + n]), "stats": list(out[1 + n :])}
 
@@ -226,6 +227,12 @@ def test_out_of_range_settings_explain_themselves(client, run_dir, kwargs, messa
     r = ask(client, variant_keys(run_dir), **kwargs)
     assert r["status"].startswith("**Can't generate:**") and message in r["status"], r["status"]
     assert all(t == "" for t in r["texts"])
+
+
+def test_a_busy_port_names_the_flag(app, run_dir):
+    busy = int(app[0].rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(OSError, match=f"port {busy} on 127.0.0.1 is in use or not allowed; choose another with --port"):
+        launch([str(run_dir / "best")], port=busy, block=False)
 
 
 def test_no_variant_selected(client):

@@ -30,6 +30,7 @@ def make(tmp_path):
 
 def test_round_trip(tmp_path):
     model, path = make(tmp_path)
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == (path / "config.json").stat().st_mode & 0o777
     ck = load_checkpoint(path)
     x = torch.randint(0, 10, (2, 8))
     torch.testing.assert_close(ck.model(x)[0], model.eval()(x)[0])
@@ -110,6 +111,21 @@ def test_a_checkpoint_never_replaces_what_is_not_one(tmp_path):
     check_output(path)  # a checkpoint is replaced (atomically)
     (tmp_path / "empty").mkdir()
     check_output(tmp_path / "empty")
+    # a quantized or exported checkpoint (it names its parent) replaces one made the same way, never one
+    # that training wrote (a run's best/ or last/, which --resume and every later variant need)
+    meta = json.loads((path / "config.json").read_text())
+    derived = save_checkpoint(tmp_path / "derived", model, {**meta, "parent": str(path)})
+    check_output(derived, source=path)
+    trained = save_checkpoint(tmp_path / "trained", model, meta)
+    for target in (path, trained):
+        with pytest.raises(CheckpointError, match="holds a trained checkpoint, not one made by quantize or export"):
+            check_output(target, source=derived)
+
+
+def test_a_weights_file_is_not_a_checkpoint_folder(tmp_path):
+    _, path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a file; name the checkpoint folder that holds it"):
+        load_checkpoint(path / "model.safetensors")
 
 
 def test_resume_state_is_not_unpickled(tmp_path):

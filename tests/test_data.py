@@ -259,6 +259,9 @@ def test_unknown_dataset_lists_valid_names():
 def test_file_errors(tmp_path):
     with pytest.raises(DataError, match="missing file"):
         load_text(f"file:{tmp_path / 'nope.txt'}")
+    for folder in (f"file:{tmp_path}", "file:"):
+        with pytest.raises(DataError, match="names a folder, not a text file"):
+            load_text(folder)
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(DataError, match="empty text file"):
         load_text(f"file:{tmp_path / 'empty.txt'}")

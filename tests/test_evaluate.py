@@ -48,6 +48,10 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     # compare records each variant's perplexity in its config.json, where the demo reads it
     saved = json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"]
     assert saved == rows[1]["val_ppl"]
+    # a fast kernel's perplexity is reported, never stored over the exact one
+    fast = evaluate_checkpoint(tmp_path / "rtn4", kernel="auto", progress=False)
+    assert fast["kernel"] == "auto" and fast["val_ppl"] == pytest.approx(saved, rel=1e-2)
+    assert json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"] == saved
 
     # two runs' best/ folders get the run's name in the table; the report goes beside the first by default
     (tmp_path / "other").mkdir()
@@ -60,9 +64,16 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     byte_cfg = GPTConfig(vocab_size=other.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
     save_checkpoint(tmp_path / "byte", GPT(byte_cfg), {**meta, "model": byte_cfg.to_dict(),
                                                         "tokenizer": other.tokenizer.to_dict()})
-    with pytest.raises(ValueError, match="another tokenizer .* not comparable"):
+    with pytest.raises(ValueError, match=r"\(another tokenizer\), so .* not comparable"):
         compare([tmp_path / "fp32", tmp_path / "byte"], tmp_path / "r2", progress=False)
     assert not (tmp_path / "r2" / "compare.md").exists()
+    # the error names the setting that differs
+    save_checkpoint(tmp_path / "tail", fp, {**meta, "data": {**meta["data"], "split": "tail"}})
+    with pytest.raises(ValueError, match=r"\(split 'tail' against 'chunks'\)"):
+        compare([tmp_path / "fp32", tmp_path / "tail"], tmp_path / "r2", progress=False)
+    (tmp_path / "report.txt").write_text("")
+    with pytest.raises(ValueError, match="report.txt: a file, not a folder"):
+        compare([tmp_path / "fp32"], tmp_path / "report.txt", progress=False)
 
 
 def test_eval_refuses_a_dataset_whose_text_changed(tmp_path, text_file):

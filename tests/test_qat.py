@@ -275,6 +275,15 @@ def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tm
     out = export_checkpoint(run / "best", tmp_path / "ternary")
     assert evaluate_checkpoint(out, None, "cpu", progress=False)["val_loss"] == pytest.approx(
         evaluate_checkpoint(run / "best", None, "cpu", progress=False)["val_loss"], abs=1e-4)
+    # a QAT checkpoint is exported, not quantized again; and an export never lands on the run's own folders
+    from nanogptq.checkpoint import CheckpointError
+    from nanogptq.quant import QuantConfig, quantize_checkpoint
+
+    with pytest.raises(ValueError, match="trained with ternary QAT; pack it with `nanogptq export"):
+        quantize_checkpoint(run / "best", tmp_path / "q", QuantConfig(method="rtn"), progress=False)
+    with pytest.raises(CheckpointError, match="holds a trained checkpoint"):
+        export_checkpoint(run / "best", run / "last")
+    assert (run / "last" / "resume.pt").exists()
 
 
 def test_qat_restart_runs_two_schedules():

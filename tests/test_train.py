@@ -134,7 +134,7 @@ def test_a_diverged_run_stops_with_an_error_and_saves_nothing(tmp_path, text_fil
 
     monkeypatch.setattr(train_module, "build_model", build_nan_model)
     cfg = small_run(tmp_path, text_file, max_steps=20)
-    with pytest.raises(ValueError, match="the training loss became nan at step 1: the run diverged"):
+    with pytest.raises(ValueError, match="loss became nan at step 1: the run diverged .*; nothing was saved"):
         train(cfg)
     assert not (Path(cfg.out_dir) / "last").exists()
 
@@ -142,7 +142,8 @@ def test_a_diverged_run_stops_with_an_error_and_saves_nothing(tmp_path, text_fil
 def test_a_text_too_short_for_the_context_fails_before_training(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("the cat sat on the mat. " * 40)  # 960 characters: a validation split under 128 tokens
-    with pytest.raises(ValueError, match="split holds .* tokens, too few for the model's context of 128"):
+    with pytest.raises(ValueError, match="validation split holds .* tokens, too few for the model's context of "
+                                         r"128: use a longer text \(or a larger --val-fraction\)"):
         train(TrainConfig(dataset=f"file:{path}", out_dir=str(tmp_path / "r"), progress=False))
     assert not (tmp_path / "r" / "last").exists()
 
@@ -254,6 +255,11 @@ def test_qat_fine_tune_from_fp32_checkpoint(tmp_path, text_file):
                             qat_config=qat_config, lr_schedule="bitnet", **base))
     ck = load_checkpoint(qat / "last")
     assert ck.meta["qat"] is not None and ck.meta["train"]["init_from"] == str(fp / "best")
+    assert ck.meta["train"]["preset"] == "tiny"
+    # the fine-tuned model keeps its shape: another --preset is an error, not a silently wrong record
+    with pytest.raises(ValueError, match="--preset small differs from --init-from .*'s preset tiny"):
+        train(TrainConfig(out_dir=str(tmp_path / "qat2"), max_steps=2, init_from=str(fp / "best"), preset="small",
+                          **base), explicit={"out_dir", "max_steps", "init_from", "preset"})
     # starting from trained weights, QAT is far from a fresh start (ln(vocab) = 3.4) after 20 steps
     assert val_losses(qat)[-1] < fp_loss + 0.5
 

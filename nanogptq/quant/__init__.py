@@ -65,8 +65,10 @@ def quantize_checkpoint(
 
     check_output(out, src)  # before the work, not after it
     ckpt = load_checkpoint(src, device=device)
-    if ckpt.meta.get("quantization") or ckpt.meta.get("qat"):
+    if ckpt.meta.get("quantization"):
         raise ValueError(f"{src}: already quantized; quantize the float checkpoint instead")
+    if ckpt.meta.get("qat"):
+        raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq export {src} --out DIR`")
     tokens = None
     if config.method == "gptq":
         tokens = checkpoint_data(ckpt, data_dir).train
