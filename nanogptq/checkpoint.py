@@ -255,10 +255,16 @@ def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None) -> TokenData:
     spec = ckpt.meta.get("data")
     if not isinstance(spec, dict) or "dataset" not in spec:
         raise CheckpointError(f"{ckpt.path / CONFIG}: no 'data' entry saying which dataset it was trained on")
+    spec = dict(spec)
+    trained_sha256 = spec.pop("text_sha256", None)  # absent from checkpoints of earlier versions
     try:
         data = prepare_data(**spec, data_dir=data_dir)
     except TypeError as e:  # an unknown or missing key in a hand-edited entry
         raise CheckpointError(f"{ckpt.path / CONFIG}: invalid 'data' entry ({e})") from None
+    if trained_sha256 and data.text_sha256 != trained_sha256:
+        raise CheckpointError(f"{ckpt.path}: the text of dataset {spec['dataset']!r} is not the one this checkpoint "
+                              f"was trained on (sha256 {data.text_sha256[:12]}..., trained on "
+                              f"{trained_sha256[:12]}...): its split would differ")
     if data.tokenizer.to_dict() != ckpt.tokenizer.to_dict():
         raise CheckpointError(f"{ckpt.path}: dataset {spec['dataset']!r} no longer gives the "
                               "tokenizer this checkpoint was trained with (has its text changed?)")

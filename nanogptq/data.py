@@ -375,6 +375,7 @@ class TokenData:
     train: np.ndarray  # 1-D memmap of token ids, uint16 (or uint32 for vocabularies over 65,536)
     val: np.ndarray
     tokenizer: Tokenizer
+    text_sha256: str = ""  # of the whole text: a checkpoint records it, so a changed text is caught
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -399,7 +400,7 @@ def _load_cached(folder: Path) -> TokenData | None:
             if path.stat().st_size != n * np.dtype(meta["dtype"]).itemsize:
                 return None
             arrays.append(np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,)))
-        return TokenData(arrays[0], arrays[1], tokenizer_from_dict(meta["tokenizer"]))
+        return TokenData(arrays[0], arrays[1], tokenizer_from_dict(meta["tokenizer"]), meta["text_sha256"])
     except (OSError, ValueError, KeyError):
         return None  # absent, partial or stale cache: rebuild it
 
@@ -448,7 +449,7 @@ def prepare_data(
         "tokenizer": tok.to_dict(),
     }
     _atomic_write(folder / "meta.json", json.dumps(meta).encode())  # last: marks the cache complete
-    return _load_cached(folder) or TokenData(train, val, tok)
+    return _load_cached(folder) or TokenData(train, val, tok, key_fields["text_sha256"])
 
 
 # ----------------------------------------------------------------------------- batching

@@ -86,3 +86,13 @@ def test_eval_refuses_a_dataset_whose_text_changed(tmp_path, text_file):
     text_file.write_text("# " + text_file.read_text())  # a new character: every token id after '#' shifts
     with pytest.raises(CheckpointError, match="no longer gives the tokenizer this checkpoint was trained with"):
         evaluate_checkpoint(path, save=False, progress=False)
+    # a byte tokenizer takes any text: the text's hash, recorded at training, catches the change
+    byte = prepare_data(f"file:{text_file}", "byte")
+    spec = {"dataset": f"file:{text_file}", "tokenizer": "byte", "text_sha256": byte.text_sha256}
+    cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    path = save_checkpoint(tmp_path / "byte", GPT(cfg), {"model": cfg.to_dict(), "data": spec,
+                                                         "tokenizer": byte.tokenizer.to_dict()})
+    assert evaluate_checkpoint(path, save=False, progress=False)["val_ppl"] > 1
+    text_file.write_text(text_file.read_text()[1000:])
+    with pytest.raises(CheckpointError, match="is not the one this checkpoint was trained on .*split would differ"):
+        evaluate_checkpoint(path, save=False, progress=False)

@@ -1,5 +1,6 @@
 """End-to-end: training, resuming after SIGKILL, DDP on CPU with gloo, and the CLI's errors."""
 
+import hashlib
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path, text_file):
     ck = load_checkpoint(run / "best")
     assert ck.meta["metrics"]["best_val_loss"] == pytest.approx(min(losses))
     assert ck.meta["data"]["dataset"] == f"file:{text_file}"
+    assert ck.meta["data"]["text_sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
     # a new run in the same folder: refused unless --overwrite, and then it logs only itself
     cfg.max_steps = 20
     with pytest.raises(ValueError, match="already holds a run: continue it with --resume, or replace it"):
