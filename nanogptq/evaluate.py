@@ -67,6 +67,10 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     return result
 
 
+# the quantize flags that tell two variants of one method, bits and group apart
+OPTION_FLAGS = ("act-order", "static-groups", "clip-search", "rotate", "symmetric", "quantize-embeddings")
+
+
 def describe(ckpt: Checkpoint) -> dict:
     """What a variant is: method, bits, group size, bits per weight, as read from its config.json."""
     q = ckpt.meta.get("quantization") or {}
@@ -77,7 +81,8 @@ def describe(ckpt: Checkpoint) -> dict:
         method, bits, group = "qat", 1.58, None
     else:
         method, bits, group = "fp32", 32, None
-    return {"variant": ckpt.name, "method": method, "bits": bits, "group": group,
+    options = [flag for flag in OPTION_FLAGS if q.get(flag.replace("-", "_"))]
+    return {"variant": ckpt.name, "method": method, "bits": bits, "group": group, "options": options,
             "bits_per_weight": round(bits_per_weight(ckpt.model), 3),
             "quant_time_s": ckpt.meta.get("quant_time_s")}
 
@@ -126,14 +131,16 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| variant | method | bits | group | perplexity | vs baseline | bytes on disk | bits/weight | quant time |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| variant | method | bits | group | options | perplexity | vs baseline | bytes on disk | bits/weight "
+            "| quant time |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in rows:
         qt = "" if r.get("quant_time_s") is None else f"{r['quant_time_s']:.1f} s"
         group = {None: "", 0: "tensor", -1: "channel"}.get(r["group"], r["group"])
         lines.append(
-            f"| {r['variant']} | {r['method']} | {r['bits']} | {group} | {r['val_ppl']:.4f} | "
+            f"| {r['variant']} | {r['method']} | {r['bits']} | {group} | {', '.join(r.get('options', []))} | "
+            f"{r['val_ppl']:.4f} | "
             f"{r['ppl_change_pct']:+.2f}% | {r['size_bytes']:,} | {r['bits_per_weight']:.2f} | {qt} |"
         )
     return head + "\n".join(lines) + "\n"

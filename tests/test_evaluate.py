@@ -30,7 +30,7 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     torch.manual_seed(0)
     fp = GPT(cfg)
     save_checkpoint(tmp_path / "fp32", fp, {**meta, "quantization": None})
-    rtn_cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    rtn_cfg = QuantConfig(method="rtn", bits=4, group_size=32, symmetric=True)
     q = quantize(GPT(cfg).eval(), rtn_cfg, None, progress=False)
     save_checkpoint(tmp_path / "rtn4", q, {**meta, "quantization": quant_meta(q, rtn_cfg)})
     qat = apply_qat(GPT(cfg), QATConfig())
@@ -43,7 +43,8 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     assert rows[1]["bits_per_weight"] > 4 and rows[2]["bits_per_weight"] < 1.7
     assert rows[2]["size_bytes"] < rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert json.loads((tmp_path / "report" / "compare.json").read_text())[2]["variant"] == "ternary"
-    assert "| ternary | ternary | 1.58 |" in (tmp_path / "report" / "compare.md").read_text()
+    table = (tmp_path / "report" / "compare.md").read_text()
+    assert "| ternary | ternary | 1.58 | tensor |  |" in table and "| rtn4 | rtn | 4 | 32 | symmetric |" in table
     assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
     # compare records each variant's perplexity in its config.json, where the demo reads it
     saved = json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"]
