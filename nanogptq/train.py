@@ -347,6 +347,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
                desc="train", dynamic_ncols=True)
     start = time.time()
     last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
+    if cfg.resume:  # the bar shows the resumed run's last validation loss until the next evaluation
+        last_val = read_meta(out / "last").get("metrics", {}).get("val_loss") or float("nan")
     model.train()
     elapsed = elapsed_before
     try:
