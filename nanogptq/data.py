@@ -131,6 +131,11 @@ def download(url: str, dest: str | Path, sha256: str | None = None, size: int | 
     return dest
 
 
+def file_dataset_path(name: str) -> Path | None:
+    """The path a `file:PATH` dataset names (~ expanded); None for a named dataset."""
+    return Path(name[len("file:") :]).expanduser() if name.startswith("file:") else None
+
+
 def resolve_text_path(
     name: str,
     data_dir: str | Path | None = None,
@@ -138,9 +143,8 @@ def resolve_text_path(
     urls: dict[str, str] | None = None,
 ) -> Path:
     """Find (or download) the text file of dataset `name`. `urls` overrides download URLs by name."""
-    if name.startswith("file:"):
-        path = Path(name[len("file:") :]).expanduser()
-        if not name[len("file:") :] or path.is_dir():
+    if (path := file_dataset_path(name)) is not None:
+        if path.is_dir():  # "file:" alone is the working folder
             raise DataError(f"dataset {name!r} names a folder, not a text file: use file:PATH/TO/TEXT.txt")
         if not path.is_file():
             raise DataError(f"missing file: {path} (from dataset {name!r})")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanogptq.checkpoint import load_checkpoint, load_resume_state, read_meta, save_checkpoint
-from nanogptq.data import TokenData, get_batch, prepare_data
+from nanogptq.data import TokenData, file_dataset_path, get_batch, prepare_data
 from nanogptq.model import GPT, PRESETS, preset_config
 
 
@@ -66,8 +66,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # stored absolute, so that eval, compare and the demo find the text from any folder
-        if self.dataset.startswith("file:"):
-            self.dataset = "file:" + str(Path(self.dataset[len("file:"):]).expanduser().absolute())
+        if (path := file_dataset_path(self.dataset)) is not None:
+            self.dataset = f"file:{path.absolute()}"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -111,14 +111,17 @@ RUN_FIELDS = ("dataset", "tokenizer", "vocab_size", "val_fraction", "split_seed"
 SESSION_FIELDS = ("device", "data_dir", "progress", "compile")  # this invocation's, resumed or not
 
 
+def given_fields(cfg: TrainConfig, explicit: set[str] | None) -> set[str]:
+    """The settings the user gave: `explicit` (the flags parsed), or without it those differing from the defaults."""
+    return explicit if explicit is not None else {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
 def resumed_config(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
-    """The run's saved settings (out_dir/last), with those the user gave again (`explicit`: the field names;
-    None: those differing from the defaults) overriding them, e.g. a larger max_steps to extend the run, and
-    this session's device, data folder and progress bar. The data and model settings cannot change."""
+    """The run's saved settings (out_dir/last), with those the user gave again (given_fields) overriding them,
+    e.g. a larger max_steps to extend the run, and this session's device, data folder and progress bar. The
+    data and model settings cannot change."""
     saved = TrainConfig.from_dict(read_meta(Path(cfg.out_dir) / "last")["train"])
-    if explicit is None:
-        explicit = {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
-    for name in sorted(explicit | set(SESSION_FIELDS)):
+    for name in sorted(given_fields(cfg, explicit) | set(SESSION_FIELDS)):
         value = getattr(cfg, name)
         if name in RUN_FIELDS and value != getattr(saved, name):
             raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's "
@@ -265,8 +268,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     if cfg.init_from and not cfg.resume:
         # a fine-tuned model keeps the shape it was trained with: the run records its preset, not --preset's
         init_preset = read_meta(cfg.init_from).get("train", {}).get("preset", cfg.preset)
-        given = "preset" in explicit if explicit is not None else cfg.preset != TrainConfig.preset
-        if given and cfg.preset != init_preset:
+        if "preset" in given_fields(cfg, explicit) and cfg.preset != init_preset:
             raise ValueError(f"--preset {cfg.preset} differs from --init-from {cfg.init_from}'s preset "
                              f"{init_preset}: a fine-tuned model keeps its shape")
         cfg.preset = init_preset
@@ -285,10 +287,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     is_cuda = device.startswith("cuda")
     optimizer = make_optimizer(model, cfg, fused=is_cuda)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
-    step, best_val, elapsed_before = 0, float("inf"), 0.0
+    step, best_val, elapsed_before, resumed_val = 0, float("inf"), 0.0, None
     if cfg.resume:
         state = load_resume_state(out / "last")
-        model.load_state_dict(load_checkpoint(out / "last").model.state_dict())
+        resumed = load_checkpoint(out / "last")
+        model.load_state_dict(resumed.model.state_dict())
+        resumed_val = resumed.meta.get("metrics", {}).get("val_loss")  # shown in the bar until an evaluation
         optimizer.load_state_dict(state["optimizer"])
         step, best_val = int(state["step"]), float(state["best_val"])
         elapsed_before = float(state.get("elapsed_s", 0.0))  # --max-time counts the whole run
@@ -346,9 +350,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist_info.is_main),
                desc="train", dynamic_ncols=True)
     start = time.time()
-    last_val, train_loss, t_last, tok_s = float("nan"), float("nan"), time.time(), 0.0
-    if cfg.resume:  # the bar shows the resumed run's last validation loss until the next evaluation
-        last_val = read_meta(out / "last").get("metrics", {}).get("val_loss") or float("nan")
+    last_val, train_loss, t_last, tok_s = resumed_val or float("nan"), float("nan"), time.time(), 0.0
     model.train()
     elapsed = elapsed_before
     try:
@@ -388,8 +390,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
                 loss_sum, elapsed = (t / dist_info.world_size).tolist()
             train_loss = loss_sum
             if not math.isfinite(train_loss):
-                kept = (f"{out / 'last'} keeps step {saved_step}, the last one saved" if saved_step > 0 or cfg.resume
-                        else "nothing was saved")
+                kept = f"{out / 'last'} keeps step {saved_step}, the last one saved" if saved_step else \
+                    "nothing was saved"
                 raise ValueError(f"the training loss became {train_loss} at step {step}: the run diverged (try a "
                                  f"lower --lr); {kept}")
             now = time.time()
