@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> None:
             gen = generate_text(ckpt, args.prompt, settings)
             for note in gen.notes:
                 print(f"note: {note}", file=sys.stderr)
-            print(args.prompt + gen.text)
+            print(gen.prompt + gen.text)
             print(f"--- {gen.new_tokens} tokens on {act} activations, first after {gen.ttft_s * 1000:.1f} ms, "
                   f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     elif args.command == "eval":

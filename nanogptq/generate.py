@@ -36,6 +36,7 @@ class SampleSettings:
 
 @dataclass
 class Generation:
+    prompt: str = ""  # the prompt as the model saw it: unknown characters dropped, cropped to the context
     text: str = ""  # the generated continuation only
     new_tokens: int = 0
     ttft_s: float = 0.0  # prompt prefill + first token
@@ -112,7 +113,7 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
     ids, notes = encode_prompt(ckpt, prompt)
     device = ckpt.model.transformer.wpe.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = Generation(notes=notes)
+    gen = Generation(prompt=ckpt.tokenizer.decode(ids), notes=notes)
     text = TextStream(ckpt.tokenizer)
     start = time.perf_counter()
     for tok in ckpt.model.generate_stream(idx, settings.max_new_tokens, settings.temperature,

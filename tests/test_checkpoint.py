@@ -258,6 +258,11 @@ def test_sample_cli_dtype(int4_ckpt, capsys, monkeypatch):
         assert out.startswith("the cat") and len(out) == len("the cat") + 24 + 1  # char tokens, a newline
         assert f"--- 24 tokens on {name} activations" in err
 
+    main([*args[:4], "--prompt", "the Ωcat€", "--max-new-tokens", "4"])  # printed as the model saw it
+    out, err = capsys.readouterr()
+    assert out.startswith("the cat") and len(out) == len("the cat") + 4 + 1
+    assert "note: dropped characters the model never saw: 'Ω' '€'" in err
+
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--dtype", "fp8"])
     assert exit_info.value.code == 2
