@@ -30,6 +30,7 @@ from nanogptq.quant import (
 )
 from nanogptq.quant import kernels as K
 from nanogptq.quant.linear import AUTO_ORDER, KERNELS, auto_kernel
+from nanogptq.quant.pack import unpack
 
 BF16_TOL = 1e-2  # measured ~3e-3 per layer
 W8A8_TOL = 3e-2  # measured ~6e-3 per layer
@@ -629,6 +630,14 @@ def test_cuda_gemv_chain_under_pdl_matches_serial_launches(kernel, bits):
     assert rel_err(outs[False][0], chain(x, False)) == 0
 
 
+def rtn_layer_and_zeros(bits: int, group_size: int, symmetric: bool, in_f: int, out_f: int):
+    """An RTN QuantLinear (random weights) and its unpacked zero codes (None if symmetric), on the CPU."""
+    W = torch.randn(out_f, in_f) * 0.05
+    cfg = QuantConfig(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric)
+    m = QuantLinear.from_quantized(rtn_quantize_weight(W, cfg))
+    return m, None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run `code` in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
     Triton is imported); skip where Triton or a numpy it can use is missing."""
@@ -648,17 +657,13 @@ def test_triton_gemv_in_the_interpreter():
     interpreter runs the fp32 twin of the packed-fp16 assembly, with the same tiles, masks and groups."""
     code = """
 import torch
-from nanogptq.quant import QuantConfig, QuantLinear, rtn_quantize_weight
-from nanogptq.quant.pack import unpack
 from nanogptq.quant.triton_gemv import gemv, launch, to_interleaved
+from test_kernels import rtn_layer_and_zeros
 # rows: 24 fill whole words and tiles; 65 (a char vocabulary's head) and 66 leave the last word row part padding
 for bits, gs, sym, K, N in [(4, 128, False, 256, 24), (4, 64, False, 1600, 24), (4, -1, True, 192, 66),
                             (8, -1, False, 1600, 65), (8, 0, True, 64, 24), (4, 512, False, 1024, 24),
                             (4, 32, True, 104, 24), (4, 0, False, 200, 65)]:
-    W = torch.randn(N, K) * 0.05
-    m = QuantLinear.from_quantized(rtn_quantize_weight(W, QuantConfig(method="rtn", bits=bits, group_size=gs,
-                                                                      symmetric=sym)))
-    z = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
+    m, z = rtn_layer_and_zeros(bits, gs, sym, K, N)
     x = torch.randn(2, K)
     ref = x @ m.dequantize().T
     words = to_interleaved(m.qweight, K, gs, bits)
@@ -673,6 +678,52 @@ for bits, gs, sym, K, N in [(4, 128, False, 256, 24), (4, 64, False, 1600, 24), 
     assert err < 1e-5, ("gelu", bits, gs, err)
 """
     run_in_triton_interpreter(code)
+
+
+def test_prefill_dequant_kernel_in_the_interpreter():
+    """triton_dequant's index arithmetic for both GEMV layouts, through Triton's CPU interpreter: exactly
+    rtn.dequantize_weight's values, for row counts off the layouts' tiles, short last groups and per-row and
+    per-tensor grids (fp32 and fp16; the interpreter rounds to bf16 toward zero, the GPU to nearest: the CUDA
+    test below checks bf16)."""
+    code = """
+import torch
+from nanogptq.quant import cuda_gemv, triton_gemv
+from nanogptq.quant.pack import unpack
+from nanogptq.quant.rtn import dequantize_weight
+from nanogptq.quant.triton_dequant import dequantize
+from test_kernels import rtn_layer_and_zeros
+torch.manual_seed(0)
+for bits, gs, sym, K, N in [(4, 128, False, 256, 24), (4, 64, False, 1600, 40), (4, -1, True, 192, 66),
+                            (8, -1, False, 1600, 65), (8, 0, True, 64, 24), (4, 0, False, 256, 65),
+                            (4, 32, True, 104, 24), (4, 256, False, 512, 17)]:
+    m, z = rtn_layer_and_zeros(bits, gs, sym, K, N)
+    codes = unpack(m.qweight, bits, K)
+    ref = dequantize_weight(codes, m.scales, z, bits, gs)
+    layouts = [("interleaved", triton_gemv.to_interleaved(m.qweight, K, gs, bits))]
+    if bits == 4 and cuda_gemv.supports(bits, gs, K):
+        layouts.append(("mma", cuda_gemv.to_mma_layout(codes, cuda_gemv.chunk_words(gs, K))))
+    assert len(layouts) == 2 or bits == 8 or gs == 32
+    for name, words in layouts:
+        for dt in (torch.float32, torch.float16):
+            w = dequantize(words, name, m.scales, z, bits, gs, N, K, dt)
+            assert w.dtype == dt and torch.equal(w, ref.to(dt)), (bits, gs, sym, K, N, name, dt)
+"""
+    run_in_triton_interpreter(code)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, bits, group_size, in_f", [("mma", 4, 128, 4096), ("mma", 4, -1, 192),
+                                                            ("triton", 4, 64, 1600), ("triton", 8, -1, 1600)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_prefill_weight_is_the_stored_grid(kernel, bits, group_size, in_f, dtype):
+    """The weight prefill multiplies by, made on the GPU from the kernel's layout, is the stored grid rounded
+    once to the activation dtype, bit for bit."""
+    from nanogptq.quant.kernels import _layout_weight
+
+    m = layer(272, in_f, bits, group_size, False, kernel, device="cuda")
+    words, name = (m.m_words, "mma") if kernel == "mma" else (m.t_qweight, "interleaved")
+    assert torch.equal(_layout_weight(m, words, name, dtype), m.dequantize_stored().to(dtype))
 
 
 @cuda

@@ -17,10 +17,11 @@ rewrite that grid exactly into what each op wants, never re-quantizing float wei
               CPU: aten._weight_int4pack_mm_for_cpu, CUDA: aten._weight_int4pack_mm; both in bf16.
     triton    8 and 4 bits, CUDA only: a Triton GEMV (triton_gemv.py) on the codes re-laid at load as
               INTERLEAVED words, which unpack two codes per instruction, for decode-sized inputs (up to
-              CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize to the activation dtype and use
-              cuBLAS. "auto" picks it on CUDA at 8 bits and for the 4-bit grids mma does not take: on the
-              H200, 7 B-shaped linears at batch 1, it runs 2.6-2.8x bf16 at 4 bits on fp16 activations,
-              2.2-2.5x on bf16 ones (tinygemm 1.6-1.9x), and 1.7-2.1x at 8 bits (the stock int8 op 0.2x).
+              CUDA_GEMV_MAX_ROWS rows); larger inputs (prefill) dequantize the words to the activation
+              dtype (one Triton kernel, triton_dequant.py) and use cuBLAS. "auto" picks it on CUDA at 8
+              bits and for the 4-bit grids mma does not take: on the H200, 7 B-shaped linears at batch 1,
+              it runs 2.6-2.8x bf16 at 4 bits on fp16 activations, 2.2-2.5x on bf16 ones (tinygemm
+              1.6-1.9x), and 1.7-2.1x at 8 bits (the stock int8 op 0.2x).
     mma       4 bits, CUDA only: a tensor-core GEMV (cuda_gemv.py, CUDA C compiled by NVRTC) on the codes
               re-laid at load as mma.m16n8k16 A fragments, for up to 8 rows, fp32 sums; groups of 64 << j
               columns or one grid per row. "auto" picks it before the Triton GEMV at 4 bits: on the H200
@@ -243,9 +244,17 @@ def _register_zero_codes(m: QuantLinear) -> torch.Tensor | None:
     return zeros
 
 
+def _layout_weight(m: QuantLinear, words: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype` from a GEMV's layout, for prefill (one Triton kernel, triton_dequant)."""
+    from nanogptq.quant import triton_dequant
+
+    return triton_dequant.dequantize(words, layout, m.scales, m.z_codes, m.bits, m.group_size, m.out_features,
+                                     m.in_features, dtype)
+
+
 def _prefill(x2: torch.Tensor, weight: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """Inputs of more rows than a GEMV takes: the layout's fp32 weight in the activation dtype, cuBLAS."""
-    y = F.linear(x2, weight.to(x2.dtype))
+    """Inputs of more rows than a GEMV takes: a float weight made from the layout, cuBLAS."""
+    y = F.linear(x2, weight)
     return F.gelu(y) if gelu else y
 
 
@@ -258,8 +267,8 @@ def prepare_triton(m: QuantLinear) -> None:
 
 
 def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
-    """The float32 weight from the Triton layout alone (the same values as dequantize_stored), so prefill
-    needs no copy of the stored codes."""
+    """The float32 weight from the Triton layout alone (the same values as dequantize_stored), in torch ops:
+    the reference for the prefill kernel (triton_dequant), which makes it without the stored codes."""
     codes = from_interleaved(m.t_qweight, m.in_features, m.bits, m.out_features)
     return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
@@ -271,7 +280,7 @@ def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch
         y = torch.ops.nanogptq.gemv(x2.contiguous(), m.t_qweight, m.scales, m.z_codes, m.bits, m.group_size,
                                     m.out_features, gelu)
     else:  # prefill: dequantize, then cuBLAS
-        y = _prefill(x2, triton_layout_weight(m), gelu)
+        y = _prefill(x2, _layout_weight(m, m.t_qweight, "interleaved", x2.dtype), gelu)
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
@@ -315,8 +324,7 @@ def mma_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Te
         y = torch.ops.nanogptq.mma_gemv(xh, m.m_words, m.m_scales, m.m_zeros, m.out_features, m.group_size,
                                         gelu).to(x.dtype)
     else:
-        codes = cuda_gemv.from_mma_layout(m.m_words, m.out_features)
-        y = _prefill(x2, dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size), gelu)
+        y = _prefill(x2, _layout_weight(m, m.m_words, "mma", x2.dtype), gelu)
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
