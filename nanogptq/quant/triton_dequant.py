@@ -29,16 +29,18 @@ def _dequant_kernel(words, scales, zeros, out, N, K, NC, WCOLS, S_ROW, S_COL, GR
     r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
     k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
     mask = (r < N) & (k < K)
+    # index and shift as a row part plus a column part: the per-element work is two adds
     if MMA:
         tile, h, g = r // 16, (r % 16) // 8, r % 8
         c, kk = k // (16 * CW), k % (16 * CW)
         t, i, jh, e2 = kk // (4 * CW), (kk % (4 * CW)) // 4, (kk % 4) // 2, kk % 2
-        index = (((tile * NC + c) * (CW // 4) + i // 4) * 32 + 4 * g + t) * 4 + i % 4
-        shift = 4 * (h + 2 * jh + 4 * e2)
+        # word (tile, c, i // 4, 4 g + t, i % 4) of words shaped (tiles, NC, CW / 4, 32, 4)
+        index = (tile * NC * CW * 32 + 16 * g) + (c * CW * 32 + (i // 4) * 128 + 4 * t + i % 4)
+        shift = 4 * h + (8 * jh + 16 * e2)
     else:
         rpw: tl.constexpr = 16 // BITS
         index = (r // rpw) * WCOLS + k // 2
-        shift = 16 * (k % 2) + BITS * (r % rpw)
+        shift = BITS * (r % rpw) + 16 * (k % 2)
     word = tl.load(words + index, mask=mask, other=0)
     q = ((word >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # the mask drops the arithmetic shift's sign bits
     grid = r * S_ROW + (k // GROUP) * S_COL  # S_ROW 0: one grid for the whole tensor
