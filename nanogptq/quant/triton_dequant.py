@@ -23,13 +23,13 @@ BLOCK_N, BLOCK_K = 16, 256
 
 
 @triton.jit
-def _dequant_kernel(words, scales, zeros, out, N, K, NC, WCOLS, S_ROW, S_COL, GROUP,
+def _dequant_kernel(words, scales, zeros, out, N, K, NC, WCOLS, S_ROW, GROUP,
                     MMA: tl.constexpr, CW: tl.constexpr, BITS: tl.constexpr, HAS_Z: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
     k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
     mask = (r < N) & (k < K)
-    # index and shift as a row part plus a column part: the per-element work is two adds
+    # each index and shift is a row part plus a column part
     if MMA:
         tile, h, g = r // 16, (r % 16) // 8, r % 8
         c, kk = k // (16 * CW), k % (16 * CW)
@@ -43,7 +43,7 @@ def _dequant_kernel(words, scales, zeros, out, N, K, NC, WCOLS, S_ROW, S_COL, GR
         shift = BITS * (r % rpw) + 16 * (k % 2)
     word = tl.load(words + index, mask=mask, other=0)
     q = ((word >> shift) & ((1 << BITS) - 1)).to(tl.float32)  # the mask drops the arithmetic shift's sign bits
-    grid = r * S_ROW + (k // GROUP) * S_COL  # S_ROW 0: one grid for the whole tensor
+    grid = r * S_ROW + k // GROUP  # S_ROW 0: one grid for the whole tensor
     s = tl.load(scales + grid, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(zeros + grid, mask=mask, other=0).to(tl.float32)
@@ -71,7 +71,7 @@ def dequantize(words: torch.Tensor, layout: str, scales: torch.Tensor, zeros: to
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
     _dequant_kernel[grid](
         words, scales, zeros, out, N, K, words.shape[1] if mma else 0, 0 if mma else words.shape[1],
-        scales.shape[1] if per_row else 0, 1, group_size if group_size > 0 else K,
+        scales.shape[1] if per_row else 0, group_size if group_size > 0 else K,
         MMA=mma, CW=cw, BITS=bits, HAS_Z=has_z, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return out
