@@ -298,16 +298,18 @@ def test_free_packed_keeps_what_the_kernel_reads():
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (4, -1), (4, 0), (8, -1), (8, 0)])
-def test_triton_layout_weight_equals_the_stored_grid(bits, group_size):
-    """Prefill on the Triton kernel dequantizes from its own layout: the same weights as stored (checked
+def test_triton_layout_holds_the_stored_grid(bits, group_size):
+    """Prefill on the Triton kernel dequantizes from its own layout: it holds the same weights as stored (checked
     on CPU with the layout built by hand, as prepare_triton builds it on CUDA)."""
-    from nanogptq.quant.pack import to_interleaved, unpack
+    from nanogptq.quant.pack import from_interleaved, to_interleaved
+    from nanogptq.quant.rtn import dequantize_weight
 
     m = layer(47, 200, bits, group_size, group_size != 64, "dequant")  # 47 rows: the last word row part padding
     tile = min(group_size, 256) if group_size > 0 else 128
     m.t_qweight = to_interleaved(m.qweight, 200, tile, bits)
     m.z_codes = None if m.qzeros is None else unpack(m.qzeros, bits, m.scales.shape[1])
-    assert torch.equal(K.triton_layout_weight(m), m.dequantize_stored())
+    codes = from_interleaved(m.t_qweight, 200, bits, 47)
+    assert torch.equal(dequantize_weight(codes, m.scales, m.z_codes, bits, group_size), m.dequantize_stored())
 
 
 def test_checkpoint_for_generation_frees_codes_but_not_the_embedding_head(tmp_path):

@@ -413,7 +413,8 @@ def to_mma_layout(codes: torch.Tensor, cw: int) -> torch.Tensor:
 
 
 def from_mma_layout(words: torch.Tensor, N: int) -> torch.Tensor:
-    """The codes (N, K) back from `to_mma_layout`'s words (prefill dequantizes from the layout alone)."""
+    """The codes (N, K) back from `to_mma_layout`'s words: the layout's inverse, for the tests (prefill reads
+    the words directly: triton_dequant.py)."""
     NT, NC, V = words.shape[:3]
     cw = 4 * V
     # in bytes (little-endian: byte b holds nibbles 2 b and 2 b + 1), so prefill unpacks 1 byte per code

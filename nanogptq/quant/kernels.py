@@ -44,8 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from nanogptq.quant.pack import from_interleaved, unpack
-from nanogptq.quant.rtn import dequantize_weight
+from nanogptq.quant.pack import unpack
 
 if TYPE_CHECKING:
     from nanogptq.quant.linear import QuantLinear
@@ -264,13 +263,6 @@ def prepare_triton(m: QuantLinear) -> None:
     # re-laid as INTERLEAVED words, which unpack two codes per instruction
     codes = tg.to_interleaved(m.qweight, m.in_features, m.group_size, m.bits)
     m.register_buffer("t_qweight", codes, persistent=False)
-
-
-def triton_layout_weight(m: QuantLinear) -> torch.Tensor:
-    """The float32 weight from the Triton layout alone (the same values as dequantize_stored), in torch ops:
-    the reference for the prefill kernel (triton_dequant), which makes it without the stored codes."""
-    codes = from_interleaved(m.t_qweight, m.in_features, m.bits, m.out_features)
-    return dequantize_weight(codes, m.scales, m.z_codes, m.bits, m.group_size)
 
 
 def triton_forward(m: QuantLinear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
