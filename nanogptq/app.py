@@ -16,22 +16,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-# no internet on the machines this runs on, and a demo has no business phoning home anyway;
-# set before gradio is imported because gradio reads it early
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+from nanogptq.checkpoint import CONFIG, Checkpoint, short_names
+from nanogptq.evaluate import describe, report_folder
+from nanogptq.sample import Generation, SampleSettings, encode_prompt, load_for_generation, stream_text
 
-import gradio as gr  # noqa: E402
-
-from nanogptq.checkpoint import CONFIG, Checkpoint, short_names  # noqa: E402
-from nanogptq.evaluate import describe, report_folder  # noqa: E402
-from nanogptq.generate import (  # noqa: E402
-    Generation,
-    SampleSettings,
-    encode_prompt,
-    load_for_generation,
-    stream_text,
-)
+if TYPE_CHECKING:
+    import gradio as gr
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +209,18 @@ def generate_all(variants: list[Variant], selected: list[str] | None, prompt: st
     yield frame(f"**Done:** {len(chosen)} variant(s), seed {settings.seed}.{info}{fails}")
 
 
+def _gradio():
+    """Gradio, imported only by the demo (it is slow to import, and no other command needs it). No internet
+    on the machines this runs on, and a demo has no business phoning home anyway: analytics are off, set
+    before gradio is imported because gradio reads it early."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio
+
+    return gradio
+
+
 def report_section(report_dir: Path) -> None:
+    gr = _gradio()
     """The compare table and plot, as `nanogptq compare` left them."""
     table, plot = report_dir / "compare.md", report_dir / "compare.png"
     gr.Markdown("### Comparison on the validation split")
@@ -233,6 +236,7 @@ def report_section(report_dir: Path) -> None:
 
 def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path | None = None,
               device: str = "cpu", compile: bool = False, dtype: str = "auto") -> gr.Blocks:
+    gr = _gradio()
     """The demo page. `report_dir`: the `compare` report to show (default: report_folder's)."""
     paths = [Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints()
     report_dir = report_folder(paths, report_dir)

@@ -8,10 +8,9 @@ A folder is written whole into `NAME.tmp`, then swapped in with renames, so a pr
 moment leaves either the old checkpoint or the new one (`NAME.old` is picked up if the kill fell
 between the two renames).
 
-Activations: a model loads in fp32; `load_checkpoint(dtype=...)` casts its float parameters (LayerNorms,
-embeddings, float linears) to fp16 or bf16, which sets the dtype the whole forward and the KV cache run in,
-while quantized layers keep their codes, scales and biases as stored. `resolve_dtype` is what
-`sample --dtype` and the demo pick.
+A checkpoint loads as the stored model, in fp32: quantized layers are the stored QuantLinear / TernaryLinear
+on their exact reference path. Making it run fast (backends, fusion, the activation dtype) is the runtime's
+job: runtime.load.prepare_for_inference.
 """
 
 from __future__ import annotations
@@ -29,15 +28,13 @@ from safetensors.torch import load_model, save_model
 
 from nanogptq.data import TokenData, Tokenizer, prepare_data, tokenizer_from_dict
 from nanogptq.model import GPT, GPTConfig
+from nanogptq.quant.qat import QATConfig, apply_qat
+from nanogptq.quant.quantize import prepare_quantized_model
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 RESUME = "resume.pt"
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # activation dtypes by name
-DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class CheckpointError(ValueError):
@@ -170,60 +167,25 @@ def is_quantized(meta: dict) -> bool:
     return bool(meta.get("quantization"))
 
 
-def resolve_dtype(name: str, device: str | torch.device, quantized: bool) -> torch.dtype:
-    """The activation dtype `name` (auto, fp32, bf16 or fp16) stands for on `device`. auto: fp32 on the CPU
-    (its kernels take fp32 inputs and convert to bf16 themselves where that is their fast path); on CUDA
-    fp16 for quantized checkpoints (the GEMVs' fast path), bf16 for float ones."""
-    if name == "auto":
-        if torch.device(device).type != "cuda":
-            return torch.float32
-        return torch.float16 if quantized else torch.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
-    return DTYPES[name]
-
-
-def cast_activations(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Run `model` on `dtype` activations, in place: every float parameter (LayerNorms, position and float
-    token embeddings, float linears, a TernaryLinear's bias) is cast, and with it the residual stream and
-    the KV cache (setup_kv_cache takes wpe's dtype). Quantized layers hold their weights in buffers, which
-    stay as stored: QuantLinear's codes, fp16 scales and fp32 bias (cast per call), TernaryLinear's trits
-    and fp32 scale, the kernels' layouts. Tied weights stay tied (the shared Parameter is cast once)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return model
-
-
-def build_model(meta: dict, kernel: str = "auto") -> GPT:
-    """An empty model shaped like the checkpoint, with quantized modules where it has them."""
-    model = GPT(GPTConfig.from_dict(meta["model"]))
+def build_model(meta: dict) -> GPT:
+    """An empty model shaped like the checkpoint, with stored quantized modules where it has them."""
+    model = GPT(GPTConfig.from_dict(meta["model"], source="model config"))
     if meta.get("quantization"):
-        from nanogptq.quant import prepare_quantized_model
-
-        prepare_quantized_model(model, meta["quantization"], kernel=kernel)
+        prepare_quantized_model(model, meta["quantization"])
     elif meta.get("qat"):
-        from nanogptq.quant.qat import QATConfig, apply_qat
-
-        apply_qat(model, QATConfig.from_dict(meta["qat"]))
+        apply_qat(model, QATConfig.from_dict(meta["qat"], source="checkpoint qat entry"))
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel: str = "auto",
-                    keep_packed: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
-    """A checkpoint folder as a model on `device`; quantized layers run `kernel`. keep_packed=False (for
-    generation only) frees the stored codes that a kernel's own layout replaced. `dtype`: run on activations
-    of that dtype (cast_activations); None keeps fp32."""
-    from nanogptq.quant.linear import check_kernel
-
-    check_kernel(kernel)  # a bad flag is the flag's error, also for a float checkpoint, not the config's
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint folder as the stored model on `device`, in eval mode."""
     path = _existing(Path(path))
     meta = read_meta(path)
     weights = path / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{weights}: missing")
     try:
-        model = build_model(meta, kernel=kernel)
+        model = build_model(meta)
         tokenizer = tokenizer_from_dict(meta["tokenizer"])
     except (TypeError, KeyError, ValueError) as e:  # a hand-edited config.json: a wrong type, a missing field
         raise CheckpointError(f"{path / CONFIG}: invalid model or tokenizer entry ({type(e).__name__}: {e})") from None
@@ -240,12 +202,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
             f"{weights}: tensors do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.to(device).eval()
-    if meta.get("quantization"):
-        from nanogptq.quant import finalize_quantized_model
-
-        finalize_quantized_model(model, keep_packed)  # builds each kernel's layout from the packed weights
-    if dtype is not None:
-        cast_activations(model, dtype)
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=path)
 
 

@@ -1,4 +1,14 @@
-"""`nanogptq` command line: argument parsing only; every command calls a library function."""
+"""nanogptq: train a small GPT, compress it by integer weight quantization (RTN, GPTQ, ternary QAT), and
+see what each compression costs and buys: perplexity, size on disk, speed.
+
+  nanogptq train --preset tiny --dataset shakespeare --out-dir runs/tiny
+  nanogptq quantize runs/tiny/best --method gptq --bits 4 --group-size 64 --out runs/tiny/gptq-int4
+  nanogptq compare runs/tiny/best runs/tiny/gptq-int4
+  nanogptq sample runs/tiny/gptq-int4 --prompt "ROMEO:"
+  nanogptq demo runs/tiny/best runs/tiny/gptq-int4
+
+`nanogptq COMMAND --help` lists a command's options and their defaults.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +17,18 @@ import json
 import os
 import sys
 from dataclasses import MISSING, fields
+from importlib.metadata import PackageNotFoundError, version
 
-from nanogptq.checkpoint import DTYPE_CHOICES, CheckpointError, read_meta
+from nanogptq.app import launch
+from nanogptq.checkpoint import CheckpointError, read_meta
 from nanogptq.data import DataError
-from nanogptq.generate import SampleSettings
-from nanogptq.quant.linear import KERNELS
-from nanogptq.train import TrainConfig
+from nanogptq.evaluate import compare, evaluate_checkpoint, markdown_table, report_folder
+from nanogptq.pipeline import export_checkpoint, quantize_checkpoint
+from nanogptq.quant.config import QuantConfig
+from nanogptq.runtime.backends import BACKENDS
+from nanogptq.runtime.load import DTYPE_CHOICES
+from nanogptq.sample import SampleSettings, generate_text, load_for_generation
+from nanogptq.train import TrainConfig, pick_device, train
 
 TRAIN_HELP = {
     "out_dir": "run folder (holds last/, best/, metrics.jsonl)",
@@ -46,7 +62,7 @@ QUANT_HELP = {
     "static_groups": "gptq: fix the group grids from the unquantized weights first (with --act-order: no "
     "per-column group index stored)",
     "damp": "gptq: dampening added to the Hessian's diagonal, as a fraction of its mean",
-    "block_size": "gptq: columns per lazy batch update",
+    "lazy_batch": "gptq: columns per lazy batch update",
     "calib_samples": "gptq: calibration windows of the model's context length",
     "calib_seed": "gptq: seed of the calibration windows",
     "clip_search": "search each grid's clipping ratio (minimum weight error) instead of taking max|w|",
@@ -55,7 +71,7 @@ QUANT_HELP = {
     "quantize_embeddings": "store the tied embedding/head table at 8 bits per row too",
     "layers": "comma-separated linears inside each block to quantize",
 }
-KERNEL_NAMES = ", ".join(("auto", *KERNELS))  # a named one runs the layers it can; auto picks for the rest
+KERNEL_NAMES = ", ".join(("auto", *BACKENDS))  # a named one runs the layers it can; auto picks for the rest
 EXACT_KERNEL_HELP = f"quantized kernel: {KERNEL_NAMES} (default: dequant, the exact path)"
 # --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
 DTYPE_ARGS = dict(default="auto", metavar="{" + ",".join(DTYPE_CHOICES) + "}",
@@ -104,7 +120,9 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanogptq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nanogptq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nanogptq {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (or resume a run)")
@@ -133,8 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
     p.add_argument("--data-dir", default=None, help="where the calibration data lives (GPTQ)")
     p.add_argument("--device", default="auto")
-    from nanogptq.quant import QuantConfig
-
     _add_dataclass_args(p, QuantConfig, QUANT_HELP)
     p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
@@ -163,23 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> str:
-    from nanogptq.train import pick_device
+def package_version() -> str:
+    try:
+        return version("nanogptq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
+
+def _device(name: str) -> str:
     return pick_device(name)
 
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        from nanogptq.train import train
-
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
         out = train(TrainConfig(**values), explicit=set(values))
         if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
             print(f"run saved in {out}")
     elif args.command == "sample":
-        from nanogptq.generate import generate_text, load_for_generation
-
         ckpt = load_for_generation(args.ckpt, _device(args.device), dtype=args.dtype, kernel=args.kernel,
                                    compile=args.compile)
         settings = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})
@@ -194,8 +211,6 @@ def run(args: argparse.Namespace) -> None:
             print(f"--- {gen.new_tokens} tokens on {act} activations, first after {gen.ttft_s * 1000:.1f} ms, "
                   f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     elif args.command == "eval":
-        from nanogptq.evaluate import evaluate_checkpoint
-
         result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save,
                                      kernel=args.kernel)
         print(json.dumps(result, indent=2))
@@ -203,8 +218,6 @@ def run(args: argparse.Namespace) -> None:
             print(f"note: not stored in {args.ckpt}: the stored perplexity is the exact --kernel dequant one",
                   file=sys.stderr)
     elif args.command == "quantize":
-        from nanogptq.quant import QuantConfig, quantize_checkpoint
-
         values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
         out = quantize_checkpoint(args.ckpt, args.out, QuantConfig(**values), data_dir=args.data_dir,
                                   device=_device(args.device))
@@ -214,19 +227,13 @@ def run(args: argparse.Namespace) -> None:
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
     elif args.command == "export":
-        from nanogptq.quant.qat import export_checkpoint
-
         print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")
     elif args.command == "compare":
-        from nanogptq.evaluate import compare, markdown_table, report_folder
-
         out = report_folder(args.ckpts, args.out)
         rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel)
         print(markdown_table(rows))
         print(f"report written to {out}/{args.name}.md, .json and .png")
     elif args.command == "demo":
-        from nanogptq.app import launch
-
         launch(args.ckpts, host=args.host, port=args.port, report_dir=args.report, device=_device(args.device),
                compile=args.compile, dtype=args.dtype)
 

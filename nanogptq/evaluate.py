@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from nanogptq.checkpoint import Checkpoint, checkpoint_data, load_checkpoint, read_meta, short_names, update_meta
 from nanogptq.data import val_windows
-from nanogptq.quant import bits_per_weight
+from nanogptq.quant.quantize import bits_per_weight
+from nanogptq.runtime.backends import check_kernel
+from nanogptq.runtime.load import prepare_for_inference
 
 
 @torch.inference_mode()
@@ -42,6 +45,14 @@ def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "c
     return {"val_loss": mean_nll, "val_ppl": math.exp(mean_nll), "val_tokens": count}
 
 
+def load_to_evaluate(path: str | Path, device: str, kernel: str) -> Checkpoint:
+    """A checkpoint with its quantized layers on `kernel` (fp32 activations: the table compares weights)."""
+    check_kernel(kernel)  # a bad flag is the flag's error, also for a float checkpoint
+    ckpt = load_checkpoint(path, device=device)
+    prepare_for_inference(ckpt.model, kernel=kernel)
+    return ckpt
+
+
 def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = None, device: str = "cpu",
                         save: bool = True, progress: bool = True, kernel: str = "dequant") -> dict:
     """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json.
@@ -52,7 +63,7 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     is to be, loaded with.
     """
     if not isinstance(ckpt, Checkpoint):
-        ckpt = load_checkpoint(ckpt, device=device, kernel=kernel)
+        ckpt = load_to_evaluate(ckpt, device, kernel)
     data = checkpoint_data(ckpt, data_dir)
     t0 = time.time()
     result = perplexity(ckpt.model, data.val, device=device, progress=progress)
@@ -117,7 +128,7 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, variant in zip(paths, short_names(paths), strict=True):
-        ckpt = load_checkpoint(path, device=device, kernel=kernel)
+        ckpt = load_to_evaluate(path, device, kernel)
         row = {**describe(ckpt), "variant": variant, "path": str(path)}
         row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress, kernel=kernel))
         rows.append(row)
@@ -147,12 +158,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # the object API: no pyplot state, no GUI backend
+    ax = fig.subplots()
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
@@ -169,4 +176,3 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from nanogptq.model import check_keys
+from nanogptq.config import StrictConfig
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 METHODS = ("rtn", "gptq")
@@ -12,7 +12,8 @@ BITS = (8, 4, 3, 2)
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(StrictConfig):
+    VERSION = 2  # version 1 named lazy_batch block_size
     method: str = "gptq"  # "rtn" | "gptq"
     bits: int = 4  # 8, 4, 3 or 2
     # 0: one scale per matrix; -1: one per output row; G > 0: one per row and run of G input columns
@@ -22,7 +23,7 @@ class QuantConfig:
     act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ + act_order: fix group grids before permuting (no g_idx needed)
     damp: float = 0.01  # GPTQ: dampening, as a fraction of mean(diag H)
-    block_size: int = 128  # GPTQ: columns per lazy batch update
+    lazy_batch: int = 128  # GPTQ: columns per lazy batch update (the paper's B)
     calib_samples: int = 128  # calibration windows of model.config.block_size tokens
     calib_seed: int = 0
     clip_search: bool = False  # search each grid's clipping ratio instead of taking max|w|
@@ -31,7 +32,7 @@ class QuantConfig:
     quantize_embeddings: bool = False  # tied embedding/head table to 8 bits per row
     layers: tuple[str, ...] = BLOCK_LINEARS  # linears inside each Block to quantize
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if isinstance(self.layers, str):  # from a command line: "attn.c_attn,mlp.c_fc"
             self.layers = [n.strip() for n in self.layers.split(",")]
         self.layers = tuple(self.layers)
@@ -45,7 +46,7 @@ class QuantConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantization {name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("bits", "group_size", "block_size", "calib_samples", "calib_seed", "rotate_seed"):
+        for name in ("bits", "group_size", "lazy_batch", "calib_samples", "calib_seed", "rotate_seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"quantization {name} must be an integer, got {v!r}")
@@ -59,8 +60,8 @@ class QuantConfig:
             )
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ValueError(f"damp must be a positive number, got {self.damp!r}")
-        if self.block_size < 1 or self.calib_samples < 1:
-            raise ValueError("block_size and calib_samples must be at least 1")
+        if self.lazy_batch < 1 or self.calib_samples < 1:
+            raise ValueError("lazy_batch and calib_samples must be at least 1")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order only applies to method 'gptq'")
         if self.static_groups and self.method != "gptq":
@@ -68,15 +69,11 @@ class QuantConfig:
         if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
             raise ValueError(f"layers must be a non-empty list of linear names, got {list(self.layers)!r}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
     @classmethod
-    def from_dict(cls, d: dict) -> QuantConfig:
-        check_keys(cls, d, "quantization config")
-        return cls(**d)
+    def upgrade(cls, d: dict, version: int) -> dict:
+        if version < 2 and "block_size" in d:
+            d["lazy_batch"] = d.pop("block_size")
+        return d
 
     @property
     def uses_g_idx(self) -> bool:

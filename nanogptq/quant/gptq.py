@@ -10,7 +10,7 @@ the Cholesky factor of H^-1, is spread over the not-yet-quantized columns:
     W[:, i:] -= e_i Hinv[i, i:]              # lines 5-8, applied lazily: inside a block of B columns
     W[:, next blocks] -= E Hinv[block, next]  # line 10, once per block
 
-Grids come from rtn.find_grid, so with H = I (nothing to spread) GPTQ returns exactly the RTN codes.
+Grids come from grid.find_grid, so with H = I (nothing to spread) GPTQ returns exactly the RTN codes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import torch
 
 from nanogptq.quant.config import QuantConfig
-from nanogptq.quant.rtn import (
+from nanogptq.quant.grid import (
     QuantizedWeight,
     find_grid,
     group_cols,
@@ -112,7 +112,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
     dyn_scales, dyn_zeros = [], []
     # a group's grid is computed when its first column is reached, from the up-to-date block copy W1t; so
     # blocks hold whole groups
-    B = max(G, cfg.block_size // G * G) if grouped else cfg.block_size
+    B = max(G, cfg.lazy_batch // G * G) if grouped else cfg.lazy_batch
     s = z = None  # the current grid as (out,) vectors (or (1,) per tensor)
     if not grouped:
         s, z = scale.reshape(-1), zero.reshape(-1)
@@ -133,7 +133,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
                 dyn_zeros.append(zero)
                 s, z = scale.reshape(-1), zero.reshape(-1)
             w, q, err = W1t[i], Q1t[i], Err1t[i]
-            torch.div(w, s, out=q)  # q = clamp(round(w / s) + z, 0, maxq), as rtn.quantize_codes
+            torch.div(w, s, out=q)  # q = clamp(round(w / s) + z, 0, maxq), as grid.quantize_codes
             q.round_().add_(z).clamp_(0, maxq)
             torch.sub(q, z, out=err)  # err = (w - s (q - z)) / Hinv[i, i]
             torch.addcmul(w, err, s, value=-1, out=err)

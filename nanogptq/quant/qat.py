@@ -1,7 +1,7 @@
 """Quantization-aware training of ternary (1.58-bit) weights, after BitNet b1.58 (Ma et al. 2024).
 
     model = apply_qat(GPT(config), load_qat_config("configs/qat/weights_only.json"))  # then train as usual
-    export_checkpoint("runs/qat/best", "runs/qat-ternary")  # packed 1.6-bit weights, same logits
+    export_checkpoint("runs/qat/best", "runs/qat-ternary")  # pipeline.py: packed 1.6-bit weights, same logits
 
 BitLinear keeps full-precision latent weights and, in every forward pass (the paper's recipe):
     x   <- norm(x)                                   parameter-free RMSNorm (the "LN" before quantizing)
@@ -29,23 +29,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogptq.model import check_keys
-from nanogptq.quant import kernels as K
+from nanogptq.config import StrictConfig
 from nanogptq.quant.config import BLOCK_LINEARS
+from nanogptq.quant.walk import check_block_linears, find_layers, named, of_type, replace_layers
 
 NORMS = ("rms", "layer", "none")
 ATTN_ACTS = (None, "int8", "int4", "ternary")
 ACT_SCALES = ("absmax", "absmean")
 WEIGHT_SCALES = ("tensor", "channel")
 TRITS_PER_BYTE = 5
-TERNARY_KERNELS = ("auto", "dequant", "int8pack")
 EXPORT_FORMAT = 1
 
 
@@ -54,7 +53,7 @@ EXPORT_FORMAT = 1
 
 
 @dataclass
-class QATConfig:
+class QATConfig(StrictConfig):
     layers: tuple[str, ...] = BLOCK_LINEARS  # linears inside each Block that become ternary BitLinears
     act_bits: int | None = None  # per-token absmax quantization of every BitLinear input; None: float
     norm: str = "rms"  # parameter-free input norm of BitLinear: "rms" (BitNet), "layer" or "none"
@@ -64,7 +63,7 @@ class QATConfig:
     weight_scale: str = "tensor"  # the absmean ternary scale: per "tensor" (BitNet) or per output "channel"
     eps: float = 1e-5  # floor of every quantization scale (BitNet's code clamps at 1e-5)
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if not isinstance(self.layers, (list, tuple)) or not all(isinstance(n, str) and n for n in self.layers):
             raise ValueError(f"qat layers must be a list of linear names, got {self.layers!r}")
         self.layers = tuple(self.layers)
@@ -84,21 +83,6 @@ class QATConfig:
             raise ValueError(f"qat attn_act must be null, int8, int4 or ternary, got {self.attn_act!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ValueError(f"qat eps must be a positive number, got {self.eps!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "qat config") -> QATConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        check_keys(cls, d, source)
-        try:
-            return cls(**d)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
 
 
 def load_qat_config(path: str | Path) -> QATConfig:
@@ -260,25 +244,10 @@ def _install_activation_quant(model: nn.Module, config: QATConfig) -> None:
         model.lm_head = head
 
 
-def _block_linears(model: nn.Module, config: QATConfig, kind: type = nn.Linear) -> dict[str, nn.Module]:
-    found = {}
-    for b, block in enumerate(model.transformer.h):
-        for name in config.layers:
-            try:
-                layer = block.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"qat layer {name!r}: block {b} has no such module") from None
-            if type(layer) is not kind:
-                raise ValueError(f"qat layer {name!r} in block {b} is a {type(layer).__name__}, "
-                                 f"not {kind.__name__} (QAT already applied?)")
-            found[f"transformer.h.{b}.{name}"] = layer
-    return found
-
-
 def apply_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     """Swap the chosen block linears for BitLinear (sharing their weights) and install the activation
     quantizers, in place; sets `model.qat_config` (the checkpoint's "qat" entry)."""
-    for name, layer in _block_linears(model, config).items():
+    for name, layer in check_block_linears(model, config.layers, "qat").items():
         # on the meta device: no init, the old tensors move in
         bit = BitLinear(layer.in_features, layer.out_features, layer.bias is not None, config.act_bits,
                         config.norm, config.eps, config.act_scale, config.weight_scale, device="meta")
@@ -347,21 +316,14 @@ class TernaryLinear(nn.Module):
     """Packed ternary weights (`qweight`, 5 trits a byte) and fp32 `scale`s, one per tensor (shape (1,)) or
     one per output row (shape (out,), weight_scale "channel").
 
-    Input normalization and activation quantization are BitLinear's. The reference kernel ("dequant")
-    unpacks on every call, then matmuls, caching nothing, so outputs equal the trained BitLinear's (eval
-    uses it). "int8pack" lays the trits out once as an int8 matrix with the scale per row and runs
-    QuantLinear's int8 weight-only kernel on it (kernels.int8pack_forward: `_weight_int8pack_mm` with bf16
-    activations on CPU, int8 -> bf16 F.linear on CUDA); "auto", what sample and the demo load with, picks
-    it. Like QuantLinear: `kernel` is resolved and the layout built by `prepare_kernel` after .to(device).
+    Input normalization and activation quantization are BitLinear's. Its own forward is the exact reference:
+    unpack on every call, then matmul in fp32 as BitLinear does, caching nothing, so outputs equal the
+    trained BitLinear's. The runtime swaps in a kernel-backed subclass at load (runtime/linear.py).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, act_bits: int | None = None,
-                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor",
-                 kernel: str = "dequant"):
+                 norm: str = "rms", eps: float = 1e-5, act_scale: str = "absmax", weight_scale: str = "tensor"):
         super().__init__()
-        if kernel not in TERNARY_KERNELS:
-            raise ValueError(f"unknown ternary kernel {kernel!r}; choose from {', '.join(TERNARY_KERNELS)}")
-        self.kernel = kernel
         self.in_features, self.out_features = in_features, out_features
         self.act_bits, self.norm, self.eps, self.act_scale = act_bits, norm, eps, act_scale
         self.per_channel = weight_scale == "channel"
@@ -369,6 +331,10 @@ class TernaryLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(math.ceil(n / TRITS_PER_BYTE), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features if self.per_channel else 1, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight_scale(self) -> str:
+        return "channel" if self.per_channel else "tensor"
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> TernaryLinear:
@@ -386,79 +352,46 @@ class TernaryLinear(nn.Module):
         return ternary_unpack(self.qweight, self.in_features * self.out_features).view(
             self.out_features, self.in_features)
 
-    def prepare_kernel(self) -> None:
-        """Resolve "auto" and build the kernel's int8 layout from the packed trits (nothing re-quantized)."""
-        for name in K.INT8_LAYOUT_BUFFERS:
-            self._buffers.pop(name, None)
-        self.kernel = "int8pack" if self.kernel == "auto" else self.kernel
-        if self.kernel == "int8pack":  # w = trits * scale: an int8 grid with no zero-point term
-            K.set_int8_layout(self, self.trits(), self.scale.float().expand(self.out_features).contiguous(), None)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = prepare_input(x, self.norm, self.act_bits, self.eps, self.act_scale)
-        if self.kernel == "dequant":
-            w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
-            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if "w_int8" not in self._buffers:
-            raise RuntimeError(f"TernaryLinear with kernel {self.kernel!r} used before prepare_kernel()")
-        y = K.int8pack_forward(self, x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        w = self.trits().float() * self.scale[:, None]  # in fp32 as in BitLinear: the values are identical
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, act_bits={self.act_bits}, norm={self.norm}, kernel={self.kernel}")
+                f"bias={self.bias is not None}, act_bits={self.act_bits}, norm={self.norm}")
 
 
 def export_ternary(model: nn.Module) -> nn.Module:
     """Replace every BitLinear by a packed TernaryLinear, in place (the activation quantizers stay)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, BitLinear)]
-    if not names:
+    layers = find_layers(model, of_type(BitLinear))
+    if not layers:
         raise ValueError("export_ternary: the model has no BitLinear layers (was it trained with QAT?)")
-    for name in names:
-        model.set_submodule(name, TernaryLinear.from_bitlinear(model.get_submodule(name)))
+    replace_layers(model, layers, lambda name, layer: TernaryLinear.from_bitlinear(layer))
     return model
 
 
 def ternary_meta(model: nn.Module, qat: dict) -> dict:
     """The exported checkpoint's "quantization" entry."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+    layers = list(find_layers(model, of_type(TernaryLinear)))
     group_size = -1 if qat.get("weight_scale") == "channel" else 0  # quant.config's codes: -1 per row, 0 per tensor
     return {"method": "ternary", "bits": 1.58, "group_size": group_size, "format": EXPORT_FORMAT,
             "packing": "base3-5-per-byte", "bits_per_weight": 8 / TRITS_PER_BYTE,
             "quantized_layers": layers, "qat": qat}
 
 
-def prepare_ternary_model(model: nn.Module, quant_meta: dict, kernel: str = "dequant") -> nn.Module:
-    """Swap empty TernaryLinear modules (and the activation quantizers) into a fresh GPT, for load_model.
-    A QuantLinear kernel name that ternary layers lack (int4pack, ...) gives them the exact "dequant" one."""
-    kernel = kernel if kernel in TERNARY_KERNELS else "dequant"
+def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
+    """Swap empty TernaryLinear modules (and the activation quantizers) into a fresh GPT, for its weights to
+    load into."""
     config = QATConfig.from_dict(quant_meta["qat"], source="checkpoint quantization.qat")
-    for name in quant_meta["quantized_layers"]:
-        layer = model.get_submodule(name)
-        if type(layer) is not nn.Linear:
-            raise ValueError(f"ternary layer {name!r} is a {type(layer).__name__} here, not nn.Linear")
-        model.set_submodule(name, TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None,
-                                                config.act_bits, config.norm, config.eps, config.act_scale,
-                                                config.weight_scale, kernel))
+    names = quant_meta["quantized_layers"]
+    layers = find_layers(model, named(names))
+    for name in names:
+        if type(layers.get(name)) is not nn.Linear:
+            kind = type(layers[name]).__name__ if name in layers else "missing"
+            raise ValueError(f"ternary layer {name!r} is {kind} here, not nn.Linear")
+    replace_layers(model, layers, lambda name, layer: TernaryLinear(
+        layer.in_features, layer.out_features, layer.bias is not None, config.act_bits, config.norm, config.eps,
+        config.act_scale, config.weight_scale))
     _install_activation_quant(model, config)
     return model
-
-
-def export_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`."""
-    from nanogptq.checkpoint import check_output, load_checkpoint, save_checkpoint
-
-    check_output(out, src)
-    ckpt = load_checkpoint(src)
-    qat = ckpt.meta.get("qat")
-    if not qat:
-        raise ValueError(f"{src}: not a QAT checkpoint (its config.json has no 'qat' entry)")
-    model = export_ternary(ckpt.model)
-    meta = dict(ckpt.meta)
-    meta.pop("format_version", None)  # save_checkpoint writes its own
-    meta["quantization"] = ternary_meta(model, qat)
-    meta["qat"] = None
-    meta["source_metrics"] = ckpt.meta.get("metrics")
-    meta["metrics"] = {}  # recomputed by evaluate; the QAT run's numbers are the same model's, though
-    meta["parent"] = str(src)
-    return save_checkpoint(out, model, meta)

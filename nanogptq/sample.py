@@ -10,13 +10,16 @@ from pathlib import Path
 
 import torch
 
-from nanogptq.checkpoint import Checkpoint, is_quantized, load_checkpoint, read_meta, resolve_dtype
+from nanogptq.checkpoint import Checkpoint, is_quantized, load_checkpoint, read_meta
+from nanogptq.config import StrictConfig
 from nanogptq.data import CharTokenizer, Tokenizer
-from nanogptq.model import compile_blocks
+from nanogptq.runtime.backends import check_kernel
+from nanogptq.runtime.generate import compile_blocks, generate_stream
+from nanogptq.runtime.load import prepare_for_inference, resolve_dtype
 
 
 @dataclass
-class SampleSettings:
+class SampleSettings(StrictConfig):
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = 40
@@ -55,9 +58,11 @@ def load_for_generation(path: str | Path, device: str, dtype: str = "auto", kern
     """A checkpoint as `sample` and the demo run it: on activations of `dtype` (a resolve_dtype name),
     without the stored codes a kernel's layout replaced (half the memory at 4 bits), blocks compiled with
     `compile` (torch.compile: faster decoding after a one-off compilation)."""
+    check_kernel(kernel)  # a bad flag is the flag's error, also for a float checkpoint, not the config's
     quantized = dtype == "auto" and is_quantized(read_meta(path))  # only "auto" asks (a bad name fails first)
     act_dtype = resolve_dtype(dtype, device, quantized)
-    ckpt = load_checkpoint(path, device=device, kernel=kernel, keep_packed=False, dtype=act_dtype)
+    ckpt = load_checkpoint(path, device=device)
+    prepare_for_inference(ckpt.model, kernel=kernel, dtype=act_dtype, keep_packed=False)
     if compile:
         compile_blocks(ckpt.model)
     return ckpt
@@ -116,8 +121,8 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
     gen = Generation(prompt=ckpt.tokenizer.decode(ids), notes=notes)
     text = TextStream(ckpt.tokenizer)
     start = time.perf_counter()
-    for tok in ckpt.model.generate_stream(idx, settings.max_new_tokens, settings.temperature,
-                                         settings.top_k or None, settings.top_p, settings.seed):
+    for tok in generate_stream(ckpt.model, idx, settings.max_new_tokens, settings.temperature,
+                               settings.top_k or None, settings.top_p, settings.seed):
         gen.text = text.add(int(tok[0, 0]))  # int() synchronises with the device: the timing is real
         now = time.perf_counter() - start
         if gen.new_tokens == 0:

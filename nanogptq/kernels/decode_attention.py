@@ -10,12 +10,12 @@ for the positions j <= pos only (the mask is the position itself, no tensor), th
 M = max m_c, y = sum_c exp(m_c - M) a_c / sum_c exp(m_c - M) den_c. The merge runs in the same kernel, in
 the last of a head's S programs to finish: each program stores its partial, then takes a ticket from the
 head's counter (an atomic add; a barrier first, so the whole program's stores precede it); the one that
-draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero (a second
-kernel did the merge before). Accumulation is fp32.
+draws S - 1 reads the S partials (past L1) and writes y, then sets the counter back to zero, so no second
+kernel merges. Accumulation is fp32.
 
 The op takes c_attn's output as it is (q, k, v side by side) and writes the new key and value into the
 cache itself: the chunk that holds position `pos` stores them, and every program takes them from qkv, not
-from the cache, so no program waits for another's store (the cache write was a kernel of its own before).
+from the cache, so no program waits for another's store and the cache write needs no kernel of its own.
 On sm_90 and later it is launched as a programmatic dependent of the kernel before it (c_attn's GEMV): its
 programs may start while that kernel ends and load their first cached keys and values, which that kernel
 does not write, before they wait for it (`gdc_wait`) and read qkv. The op mutates only the cache's slot
@@ -31,22 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogptq.quant import cuda_gemv
+from nanogptq.kernels.launch import pdl_available
 
-# On the H200, 32 heads x 128, a 584-position cache read from HBM, merge in the kernel
-# (benchmarks/decode_attention.py --cache 584 --programs 528 1056 --block 16 64 --warps 1 4,
-# results/decode_attention_fused_h200.json): 1056 programs of one warp and 16-position steps 7.7 us per
-# layer, the previous defaults (528 programs, 4 warps, 64-position steps, chosen on the H100 with a separate
-# merge kernel, where 528 x 64 ran 10.2 us and 264 x 32 13.3 us) 9.4 us
-# With the cache write inside and PDL, in the whole 7 B int4 decode step (benchmarks/decode.py --attention P B W S,
-# results/decode_cuda_7b_attn*_h200.json): these defaults 2.50x bf16, 2,112 two-warp programs of one 16-position
-# step 2.45x, 4,224 four-warp programs of 8 positions 2.10x
+# The launch shape: many one-warp programs with short steps stream the cache fastest in the decode step
+# (benchmarks/decode_attention.py sweeps programs, steps and warps; docs/gpu_kernels.md).
 TARGET_PROGRAMS = 1056  # about eight per SM of an H100 or H200: enough loads in flight to stream the cache
 MAX_CHUNK = 256  # positions per program: its loop over the chunk is serial
 MAX_SPLITS = 32  # chunks per head: the merging program loads all their partials at once
 BLOCK_L = 16  # positions per loop step; chunks are whole steps (a ragged last step is a wasted load)
 NUM_WARPS = 1
-PDL = True  # on sm_90 and later: launched as a programmatic dependent of c_attn's kernel (cuda_gemv.py)
+PDL = True  # on sm_90 and later: launched as a programmatic dependent of c_attn's kernel (mma.py)
 
 
 @triton.jit
@@ -160,7 +154,7 @@ def decode_attention(
     if counts is None:
         counts = torch.zeros(B * H, device=kv.device, dtype=torch.int32)
     assert counts.dtype == torch.int32 and counts.numel() >= B * H
-    pdl = PDL and kv.is_cuda and cuda_gemv.pdl_available(kv.device.index or 0)
+    pdl = PDL and kv.is_cuda and pdl_available(kv.device.index or 0)
     _decode_kernel[(B * H, S)](
         qkv, kv, pos, m, den, a, y, counts, H, chunk, S, 1.0 / math.sqrt(D),
         qkv.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),

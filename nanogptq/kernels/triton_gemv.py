@@ -6,15 +6,14 @@ For one activation row x and a grid w[n, k] = (q[n, k] - z[n, g]) * s[n, g], g =
 
 with the codes dequantized in registers and never written back; the bytes read per token are the
 checkpoint's bytes. One kernel, `_gemv_rows_kernel`, for 4 and 8 bits, on INTERLEAVED words
-(pack.to_interleaved, built once at load): two codes per instruction into packed fp16 arithmetic (inline
-PTX), weights and activations in one register layout (the first version, one code at a time, is
-benchmarks/gemv_first.py, the benchmark's baseline).
+(`to_interleaved`, built once at load): two codes per instruction into packed fp16 arithmetic (inline
+PTX), weights and activations in one register layout.
 
 Batch-1 decoding is memory bound, so the job is keeping enough bytes in flight at few instructions per
 weight; the autotuner picks the tile per shape, and whole tiles (EVEN) load without masks. Accumulation is
 fp32 (the innermost sums fp16); x and y are in the activation dtype. fp16 activations are the fast case:
 bf16 ones are converted to fp16 in the loop (about 0.4 instructions per 4-bit weight). An optional GELU
-epilogue serves the MLP's first linear (linear.py: QuantLinear.gelu).
+epilogue serves the MLP's first linear (runtime/fusion.py moves the MLP's GELU into it).
 
 The kernel is registered as the custom op `nanogptq::gemv` (opaque to torch.compile, which calls it as it
 is; a CUDA graph captures it like any other kernel).
@@ -28,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nanogptq.quant import cuda_gemv, pack
+from nanogptq.kernels.launch import pdl_available
 
 MAX_TILE_GROUP = 256  # columns per tile group: larger scale groups are split into several tile groups
 INTERPRETER_CONFIG = {"BLOCK_W": 2, "GPI": 2, "R": 2, "STAGES": 1}
 
 
-# ---- INTERLEAVED (pack.to_interleaved): two codes per instruction, at 4 and 8 bits ----
+# ---- INTERLEAVED (to_interleaved): two codes per instruction, at 4 and 8 bits ----
 #
 # Unpacking one code at a time costs about five instructions per weight (shift, mask, the mantissa trick's
 # OR and subtraction, the multiply-add), which at 4 bits is more time than reading the byte takes at HBM
@@ -213,7 +212,7 @@ def _gemv_rows_kernel(
     x_row = x_ptr + m * stride_xm
     x32 = x32_ptr + m * (stride_xm // 2)
     same = (rw * 0)[:, None, None]  # adds nothing, but gives the activation loads the weights' (3-d) shape
-    if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start (cuda_gemv.py)
+    if PDL:  # x is the previous kernel's output: wait for it, then let the next kernel start (mma.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for g0 in tl.range(0, NG, GPI, num_stages=STAGES):
@@ -304,7 +303,7 @@ def _rows_configs() -> list[triton.Config]:
     """(BLOCK_W, GPI, R, warps): 8 to 16 words per thread and pass, in 16-byte loads, so each multiprocessor
     keeps enough bytes in flight to cover HBM latency (Little's law: about 30 KB on an H200) and the fixed
     cost of a pass (scales, zero points, addresses) spreads over many weights; R words per lane before the
-    fp16 sums are scaled. On the H200 the first set's picks were 1 x 8 / 1 x 16 with R 2."""
+    fp16 sums are scaled."""
     tiles = [(1, 8, 1, 2), (1, 8, 2, 2), (1, 16, 2, 2), (1, 16, 4, 2), (2, 8, 4, 2), (1, 16, 1, 4), (1, 16, 2, 4),
              (1, 32, 2, 4), (1, 32, 4, 4), (2, 16, 4, 4), (4, 8, 4, 4), (2, 8, 2, 4), (1, 32, 4, 8), (2, 32, 4, 8)]
     configs = [triton.Config({"BLOCK_W": bw, "GPI": gpi, "R": r, "STAGES": 1}, num_warps=w) for bw, gpi, r, w in tiles]
@@ -322,7 +321,7 @@ def _prune_rows(configs, named_args, **kwargs):
 
 def _whole_tiles(args) -> bool:
     """Whether the program tiles cover the matrix exactly: rows, tile groups, and K itself."""
-    rows = pack.rows_per_word(args["BITS"]) * args["BLOCK_W"]
+    rows = rows_per_word(args["BITS"]) * args["BLOCK_W"]
     return args["N"] % rows == 0 and args["NG"] % args["GPI"] == 0 and args["K"] == args["NG"] * 2 * args["PG"]
 
 
@@ -342,7 +341,7 @@ def tuned_configs() -> dict[str, str]:
 
 def compile_signature() -> dict[str, str]:
     """The kernel's argument types, read off its own parameter list, for triton.compile without a GPU (the
-    sm_90 compile test, benchmarks/gemv_sass.py): fp16 activations, SG_DIV a constant as Triton specializes
+    sm_90 compile test): fp16 activations, SG_DIV a constant as Triton specializes
     it to 1 (grouped grids up to 256 columns)."""
     pointers = {"x_ptr": "*fp16", "x32_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                 "y_ptr": "*fp16"}
@@ -371,10 +370,36 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
     return group_size in (-1, 0) or (group_size >= 16 and group_size & (group_size - 1) == 0)
 
 
-def to_interleaved(qweight: torch.Tensor, in_features: int, group_size: int, bits: int) -> torch.Tensor:
-    """pack.py's rows re-laid as INTERLEAVED int32 words padded to whole words and tile groups:
-    (cdiv(N, rows_per_word), NG * G / 2)."""
-    return pack.to_interleaved(qweight, in_features, tile_group(group_size, in_features, bits)[0], bits)
+def rows_per_word(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"the interleaved layout holds 4 or 8 bit codes, got {bits}")
+    return 16 // bits
+
+
+def _interleave_shifts(bits: int, device) -> torch.Tensor:
+    return 16 * torch.arange(2, device=device) + bits * torch.arange(rows_per_word(bits), device=device)[:, None]
+
+
+def to_interleaved(codes: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """Codes (N, K) re-laid as INTERLEAVED words: one int32 holds columns 2p, 2p + 1 of rows_per_word(bits)
+    rows, code (row r of the word's rows, column 2p + c) at bits 16 c + bits r. The last word row is padded
+    with zero rows where rows_per_word does not divide N (a vocabulary of 65 or 50,257 tokens), each row's
+    last tile group with zero codes. -> int32 (cdiv(N, rows_per_word), NG * G / 2)."""
+    rpw = rows_per_word(bits)
+    N, K = codes.shape
+    tile = tile_group(group_size, K, bits)[0]
+    tiles = -(-K // tile)
+    codes = torch.nn.functional.pad(codes, (0, tiles * tile - K, 0, -N % rpw)).to(torch.int64)
+    codes = codes.view(-1, rpw, tiles * tile // 2, 2).permute(0, 2, 1, 3)  # (word row, pair, r, c)
+    words = (codes << _interleave_shifts(bits, codes.device)).sum((-2, -1))  # < 2^32, wraps into int32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def from_interleaved(words: torch.Tensor, n: int, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of to_interleaved: uint8 codes (rows, n), the padding rows and columns dropped."""
+    shifts = _interleave_shifts(bits, words.device).to(torch.int32)
+    codes = (words[..., None, None] >> shifts) & ((1 << bits) - 1)  # the sign bits are masked off
+    return codes.permute(0, 2, 1, 3).reshape(rows_per_word(bits) * words.shape[0], -1)[:rows, :n].to(torch.uint8)
 
 
 def launch(
@@ -394,14 +419,14 @@ def launch(
     without a GPU) needs; `pdl` (default: on sm_90 and later) launches it as a programmatic dependent of
     the previous kernel."""
     M, K = x.shape
-    rpw = pack.rows_per_word(bits)
+    rpw = rows_per_word(bits)
     G, sg_div = tile_group(group_size, K, bits)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     stride_sn = 0 if scales.shape[0] == 1 else scales.stride(0)
     stride_zn = 0 if zeros is None or zeros.shape[0] == 1 else zeros.stride(0)
     fast = os.environ.get("TRITON_INTERPRET") != "1" and x.dtype in (torch.bfloat16, torch.float16)
     if pdl is None:
-        pdl = fast and x.is_cuda and cuda_gemv.pdl_available(x.device.index or 0)
+        pdl = fast and x.is_cuda and pdl_available(x.device.index or 0)
 
     def grid(meta):
         return (triton.cdiv(N, rpw * meta["BLOCK_W"]), M)

@@ -2,15 +2,15 @@
 
 A GEMV reads the weights once per activation row, so inputs of more rows than it takes (a prompt) go
 through cuBLAS on a float weight made from the kernel's own layout (the stored codes are freed at load).
-Made with torch ops (unpack, permute, expand the groups, (q - z) s in fp32, cast), that weight took
-several full-size intermediates, most of them fp32, and most of a 7 B prefill's time; this kernel reads
-the word and the group's scale and zero, and writes the weight once, in the activation dtype.
+Made with torch ops (unpack, permute, expand the groups, (q - z) s in fp32, cast), that weight would take
+several full-size fp32 intermediates; this kernel reads the word and the group's scale and zero, and
+writes the weight once, in the activation dtype.
 
 Each output element finds its code from the layout's definition, so the values are exactly
-rtn.dequantize_weight's, (q - z) s computed in fp32, then rounded once to the output dtype:
-- "mma" (cuda_gemv.to_mma_layout): row 16 T + 8 h + g, column 16 cw c + 4 cw t + 4 i + 2 jh + e2 is
+quant.grid.dequantize_weight's, (q - z) s computed in fp32, then rounded once to the output dtype:
+- "mma" (mma.to_mma_layout): row 16 T + 8 h + g, column 16 cw c + 4 cw t + 4 i + 2 jh + e2 is
   nibble h + 2 jh + 4 e2 of word (T, c, i // 4, lane 4 g + t, i % 4);
-- "interleaved" (pack.to_interleaved): row RPW wr + r, column 2 p + cc is bits 16 cc + BITS r of word (wr, p).
+- "interleaved" (triton_gemv.to_interleaved): row RPW wr + r, column 2 p + cc is bits 16 cc + BITS r of word (wr, p).
 """
 
 from __future__ import annotations

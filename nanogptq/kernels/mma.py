@@ -10,16 +10,13 @@ activations the B operand, whose 8 columns are 8 activation rows (columns past t
 are not stored). Tensor cores do the multiply-adds, so what is left per weight is turning 4-bit codes into
 exact fp16 (q - z): per word a shift, four LOP3s (the 0x6400 trick: 1024 + q, or 1024 + 16 q for the high
 nibble) and four fp16x2 add/fma with -(1024 + z) or (1/16, -(64 + z)), then one mma: 10 instructions per
-8 weights before loads and addressing, where the Triton GEMV's loop (triton_gemv.py) costs 2.3-2.9 per
-weight all told (benchmarks/gemv_sass.py); and the sums are fp32 (the Triton kernel's innermost ones are
-fp16). On the H200, before PDL, it ran the 7 B linears at 1.02-1.15x the Triton GEMV's speed
-(benchmarks/gemv.py, results/gemv_mma_h200.json); both stay below what merely streaming the same bytes
-reaches in kernels of this size (the "read-int4" rows).
+8 weights before loads and addressing, fewer than the Triton GEMV's loop (triton_gemv.py) spends, and the
+sums are fp32 (the Triton kernel's innermost ones are fp16).
 
 The kernel is launched as a programmatic dependent of the kernel before it (sm_90 and later, `launch_kernel`):
 its blocks may start while that kernel ends, load their first codes (constant) and then wait for it
 (`wait_previous_kernel`) before reading x, which it wrote; they then let the next kernel start. With the
-compiled step's fused kernels doing the same (model.compile_blocks), a decoded model's kernels overlap
+compiled step's fused kernels doing the same (runtime.generate.compile_blocks), a decoded model's kernels overlap
 their ends and starts instead of draining the GPU between them.
 
 The tuner (`time_configs`) picks per shape how many chunks a warp loads per batch, how many warps split K,
@@ -31,7 +28,7 @@ The epilogue adds a bias (fp32), applies GELU and adds a residual (each compiled
 template parameter, so a plain GEMV carries none of it); for one row staged in shared memory it
 also folds a LayerNorm of x into the product (store_sums has the algebra): x is staged as gamma * x, the
 staging sums x and x^2, and the epilogue applies the mean and rstd. A decoded block then runs no LayerNorm
-or add kernels (quant.fuse_blocks). Warp 0, which runs the epilogue, loads its vectors before the warps'
+or add kernels (runtime/fusion.py). Warp 0, which runs the epilogue, loads its vectors before the warps'
 reduction, so they arrive while it waits at the barrier instead of after it (the output and the residual
 may alias, so loads in the epilogue would each wait for the store before them).
 
@@ -56,19 +53,16 @@ import math
 
 import torch
 
+from nanogptq.kernels.launch import build, launch_kernel, pdl_available
+
 log = logging.getLogger(__name__)
 
 GROUP_CW = (8, 4)  # words per lane per chunk: chunks of 128 or 64 columns; a group holds whole chunks
 MAX_ROWS = 8  # activation rows: the B operand's 8 columns
 # (chunks per batch of loads, warps per block splitting K, row tiles per block, activations through the
-# non-coherent path, activations staged in shared memory): the tuner's candidates. With one tile and plain
-# loads, on the H200 it picked (4, 2) / (2, 8) / (2, 2) / (2, 8) for the 7 B linears 12288x4096 / 4096x4096 /
-# 16384x4096 / 4096x16384 (the mma_tiles of results/decode_cuda_7b_fused_h200.json); the others won some
-# shapes in dev-script sweeps and lost others. Staging x (one activation row only, `x_shared_bytes`) frees
-# the registers that held it while the codes load, which makes room for deeper batches: with these
-# candidates the 7 B linears take 35.0 us per layer against 36.1 (benchmarks/gemv.py, results/gemv_xs_h200.json
-# against gemv_tiles_h200.json) and GPT-2-XL's int4 step ran at 1.78x bf16 against 1.63x
-# (benchmarks/decode.py, results/decode_cuda_xl_xs_h200.json against decode_cuda_xl_tiles_h200.json).
+# non-coherent path, activations staged in shared memory): the tuner's candidates, each the fastest for some
+# shape of the decode benchmark's models on an H100 or H200. Staging x (one activation row only,
+# `x_shared_bytes`) frees the registers that held it while the codes load, which makes room for deeper batches.
 CONFIGS = ((2, 2, 1, False, False), (2, 4, 1, False, False), (2, 8, 1, False, False), (4, 2, 1, False, False),
            (4, 4, 1, False, False), (1, 8, 1, False, False), (2, 4, 2, False, False), (2, 8, 2, False, False),
            (2, 4, 1, True, False), (1, 8, 4, True, False),
@@ -296,7 +290,7 @@ __device__ __forceinline__ void store_sums(float (&acc)[TILES][4], float2 stats,
 }
 
 template <int CW, int UNROLL, int WARPS, int TILES, bool XNC, bool XS, int FLAGS>
-__global__ void __launch_bounds__(WARPS * 32) w4_gemv(
+__global__ void __launch_bounds__(WARPS * 32) mma_gemv(
     const u32* __restrict__ w, const u16* x, const u32* __restrict__ s, const u16* __restrict__ z,
     u16* __restrict__ y, int M, int N, int NC, int cpg_log2, int NGR, int x_stride, int y_stride, int has_z,
     Epilogue ep) {
@@ -443,66 +437,16 @@ def grid_layout(scales: torch.Tensor, zeros: torch.Tensor | None, N: int) -> tup
     return s_pairs, (z[..., 0] | (z[..., 1] << 8)).to(torch.int16).contiguous()
 
 
-def build(source: str, name: str, device_index: int):
-    """Kernel `name` (a template instance) of CUDA C `source`, compiled by NVRTC for the GPU's architecture."""
-    cap = torch.cuda.get_device_capability(device_index)
-    return torch.cuda._compile_kernel(source, name, f"{cap[0]}{cap[1]}", nvcc_options=["-std=c++17"])
-
-
-class _LaunchAttribute(ctypes.Structure):  # cuda.h's CUlaunchAttribute: an id, then a 64-byte union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
-                ("value_pad", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # cuda.h's CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
-                ("num_attrs", ctypes.c_uint)]
-
-
 class _Epilogue(ctypes.Structure):  # the kernel's Epilogue, passed by value
     _fields_ = [("gamma", ctypes.c_void_p), ("u", ctypes.c_void_p), ("c", ctypes.c_void_p), ("res", ctypes.c_void_p),
                 ("eps", ctypes.c_float)]
 
 
 FOLD, BIAS, GELU, RESIDUAL = 1, 2, 4, 8  # the kernel's FLAGS: compiled in, one instance per set used
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
-@functools.cache
-def pdl_available(device_index: int) -> bool:
-    """Whether kernels on this GPU can launch as programmatic dependents: NVIDIA sm_90 and later (ROCm
-    reports its gfx version as the capability). Cached: the GEMVs ask at every launch."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-def launch_kernel(kernel, grid: int, block: int, args: list, stream: torch.cuda.Stream, pdl: bool,
-                  shared_mem: int = 0) -> None:
-    """Launch a compiled kernel on `stream` (cuLaunchKernelEx), with programmatic dependent launch
-    if `pdl`: the grid may start before the previous kernel ends, and waits for it in `wait_previous_kernel`.
-    (torch.cuda._compile_kernel's own launcher takes no launch attributes.)"""
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else
-              a if isinstance(a, ctypes.Structure) else ctypes.c_int(a) for a in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_mem=shared_mem, stream=stream.cuda_stream,
-                           attrs=ctypes.pointer(attr), num_attrs=int(pdl))
-    error = _libcuda().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
-    if error:
-        name = ctypes.c_char_p()
-        _libcuda().cuGetErrorString(error, ctypes.byref(name))
-        raise RuntimeError(f"mma GEMV launch failed: CUDA error {error} ({(name.value or b'?').decode()})")
-
-
-@functools.cache
-def _libcuda() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
 @functools.cache
 def _kernel(cw: int, config: Config, flags: int, device_index: int):
     unroll, warps, tiles, xnc, xs = config
-    return build(SOURCE, f"w4_gemv<{cw}, {unroll}, {warps}, {tiles}, {str(xnc).lower()}, {str(xs).lower()}, {flags}>",
+    return build(SOURCE, f"mma_gemv<{cw}, {unroll}, {warps}, {tiles}, {str(xnc).lower()}, {str(xs).lower()}, {flags}>",
                  device_index)
 
 
@@ -584,12 +528,9 @@ def time_configs(N: int, K: int, M: int, cw: int, group_size: int, device: torch
     """The fastest of CONFIGS for this shape (of those that can run it: no more tiles per block than the layer
     has, x staged only where it fits), timed on random codes in copies that together exceed the L2 cache
     three times, called in turn, as a decoded model reads each weight once per token from HBM; with `fold`,
-    the configs that stage x, folding a LayerNorm. (At most
-    256 copies: a layer of less than 1/256 of the L2 cache, 234 KB on the H200, is timed from L2, where a
-    model of such layers lives anyway.)
-    (Timed with triton.testing.do_bench instead, which writes 256 MB before each call to flush L2, its
-    picks made the 7 B int4 step 482.0 tokens/s against 498.2 on the Triton GEMV in the same run,
-    results/decode_cuda_7b_mma_dobench_h200.json; timed in a graph, 510.1 against 503.2.)"""
+    the configs that stage x, folding a LayerNorm. At most 256 copies: a layer of less than 1/256 of the L2
+    cache is timed from L2, where a model of such layers lives anyway. (triton.testing.do_bench, which flushes
+    L2 with a large write before each call, picked configs that ran the decode step slower than these.)"""
     copies, s_pairs, z_pairs = random_layer_copies(N, K, cw, group_size, device)
     x = torch.randn(M, K, dtype=torch.float16, device=device)
     norm = (torch.ones(K, dtype=torch.float16, device=device), torch.zeros(N, device=device), 1e-5) if fold else None

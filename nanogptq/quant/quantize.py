@@ -1,0 +1,202 @@
+"""Quantize a whole GPT, block by block, into stored layers; rebuild such models from checkpoint metadata.
+
+    model = quantize(model, QuantConfig(method="gptq", bits=4, group_size=128), train_tokens)
+
+`quantize` replaces the chosen linears by QuantLinear (codes, scales, zeros) and returns the model, which
+runs on the exact reference path; kernels, fusion and dtype casts are the runtime's, built at load. The
+checkpoint's config.json "quantization" entry is QuantConfig.to_dict() plus "format" (1) and
+"quantized_layers" (full module names); `prepare_quantized_model` rebuilds the module shapes from it.
+
+GPTQ runs sequentially, like the reference code's --true-sequential: block b's linears see the inputs
+produced by blocks 0..b-1 *already quantized*, and inside a block each linear (in forward order
+c_attn, c_proj, c_fc, c_proj) is quantized from a fresh pass in which the block's earlier linears are
+already quantized. That is one block pass per linear plus one for the next block's inputs: cheap at
+nanoGPT sizes and the most faithful choice.
+
+Per-layer reconstruction error ||WX - QX||^2 / ||WX||^2 is computed from the Hessian:
+||(W - Q) X||^2 = tr((W - Q) X X^T (W - Q)^T), so no activations need to be kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from nanogptq.quant.config import QuantConfig
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from nanogptq.quant.linear import QuantEmbedding, QuantLinear
+from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
+from nanogptq.quant.rotation import layer_seed, random_orthogonal
+from nanogptq.quant.rtn import rtn_quantize_weight
+from nanogptq.quant.walk import check_block_linears, find_layers, named, replace_layers
+
+log = logging.getLogger(__name__)
+META_EXTRAS = ("format", "quantized_layers")  # keys of the checkpoint's "quantization" besides QuantConfig's
+EMBED_CONFIG = QuantConfig(method="rtn", bits=8, group_size=-1, symmetric=True)
+
+
+def quantize_layer(
+    layer: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig, name: str
+) -> tuple[QuantLinear, dict]:
+    """One nn.Linear -> QuantLinear; H (in, in) is its input Hessian (None: RTN without data)."""
+    t0 = time.perf_counter()
+    W = layer.weight.detach().float()
+    seed = layer_seed(cfg.rotate_seed, name) if cfg.rotate else None
+    Wq, Hq = W, H
+    if seed is not None:  # incoherence: W' = W U, and inputs x' = U^T x, so H' = U^T H U
+        U = random_orthogonal(W.shape[1], seed).to(W.device)
+        Wq = (W.double() @ U).float()
+        Hq = None if H is None else (U.T @ H.double() @ U).float()
+    if cfg.method == "gptq":
+        qw = gptq_quantize_weight(Wq, Hq, cfg)
+    else:
+        qw = rtn_quantize_weight(Wq, cfg)
+    qlayer = QuantLinear.from_quantized(qw, layer.bias, seed)
+    dW = qlayer.dequantize().to(W.device) - W
+    if H is None:  # no data: weight-space error
+        err = (dW.square().sum() / W.square().sum()).item()
+    else:
+        err = ((dW @ H) * dW).sum().item() / max(((W @ H) * W).sum().item(), 1e-30)
+    row = {
+        "layer": name,
+        "rel_error": err,
+        "error_kind": "output" if H is not None else "weight",
+        "time_s": time.perf_counter() - t0,
+        **{k: v for k, v in qw.stats.items() if k != "time_s"},
+    }
+    return qlayer, row
+
+
+def calibration_windows(tokens, n: int, length: int, seed: int) -> torch.Tensor:
+    """n random (seeded) windows of `length` tokens, as an (n, length) int64 tensor."""
+    tokens = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if len(tokens) <= length:
+        raise ValueError(f"need more than {length} calibration tokens, got {len(tokens)}")
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length, size=n)
+    return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def _run(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [block(x) for x in xs]
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress: bool = True,
+             batch_size: int = 16) -> nn.Module:
+    """Replace the model's block linears named in config.layers (and optionally the tied embedding) by
+    QuantLinear, in place, and return the model. Calibration runs the already-quantized layers on their
+    exact reference forward. `model.quant_log` gets one dict per layer: name, relative error, time (and
+    GPTQ's loss and damping)."""
+    model.eval()
+    device = next(model.parameters()).device
+    if config.method == "gptq" and calib_tokens is None:
+        raise ValueError("GPTQ needs calibration tokens")
+    layers = check_block_linears(model, config.layers, "quantization")  # name -> nn.Linear, forward order
+    xs = None
+    if calib_tokens is not None:
+        windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
+        xs = [model.embed(w.to(device)) for w in windows.split(batch_size)]
+    quant_log = []
+    for b, block in enumerate(model.transformer.h):
+        names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
+        for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
+            layer = layers[name]
+            H = None
+            if xs is not None:
+                acc = HessianAccumulator(layer.in_features, device)
+                handle = layer.register_forward_hook(acc.hook)
+                _run(block, xs)
+                handle.remove()
+                H = acc.H
+            qlayer, row = quantize_layer(layer, H, config, name)
+            model.set_submodule(name, qlayer)
+            log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
+                     row["time_s"])
+            quant_log.append(row)
+        if xs is not None:
+            xs = _run(block, xs)  # inputs of the next block, through this block's quantized layers
+    if config.quantize_embeddings:
+        head, row = quantize_layer(model.lm_head, None, EMBED_CONFIG, "lm_head")
+        model.lm_head = head
+        model.transformer.wte = QuantEmbedding(head)
+        quant_log.append(row)
+    model.quant_log = quant_log
+    return model
+
+
+def quant_meta(model: nn.Module, config: QuantConfig) -> dict:
+    """The checkpoint's "quantization" entry."""
+    return {"format": 1, **config.to_dict(), "quantized_layers": list(block_quant_layers(model))}
+
+
+def block_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized linears inside the blocks (not the tied head: quantize_embeddings covers that)."""
+    return find_layers(model, lambda name, m: isinstance(m, (QuantLinear, TernaryLinear))
+                       and name.startswith("transformer.h."))
+
+
+def prepare_quantized_model(model: nn.Module, quant_meta: dict) -> nn.Module:
+    """Swap in empty stored modules (QuantLinear, QuantEmbedding, or an exported QAT model's TernaryLinear)
+    shaped like the checkpoint's, for its weights to load into."""
+    if quant_meta.get("method") == "ternary":  # exported QAT checkpoints
+        return prepare_ternary_model(model, quant_meta)
+    cfg = QuantConfig.from_dict({k: v for k, v in quant_meta.items() if k not in META_EXTRAS},
+                                source="checkpoint quantization entry")
+    names = quant_meta.get("quantized_layers", [])
+    layers = find_layers(model, named(names))
+    for name in names:
+        if type(layers.get(name)) is not nn.Linear:
+            kind = type(layers[name]).__name__ if name in layers else "missing"
+            raise ValueError(f"quantized layer {name!r} is {kind} in this model, not nn.Linear")
+    replace_layers(model, layers, lambda name, layer: QuantLinear(
+        layer.in_features, layer.out_features, cfg.bits, cfg.group_size, cfg.symmetric, layer.bias is not None,
+        cfg.rotate, cfg.uses_g_idx))
+    if cfg.quantize_embeddings:
+        e, wte = EMBED_CONFIG, model.transformer.wte
+        head = QuantLinear(wte.embedding_dim, wte.num_embeddings, e.bits, e.group_size, e.symmetric)
+        model.lm_head = head
+        model.transformer.wte = QuantEmbedding(head)
+    return model
+
+
+def theoretical_size_bytes(model: nn.Module) -> int:
+    """bits * weights / 8 for quantized weights + every other stored tensor's bytes, shared tensors once."""
+    seen, total = set(), 0.0
+    for mod in model.modules():
+        stored = list(mod._parameters.items())
+        stored += [(n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
+        for n, t in stored:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if isinstance(mod, QuantLinear) and n in (
+                "qweight",
+                "qzeros",
+            ):  # without the packing's row padding
+                count = mod.in_features * mod.out_features if n == "qweight" else mod.scales.numel()
+                total += count * mod.bits / 8
+            else:
+                total += t.numel() * t.element_size()
+    return round(total)
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Average storage bits per weight of the quantized linears (the block linears), grids included."""
+    bits = weights = 0
+    for m in block_quant_layers(model).values():
+        n = m.in_features * m.out_features
+        if isinstance(m, TernaryLinear):
+            weights += n
+            bits += m.qweight.numel() * 8 + m.scale.numel() * 32
+            continue
+        weights += n
+        bits += n * m.bits + m.scales.numel() * 16
+        bits += 0 if m.symmetric else m.scales.numel() * m.bits  # (counted from the grid: a runtime may free qzeros)
+        bits += 0 if m.g_idx is None else m.g_idx.numel() * 32
+    return bits / weights if weights else 32.0
