@@ -1,0 +1,41 @@
+"""The command line speaks to users: what the tool does, its version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nanogptq.cli import build_parser, main
+
+
+def test_help_says_what_the_tool_does(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "train a small GPT" in out and "quantization" in out
+    assert "argument parsing only" not in out
+    for command in ("train", "sample", "eval", "quantize", "export", "compare", "demo"):
+        assert command in out
+
+
+def test_version_answers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("nanogptq ") and out.split()[1][0].isdigit(), out
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert p.format_help().strip(), name
+
+
+def test_the_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "nanogptq", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("nanogptq ")
