@@ -5,14 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptq.quant.pack import (
-    from_interleaved,
-    pack,
-    packed_len,
-    rows_per_word,
-    to_interleaved,
-    unpack,
-)
+from nanogptq.quant.pack import pack, packed_len, unpack
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,26 +43,3 @@ def test_unpack_checks_length_and_bits():
     with pytest.raises(ValueError, match="2, 3, 4 or 8"):
         pack(torch.zeros(1, 3, dtype=torch.uint8), 5)
 
-
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 13), n=st.integers(1, 300), tile=st.sampled_from([16, 32, 64, 128, 256]),
-       bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**31))
-def test_interleaved_layout_round_trip(rows, n, tile, bits, seed):
-    rpw = rows_per_word(bits)
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (rows, n), generator=gen).to(torch.uint8)
-    w = to_interleaved(pack(codes, bits), n, tile, bits)
-    tiles, words = -(-n // tile), -(-rows // rpw)
-    assert w.shape == (words, tiles * tile // 2) and w.dtype == torch.int32
-    # zero codes pad the columns to whole tiles and the rows to whole words
-    padded = torch.nn.functional.pad(codes, (0, tiles * tile - n, 0, words * rpw - rows)).to(torch.int64)
-    w64 = w.to(torch.int64) & 0xFFFFFFFF
-    for r in range(rpw):  # code (row r of the word, column 2p + c) at bits 16 c + bits r
-        for c in range(2):
-            assert torch.equal((w64 >> (16 * c + bits * r)) & (2**bits - 1), padded[r::rpw, c::2])
-    assert torch.equal(from_interleaved(w, n, bits, rows), codes)
-
-
-def test_interleaved_layout_holds_4_or_8_bits():
-    with pytest.raises(ValueError, match="4 or 8 bit"):
-        rows_per_word(3)
