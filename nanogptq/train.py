@@ -12,8 +12,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -21,12 +22,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanogptq.checkpoint import load_checkpoint, load_resume_state, read_meta, save_checkpoint
+from nanogptq.config import StrictConfig
 from nanogptq.data import TokenData, file_dataset_path, get_batch, prepare_data
 from nanogptq.model import GPT, PRESETS, preset_config
+from nanogptq.quant.qat import apply_qat, load_qat_config, qat_strength, set_qat_strength
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StrictConfig):
     out_dir: str = "runs/tiny-shakespeare"
     dataset: str = "shakespeare"
     tokenizer: str = "char"
@@ -65,7 +68,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        # stored absolute, so that eval, compare and the demo find the text from any folder
+        # Not StrictConfig's, which would call validate(): validate() checks the flags of one invocation, and
+        # train() calls it first. A config read back from a checkpoint is a run's state, which it may refuse as
+        # flags (a resumed fine-tuning run saves resume=True beside init_from). from_dict still refuses unknown
+        # keys and a newer version.
+        # The text's path is stored absolute, so that eval, compare and the demo find it from any folder.
         if (path := file_dataset_path(self.dataset)) is not None:
             self.dataset = f"file:{path.absolute()}"
 
@@ -99,11 +106,6 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 # what a run's saved weights and data depend on: a resumed run keeps them
 RUN_FIELDS = ("dataset", "tokenizer", "vocab_size", "val_fraction", "split_seed", "split", "preset", "init_from",
@@ -120,7 +122,8 @@ def resumed_config(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainC
     """The run's saved settings (out_dir/last), with those the user gave again (given_fields) overriding them,
     e.g. a larger max_steps to extend the run, and this session's device, data folder and progress bar. The
     data and model settings cannot change."""
-    saved = TrainConfig.from_dict(read_meta(Path(cfg.out_dir) / "last")["train"])
+    last = Path(cfg.out_dir) / "last"
+    saved = TrainConfig.from_dict(read_meta(last)["train"], source=f"{last / 'config.json'}, \"train\" entry")
     for name in sorted(given_fields(cfg, explicit) | set(SESSION_FIELDS)):
         value = getattr(cfg, name)
         if name in RUN_FIELDS and value != getattr(saved, name):
@@ -250,15 +253,22 @@ def build_model(cfg: TrainConfig, data: TokenData) -> GPT:
     else:
         model = GPT(preset_config(cfg.preset, data.tokenizer.vocab_size, **overrides))
     if cfg.qat_config:
-        from nanogptq.quant.qat import apply_qat, load_qat_config
-
         apply_qat(model, load_qat_config(cfg.qat_config))
     return model
 
 
-def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
-    """Train (or resume) a run; returns the run folder. Only rank 0 writes files. On resume, `explicit` names
-    the settings given again, which override the saved ones (`resumed_config`)."""
+def check_splits_fit(data: TokenData, block_size: int) -> None:
+    """Refuse, before any step, a split too short for one batch window (block_size + 1 tokens)."""
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= block_size:
+            raise ValueError(f"the {split} split holds {len(tokens)} tokens, too few for the model's context of "
+                             f"{block_size}: use a longer text (or a "
+                             f"{'smaller' if split == 'training' else 'larger'} --val-fraction)")
+
+
+def settle_config(cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
+    """The settings the run trains with: the flags checked, the saved ones on resume (`resumed_config`), the
+    --init-from checkpoint's preset for a fine-tuning run. Refuses a new run over an old one without --overwrite."""
     cfg.validate()
     out = Path(cfg.out_dir)
     if cfg.resume:
@@ -267,176 +277,274 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
         raise ValueError(f"{out} already holds a run: continue it with --resume, or replace it with --overwrite")
     if cfg.init_from and not cfg.resume:
         # a fine-tuned model keeps the shape it was trained with: the run records its preset, not --preset's
-        init_preset = read_meta(cfg.init_from).get("train", {}).get("preset", cfg.preset)
+        init_train = read_meta(cfg.init_from).get("train")
+        init_preset = cfg.preset if init_train is None else TrainConfig.from_dict(
+            init_train, source=f"{Path(cfg.init_from) / 'config.json'}, \"train\" entry").preset
         if "preset" in given_fields(cfg, explicit) and cfg.preset != init_preset:
             raise ValueError(f"--preset {cfg.preset} differs from --init-from {cfg.init_from}'s preset "
                              f"{init_preset}: a fine-tuned model keeps its shape")
         cfg.preset = init_preset
-    device = pick_device(cfg.device)
-    dist_info, device = init_distributed(device)
+    return cfg
 
-    torch.manual_seed(cfg.seed + dist_info.rank)
-    data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
-                        val_fraction=cfg.val_fraction, seed=cfg.split_seed, split=cfg.split)
-    model = build_model(cfg, data).to(device)
-    for split, tokens in (("training", data.train), ("validation", data.val)):
-        if len(tokens) <= model.config.block_size:  # a batch window is block_size + 1 tokens
-            raise ValueError(f"the {split} split holds {len(tokens)} tokens, too few for the model's context of "
-                             f"{model.config.block_size}: use a longer text (or a "
-                             f"{'smaller' if split == 'training' else 'larger'} --val-fraction)")
-    is_cuda = device.startswith("cuda")
-    optimizer = make_optimizer(model, cfg, fused=is_cuda)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
-    step, best_val, elapsed_before, resumed_val = 0, float("inf"), 0.0, None
-    if cfg.resume:
-        state = load_resume_state(out / "last")
-        resumed = load_checkpoint(out / "last")
-        model.load_state_dict(resumed.model.state_dict())
-        resumed_val = resumed.meta.get("metrics", {}).get("val_loss")  # shown in the bar until an evaluation
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_val = int(state["step"]), float(state["best_val"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))  # --max-time counts the whole run
-        _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)], gen)
 
-    # 16-to-1.58-bit: lambda of the QAT quantizers follows the step (None: always fully quantized)
-    strength = None
-    if cfg.qat_config and (cfg.qat_start or cfg.qat_ramp):
-        from nanogptq.quant.qat import qat_strength, set_qat_strength
+@dataclass
+class RunState:
+    """Where a run stands. The loop's parts advance it; `last/` saves step, best_val and elapsed for --resume."""
 
-        strength = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
-        set_qat_strength(model, strength)
+    step: int = 0
+    best_val: float = math.inf
+    elapsed: float = 0.0  # seconds trained over the whole run, resumes included: --max-time counts them all
+    saved_step: int = 0  # the step that last/ holds
+    strength: float | None = None  # the QAT quantizers' strength while a schedule moves it; None: no schedule
+    train_loss: float = math.nan
+    val_loss: float = math.nan  # the latest evaluation's, shown in the bar
+    tokens_per_s: float = 0.0
 
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist_info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if is_cuda else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
-    block_size = raw_model.config.block_size
-    meta = {
-        "model": raw_model.config.to_dict(),
+
+@dataclass
+class Run:
+    """One process's part of a training run, built by `start_run`."""
+
+    cfg: TrainConfig
+    out: Path
+    dist: DistInfo
+    device: str
+    data: TokenData
+    raw_model: GPT  # the module evaluated and saved
+    model: torch.nn.Module  # the one stepped: raw_model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.AdamW
+    batch_gen: torch.Generator  # draws the training batches; saved per rank, so a resumed run draws the same ones
+    autocast: contextlib.AbstractContextManager
+    meta: dict  # config.json's entries, the metrics aside
+    state: RunState
+
+    @property
+    def block_size(self) -> int:
+        return self.raw_model.config.block_size
+
+
+def restore_state(last: Path, model: GPT, optimizer: torch.optim.Optimizer, batch_gen: torch.Generator,
+                  rank: int) -> RunState:
+    """Load the weights, optimizer and random state saved in `last`; returns where the run stood."""
+    resume = load_resume_state(last)
+    ckpt = load_checkpoint(last)
+    model.load_state_dict(ckpt.model.state_dict())
+    optimizer.load_state_dict(resume["optimizer"])
+    # resumed on more processes than saved it, the extra ranks take the last saved state
+    _set_rng_state(resume["rng"][min(rank, len(resume["rng"]) - 1)], batch_gen)
+    return RunState(step=int(resume["step"]), best_val=float(resume["best_val"]),
+                    elapsed=float(resume.get("elapsed_s", 0.0)),
+                    val_loss=ckpt.meta.get("metrics", {}).get("val_loss") or math.nan)
+
+
+def run_meta(cfg: TrainConfig, model: GPT, data: TokenData) -> dict:
+    """The config.json entries of the run's checkpoints; each save adds its metrics."""
+    return {
+        "model": model.config.to_dict(),
         "tokenizer": data.tokenizer.to_dict(),
         "data": {"dataset": cfg.dataset, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
                  "val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "split": cfg.split,
                  "text_sha256": data.text_sha256},
-        "train": asdict(cfg),
+        "train": cfg.to_dict(),
         "quantization": None,
-        "qat": getattr(raw_model, "qat_config", None),
-        "num_params": raw_model.num_params(non_embedding=False),
+        "qat": getattr(model, "qat_config", None),
+        "num_params": model.num_params(non_embedding=False),
     }
 
-    saved_step = step
 
-    def save(name: str, metrics: dict) -> None:
-        nonlocal saved_step
-        saved_step = step
-        rng = [_rng_state(gen)]
-        if dist_info.world_size > 1:
-            rng = [None] * dist_info.world_size
-            dist.all_gather_object(rng, _rng_state(gen))
-        if not dist_info.is_main:
-            return
-        resume = {"optimizer": optimizer.state_dict(), "step": step, "best_val": best_val, "rng": rng,
-                  "elapsed_s": metrics["elapsed_s"]}
-        save_checkpoint(out / name, raw_model, {**meta, "metrics": metrics}, resume_state=resume)
+def start_run(cfg: TrainConfig) -> Run:
+    """Join the process group (under torchrun), then build the data, model, optimizer and state, restored from
+    `last/` on resume. The order is fixed: the seeds come before the model's initial weights."""
+    dist_info, device = init_distributed(pick_device(cfg.device))
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
+                        val_fraction=cfg.val_fraction, seed=cfg.split_seed, split=cfg.split)
+    raw_model = build_model(cfg, data).to(device)
+    check_splits_fit(data, raw_model.config.block_size)
+    is_cuda = device.startswith("cuda")
+    optimizer = make_optimizer(raw_model, cfg, fused=is_cuda)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist_info.rank)
+    out = Path(cfg.out_dir)
+    state = restore_state(out / "last", raw_model, optimizer, batch_gen, dist_info.rank) if cfg.resume else RunState()
+    state.saved_step = state.step
+    if cfg.qat_config and (cfg.qat_start or cfg.qat_ramp):
+        state.strength = qat_strength(state.step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
+        set_qat_strength(raw_model, state.strength)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if is_cuda else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+    return Run(cfg, out, dist_info, device, data, raw_model, model, optimizer, batch_gen, autocast,
+               run_meta(cfg, raw_model, data), state)
 
-    log_file = None
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # a resumed run continues its log; a new run in an old folder starts its own (it replaces the checkpoints too)
-        log_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w")
-    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist_info.world_size
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and dist_info.is_main),
+
+def follow_qat_schedule(run: Run) -> None:
+    """Give the QAT quantizers this step's strength, when --qat-start / --qat-ramp schedule it."""
+    state = run.state
+    if state.strength is None:
+        return
+    strength = qat_strength(state.step, run.cfg.max_steps, run.cfg.qat_start, run.cfg.qat_ramp)
+    if strength != state.strength:  # most steps leave it as it was: no walk over the model's modules
+        state.strength = strength
+        set_qat_strength(run.raw_model, strength)
+
+
+def set_step_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # the decayed group (make_optimizer); the other keeps none
+            group["weight_decay"] = weight_decay
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step over grad_accum micro-batches, gradients clipped; returns this rank's loss."""
+    cfg, model = run.cfg, run.model
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(run.data.train, cfg.batch_size, run.block_size, run.batch_gen, run.device)
+        # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+        sync = run.dist.world_size == 1 or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with run.autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def average_over_ranks(run: Run, loss: float, elapsed: float) -> tuple[float, float]:
+    """The loss and the clock, averaged over the ranks. The clock too: every rank then takes the same
+    time-scheduled learning rate and stops at the same step under --max-time (a rank stopping alone would hang
+    the others in their next all-reduce)."""
+    if run.dist.world_size == 1:
+        return loss, elapsed
+    t = torch.tensor([loss, elapsed], device=run.device, dtype=torch.float64)
+    dist.all_reduce(t)  # a sum: gloo has no average
+    loss, elapsed = (t / run.dist.world_size).tolist()
+    return loss, elapsed
+
+
+def stop_if_diverged(run: Run) -> None:
+    state = run.state
+    if math.isfinite(state.train_loss):
+        return
+    kept = f"{run.out / 'last'} keeps step {state.saved_step}, the last one saved" if state.saved_step else \
+        "nothing was saved"
+    raise ValueError(f"the training loss became {state.train_loss} at step {state.step}: the run diverged (try a "
+                     f"lower --lr); {kept}")
+
+
+def save_run(run: Run, name: str, metrics: dict) -> None:
+    """Write checkpoint `name` with the state --resume needs. Every rank calls it (their random states are
+    gathered); rank 0 writes."""
+    state = run.state
+    state.saved_step = state.step
+    rng = [_rng_state(run.batch_gen)]
+    if run.dist.world_size > 1:
+        rng = [None] * run.dist.world_size
+        dist.all_gather_object(rng, _rng_state(run.batch_gen))
+    if not run.dist.is_main:
+        return
+    resume = {"optimizer": run.optimizer.state_dict(), "step": state.step, "best_val": state.best_val, "rng": rng,
+              "elapsed_s": metrics["elapsed_s"]}
+    save_checkpoint(run.out / name, run.raw_model, {**run.meta, "metrics": metrics}, resume_state=resume)
+
+
+def evaluate_and_save(run: Run, lr: float, log: TextIO | None) -> None:
+    """Validation loss; `best/` when it is the lowest yet, `last/` always, and a line in metrics.jsonl."""
+    cfg, state = run.cfg, run.state
+    state.val_loss = estimate_loss(run.raw_model, run.data.val, cfg, run.block_size, run.device, run.autocast)
+    record = {"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss, "lr": lr,
+              "tokens_per_s": state.tokens_per_s, "elapsed_s": round(state.elapsed, 2)}
+    if state.strength is not None:
+        record["qat_strength"] = state.strength
+    # a model not yet fully quantized is not a QAT result: it never becomes the best checkpoint
+    if state.val_loss < state.best_val and state.strength in (None, 1.0):
+        state.best_val = state.val_loss
+        save_run(run, "best", {**record, "best_val_loss": state.best_val})
+    save_run(run, "last", {**record, "best_val_loss": state.best_val})
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if not cfg.progress:  # no bar: a line per evaluation, so a log shows the run's course
+            print(f"step {state.step}: train loss {state.train_loss:.4f}, val loss {state.val_loss:.4f}, "
+                  f"{state.tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+
+def save_interrupted(run: Run) -> None:
+    """On Ctrl-C, keep the steps since the last save: --resume continues from there. One process only: under
+    DDP the ranks are not at a point where they could gather their states together."""
+    state = run.state
+    if run.dist.world_size == 1 and state.step > state.saved_step:
+        save_run(run, "last", {"step": state.step, "train_loss": state.train_loss, "val_loss": None,
+                               "lr": lr_at(state.step, run.cfg, state.elapsed), "tokens_per_s": state.tokens_per_s,
+                               "elapsed_s": round(state.elapsed, 2),
+                               "best_val_loss": state.best_val if math.isfinite(state.best_val) else None})
+    if run.dist.is_main and (run.out / "last").exists():
+        print(f"\ninterrupted at step {state.step}: {run.out / 'last'} holds step {state.saved_step}; continue "
+              "with --resume", file=sys.stderr)
+
+
+def open_metrics_log(run: Run) -> TextIO | None:
+    """metrics.jsonl, on rank 0 only. A resumed run continues its log; a new run in an old folder starts its
+    own (it replaces the checkpoints too)."""
+    if not run.dist.is_main:
+        return None
+    run.out.mkdir(parents=True, exist_ok=True)
+    return open(run.out / "metrics.jsonl", "a" if run.cfg.resume else "w")
+
+
+def train_loop(run: Run) -> None:
+    """Step until max_steps or max_time, evaluating and saving every eval_interval steps and at the end."""
+    cfg, state = run.cfg, run.state
+    log = open_metrics_log(run)
+    tokens_per_step = cfg.batch_size * run.block_size * cfg.grad_accum * run.dist.world_size
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (cfg.progress and run.dist.is_main),
                desc="train", dynamic_ncols=True)
-    start = time.time()
-    last_val, train_loss, t_last, tok_s = resumed_val or float("nan"), float("nan"), time.time(), 0.0
-    model.train()
-    elapsed = elapsed_before
+    start, elapsed_before = time.time(), state.elapsed
+    t_last = time.time()
+    run.model.train()
     try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg, elapsed)
-            if strength is not None:
-                s = qat_strength(step, cfg.max_steps, cfg.qat_start, cfg.qat_ramp)
-                if s != strength:
-                    strength = s
-                    set_qat_strength(raw_model, strength)
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = lr
-                if i == 0:
-                    group["weight_decay"] = weight_decay_at(step, cfg)
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(data.train, cfg.batch_size, block_size, gen, device)
-                sync = dist_info.world_size == 1 or micro == cfg.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
-                with ctx, autocast:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
-                with ctx:
-                    loss.backward()
-                loss_sum += loss.item()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = elapsed_before + time.time() - start
-            if dist_info.world_size > 1:
-                # the clock is averaged with the loss: every rank then takes the same time-scheduled learning
-                # rate and stops at the same step under --max-time (a rank stopping alone would hang the others)
-                t = torch.tensor([loss_sum, elapsed], device=device, dtype=torch.float64)
-                dist.all_reduce(t)  # a sum: gloo has no average
-                loss_sum, elapsed = (t / dist_info.world_size).tolist()
-            train_loss = loss_sum
-            if not math.isfinite(train_loss):
-                kept = f"{out / 'last'} keeps step {saved_step}, the last one saved" if saved_step else \
-                    "nothing was saved"
-                raise ValueError(f"the training loss became {train_loss} at step {step}: the run diverged (try a "
-                                 f"lower --lr); {kept}")
+        while state.step < cfg.max_steps:
+            lr = lr_at(state.step, cfg, state.elapsed)
+            follow_qat_schedule(run)
+            set_step_hyperparameters(run.optimizer, lr, weight_decay_at(state.step, cfg))
+            loss = train_step(run)
+            state.step += 1
+            state.train_loss, state.elapsed = average_over_ranks(run, loss, elapsed_before + time.time() - start)
+            stop_if_diverged(run)
             now = time.time()
-            tok_s = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
+            state.tokens_per_s, t_last = tokens_per_step / max(now - t_last, 1e-9), now
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", val=f"{last_val:.3f}", tok_s=f"{tok_s:,.0f}")
-
-            out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-                last_val = estimate_loss(raw_model, data.val, cfg, block_size, device, autocast)
-                record = {"step": step, "train_loss": train_loss, "val_loss": last_val, "lr": lr,
-                          "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2)}
-                if strength is not None:
-                    record["qat_strength"] = strength
-                # a model not yet fully quantized is not a QAT result: it never becomes the best checkpoint
-                if last_val < best_val and strength in (None, 1.0):
-                    best_val = last_val
-                    save("best", {**record, "best_val_loss": best_val})
-                save("last", {**record, "best_val_loss": best_val})
-                if log_file:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    if not cfg.progress:  # no bar: a line per evaluation, so a log shows the run's course
-                        print(f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}, "
-                              f"{tok_s:,.0f} tokens/s", file=sys.stderr, flush=True)
+            bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", val=f"{state.val_loss:.3f}",
+                            tok_s=f"{state.tokens_per_s:,.0f}")
+            out_of_time = cfg.max_time is not None and state.elapsed >= cfg.max_time
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps or out_of_time:
+                evaluate_and_save(run, lr, log)
                 t_last = time.time()  # keep evaluation time out of tokens/s
             if out_of_time:
                 break
     except KeyboardInterrupt:
-        # keep the steps since the last save: --resume continues from here (one process only: under DDP the
-        # ranks are not at a point where they could gather their states together)
-        if dist_info.world_size == 1 and step > saved_step:
-            save("last", {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr_at(step, cfg, elapsed),
-                          "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2),
-                          "best_val_loss": best_val if math.isfinite(best_val) else None})
-        if dist_info.is_main and (out / "last").exists():
-            print(f"\ninterrupted at step {step}: {out / 'last'} holds step {saved_step}; continue with --resume",
-                  file=sys.stderr)
+        save_interrupted(run)
         raise
     finally:
         bar.close()
-        if log_file:
-            log_file.close()
-    if dist_info.world_size > 1:
+        if log:
+            log.close()
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
+    """Train (or resume) a run; returns the run folder. Only rank 0 writes files. On resume, `explicit` names
+    the settings given again, which override the saved ones (`resumed_config`)."""
+    run = start_run(settle_config(cfg, explicit))
+    train_loop(run)
+    if run.dist.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return out
+    return run.out

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,35 @@ def test_a_relative_text_path_is_stored_absolute(tmp_path, text_file, monkeypatc
 def small_run(tmp_path, text_file, **kw) -> TrainConfig:
     return TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), batch_size=8, eval_interval=10,
                        eval_batches=2, lr=3e-3, warmup_steps=5, progress=False, **kw)
+
+
+def test_train_config_reads_back_strictly():
+    cfg = TrainConfig(lr=1e-3, max_time=60.0, qat_config="x.json")
+    saved = cfg.to_dict()
+    assert saved["version"] == TrainConfig.VERSION and TrainConfig.from_dict(saved) == cfg
+    del saved["version"]  # written before configs had a version: read as version 1
+    assert TrainConfig.from_dict(saved) == cfg
+    with pytest.raises(ValueError, match=r"^run/last: unknown key 'learning_rate' \(known: .*\blr\b"):
+        TrainConfig.from_dict({**saved, "learning_rate": 0.1}, source="run/last")
+    with pytest.raises(ValueError, match="version 2; this nanogptq reads TrainConfig version 1 or older"):
+        TrainConfig.from_dict({**saved, "version": 2})
+    # a resumed fine-tuning run saves resume and init_from together: its state reads back, though as flags
+    # validate() refuses the pair
+    resumed = TrainConfig.from_dict({**saved, "resume": True, "init_from": "base/best"})
+    with pytest.raises(ValueError, match="--resume and --init-from exclude each other"):
+        resumed.validate()
+
+
+def test_resume_refuses_a_saved_config_with_an_unknown_key(tmp_path, text_file):
+    run = train(small_run(tmp_path, text_file, max_steps=10))
+    config = run / "last" / "config.json"
+    meta = json.loads(config.read_text())
+    meta["train"]["learning_rate"] = 0.1  # a hand edit with a typo: dropping it would resume with lr unchanged
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{config}, \"train\" entry: unknown key 'learning_rate'")):
+        train(TrainConfig(out_dir=str(run), resume=True, max_steps=20, progress=False),
+              explicit={"out_dir", "resume", "max_steps"})
+    assert read_meta(run / "last")["metrics"]["step"] == 10
 
 
 def test_resume_keeps_the_runs_settings_and_takes_the_flags_given(tmp_path, text_file):
@@ -185,7 +215,7 @@ def test_ddp_two_processes_gloo(tmp_path, text_file):
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "nanogptq.cli", "train", *TINY,
          "--dataset", f"file:{text_file}", "--out-dir", str(run), "--max-steps", "60", "--eval-interval", "20",
-         "--lr", "3e-3", "--device", "cpu"],
+         "--lr", "3e-3", "--device", "cpu", "--batch-size", "4", "--grad-accum", "2"],  # DDP no_sync
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = val_losses(run)
