@@ -27,6 +27,8 @@ class StrictConfig:
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        # a subclass whose fields are settled in steps (TrainConfig: resume merges saved and given settings)
+        # overrides this and calls validate() itself once they are
         self.validate()
 
     def validate(self) -> None:
