@@ -35,7 +35,7 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-figures: install  # every figure in the README (GPU parts only where CUDA is present)
+figures: install  # every figure in docs/results.md (GPU parts only where CUDA is present)
 	PY=$(abspath $(PY)) bash benchmarks/reproduce.sh
 
 lint: install

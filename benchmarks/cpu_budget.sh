@@ -3,7 +3,7 @@
 # for the side-by-side with nanoGPT's CPU "baby" config. --time-schedule decays the learning rate by the
 # clock as well as by steps, so the cosine ends at the budget on a slower machine instead of being cut off.
 #   bash benchmarks/cpu_budget.sh            # 2-minute and 5-minute runs, then full-split evaluation,
-#                                            # all recorded in results/cpu_budget.json
+#                                            # all recorded in results/train/budget_tiny_cpu.json (OUT=FILE)
 set -euo pipefail
 PY=${PY:-python}
 common="--preset tiny --dataset shakespeare --split tail --warmup-steps 50 --eval-batches 10 --device cpu"
@@ -19,11 +19,13 @@ for r in cpu-2min cpu-5min; do
   $PY -m nanogptq.cli eval runs/$r/best --no-save | tee runs/$r/eval.json
 done
 # the record: each run's log and its best checkpoint's whole-split evaluation
-OUT=${OUT:-results/cpu_budget.json} $PY - <<'PYEOF'
-import json, os, platform
+OUT=${OUT:-results/train/budget_tiny_cpu.json} $PY - <<'PYEOF'
+import json, os, platform, sys
+sys.path.insert(0, "benchmarks")
+from common import write_result
 runs = {r: {"log": [json.loads(line) for line in open(f"runs/{r}/metrics.jsonl")],
             "best_whole_split": json.load(open(f"runs/{r}/eval.json"))} for r in ("cpu-2min", "cpu-5min")}
-with open(os.environ["OUT"], "w") as f:
-    json.dump({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "runs": runs}, f, indent=2)
+write_result(os.environ["OUT"], None, "cpu", command="bash benchmarks/cpu_budget.sh",
+             cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), runs=runs)
 print("wrote", os.environ["OUT"])
 PYEOF

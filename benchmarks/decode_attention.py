@@ -1,5 +1,5 @@
 """One decode step's attention on the GPU: SDPA with a mask, the explicit matmul-softmax-matmul, and
-nanogptq's split-cache Triton kernel (nanogptq/attention_triton.py).
+nanogptq's split-cache Triton kernel (nanogptq/kernels/decode_attention.py).
 
     python benchmarks/decode_attention.py          # 7 B shape (32 heads x 128), caches of 512..4096
 
@@ -8,25 +8,22 @@ masked out. This times each form (eager and torch.compile'd, each call inside a 
 decode benchmark, over copies of the cache that overflow the L2 cache, as the layers of a model do) and
 reports microseconds per layer and the cache bandwidth reached. --programs, --block and --warps sweep the
 split kernel's TARGET_PROGRAMS, BLOCK_L and NUM_WARPS, --splits sets its MAX_SPLITS. Writes
-results/decode_attention_<gpu>.json.
+results/gpu/decode_attention_7b_<gpu>.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode import hbm_peak  # benchmarks/ is on sys.path when run as a script
-from gemv import gpu_tag, time_call
+from common import add_output, graph_seconds, hbm_peak, parser, print_table, result_path, write_result
 
-import nanogptq.attention_triton as attention_triton  # registers torch.ops.nanogptq.decode_attention
-from nanogptq.quant import cuda_gemv
+from nanogptq.kernels import decode_attention as attention  # registers torch.ops.nanogptq.decode_attention
+from nanogptq.kernels import mma
 
 
 def split_heads(qkv, kv):  # the one query (B, H, 1, D) and the cache's keys and values, as PyTorch takes them
@@ -49,24 +46,22 @@ def matmul_softmax(qkv, kv, mask, pos):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--cache", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--programs", type=int, nargs="*", default=[attention_triton.TARGET_PROGRAMS])
-    p.add_argument("--block", type=int, nargs="*", default=[attention_triton.BLOCK_L])
-    p.add_argument("--warps", type=int, nargs="*", default=[attention_triton.NUM_WARPS])
-    p.add_argument("--splits", type=int, default=attention_triton.MAX_SPLITS, help="MAX_SPLITS")
-    p.add_argument("--json", default=None)
+    p.add_argument("--programs", type=int, nargs="*", default=[attention.TARGET_PROGRAMS])
+    p.add_argument("--block", type=int, nargs="*", default=[attention.BLOCK_L])
+    p.add_argument("--warps", type=int, nargs="*", default=[attention.NUM_WARPS])
+    p.add_argument("--splits", type=int, default=attention.MAX_SPLITS, help="MAX_SPLITS")
+    add_output(p, where="results/gpu/decode_attention_7b_<gpu>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_attention.py needs a CUDA GPU")
-    gpu = torch.cuda.get_device_name()
-    attention_triton.MAX_SPLITS = args.splits
+    attention.MAX_SPLITS = args.splits
     rows = []
-    print(f"{'cache':>6} {'form':>32} {'us':>8} {'GB/s':>8} {'roofline':>8}")
     for L in args.cache:
         shape = (2, 1, args.heads, L, args.head_dim)
         cache_bytes = math.prod(shape) * 2
@@ -75,7 +70,7 @@ def main() -> None:
         pos = torch.tensor([L - 8], device="cuda")  # a nearly full cache, as late in decoding
         # one cache per layer of a model whose caches are three times the L2 cache; the new token's key and
         # value already in place (the split kernel writes them again, the other forms only read)
-        n_caches = -(-3 * cuda_gemv.l2_bytes() // cache_bytes)
+        n_caches = -(-3 * mma.l2_bytes() // cache_bytes)
         caches = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(n_caches)]
         for kv in caches:
             kv[:, :, :, L - 8] = qkv[0, 0, C:].view(2, 1, args.heads, args.head_dim)
@@ -91,14 +86,16 @@ def main() -> None:
         ]
         for name, fn, tune in forms:
             if tune:
-                attention_triton.TARGET_PROGRAMS, attention_triton.BLOCK_L, attention_triton.NUM_WARPS = tune
+                attention.TARGET_PROGRAMS, attention.BLOCK_L, attention.NUM_WARPS = tune
             for compiled in (False, True):
                 torch._dynamo.reset()
                 f = torch.compile(fn, dynamic=False) if compiled else fn
                 y = f(qkv, caches[0], mask, pos).float().reshape(1, 1, C)
                 err = ((y - ref).norm() / ref.norm()).item()
                 turn = itertools.cycle(caches)
-                s = time_call(lambda x, f=f, t=turn, m=mask, p=pos: f(x, next(t), m, p), qkv, args.calls, args.repeats)
+                s = graph_seconds(
+                    lambda x, f=f, t=turn, m=mask, p=pos: f(x, next(t), m, p), qkv, args.calls, args.repeats
+                )
                 label = name + (" compiled" if compiled else "")
                 row = {
                     "cache": L,
@@ -109,10 +106,18 @@ def main() -> None:
                     "err": err,
                 }
                 rows.append(row)
-                print(f"{L:>6} {label:>32} {row['us']:>8.1f} {row['GB_s']:>8.0f} {row['roofline']:>8.2f}  {err:.1e}")
-    out = Path(args.json or f"results/decode_attention_{gpu_tag(gpu)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}, indent=2))
+                print(f"cache {L}, {label}: {row['us']:.1f} us", flush=True)
+    print_table(rows, [
+        ("cache", "cache", ""),
+        ("form", "form", ""),
+        ("us", "us", ".1f"),
+        ("GB/s", "GB_s", ".0f"),
+        ("HBM roofline", "roofline", ".0%"),
+        ("err", "err", ".1e"),
+    ])
+    shape = args.heads == 32 and args.head_dim == 128
+    out = Path(args.json) if args.json else result_path("gpu", "decode_attention" + ("_7b" if shape else ""), "cuda")
+    write_result(out, rows, "cuda", torch=torch.__version__, args=vars(args))
     print(f"wrote {out}")
 
 

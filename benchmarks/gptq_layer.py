@@ -3,31 +3,28 @@
     python benchmarks/gptq_layer.py                       # 4096x4096, 262,144 rows on CUDA (16,384 on CPU)
     python benchmarks/gptq_layer.py --device cpu --rows 262144 --size 4096
 
-Prints a table and writes results/gptq_layer.json. Inputs are random with correlated features; they are
+Prints a table and writes results/ptq/gptq_layer_<device>.json (the best and the median of --repeats runs).
+Inputs are random with correlated features; they are
 made on the device in chunks of --chunk rows (as forward hooks would deliver them), and that generation is
 not timed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import add_device, add_output, device_name, parser, print_table, result_path, sync, write_result
 
-from nanogptq.quant import HessianAccumulator, QuantConfig, gptq_quantize_weight, rtn_quantize_weight
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from nanogptq.quant.config import QuantConfig
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from nanogptq.quant.rtn import rtn_quantize_weight
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--size", type=int, default=4096, help="in = out features")
     p.add_argument("--out-features", type=int, default=None, help="default: --size")
     p.add_argument(
@@ -37,10 +34,10 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p)
     p.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on CUDA")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default="results/gptq_layer.json")
+    add_output(p, where="results/ptq/gptq_layer_<device>.json")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -75,32 +72,30 @@ def main() -> None:
             results.append({"hessian_s": t1 - t0, "gptq_s": t2 - t1, "total_s": t2 - t0, "rtn_s": t3 - t2})
 
     best = {k: min(r[k] for r in results) for k in results[0]}
+    median = {k: statistics.median(r[k] for r in results) for k in results[0]}
     H = acc.H
     dW = qw.dequantize() - W
     rel = ((dW @ H) * dW).sum().item() / ((W @ H) * W).sum().item()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    report = {
-        "device": name,
+    info = {
         "size": [out, n],
-        "rows": rows,
+        "calibration_rows": rows,
         "bits": args.bits,
         "group_size": args.group_size,
         "act_order": args.act_order,
         "tf32": device.type == "cuda" and not args.no_tf32,
         "threads": torch.get_num_threads(),
         "best": best,
-        "runs": results,
+        "median": median,
         "rel_error": rel,
     }
-    print(f"GPTQ layer {out}x{n}, {rows:,} rows, {args.bits} bits, group {args.group_size}, on {name}")
-    print(f"| {'step':<10} | {'best s':>8} |\n|{'-' * 12}|{'-' * 10}|")
-    for k in ("hessian_s", "gptq_s", "total_s", "rtn_s"):
-        print(f"| {k[:-2]:<10} | {best[k]:>8.3f} |")
+    print(f"GPTQ layer {out}x{n}, {rows:,} rows, {args.bits} bits, group {args.group_size}, on {device_name(device)}")
+    parts = ("hessian_s", "gptq_s", "total_s", "rtn_s")
+    steps = [{"step": k[:-2], "best": best[k], "median": median[k]} for k in parts]
+    print_table(steps, [("step", "step", ""), ("best s", "best", ".3f"), ("median s", "median", ".3f")])
     print(f"relative output error ||(W-Q)X||^2/||WX||^2 = {rel:.4g}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-
+    path = Path(args.json) if args.json else result_path("ptq", "gptq_layer", device)
+    write_result(path, results, device, **info)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Training-step time of ternary QAT vs fp32 on CUDA: one optimizer step (forward, backward, clipping,
 AdamW) on random tokens, eager and torch.compile, the variants taking turns so clock drift hits all alike.
-Prints a table and writes results/qat_step_time_<preset>.json.
+Prints a table and writes results/qat/step_time_<preset>_<gpu>.json.
 
     python benchmarks/qat_step_time.py --preset small
 
@@ -10,13 +10,12 @@ The QAT ablation itself (training every config, evaluating, exporting) is benchm
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import add_output, parser, print_table, result_path, run_seconds, write_result
 
 from nanogptq.model import GPT, preset_config
 from nanogptq.quant.qat import apply_qat, load_qat_config
@@ -52,15 +51,14 @@ def make_step(preset: str, qat: str | None, compile_model: bool, batch: int) -> 
 
 def time_steps(steps: dict[str, Callable[[], None]], n: int, rounds: int) -> dict[str, float]:
     """Median seconds per step of each variant; variants take turns, so drift hits them all alike."""
+    def run(step: Callable[[], None]) -> None:
+        for _ in range(n):
+            step()
+
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / n)
+            times[name] += [t / n for t in run_seconds(lambda step=step: run(step), 1, "cuda", warmup=0)]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -78,30 +76,29 @@ def step_time_only(args: argparse.Namespace) -> None:
         for name in names:
             rows.append({"config": name, "compile": compile_model, "step_ms": 1000 * times[name],
                          "ratio": times[name] / times["fp32"]})
-    lines = ["| config | mode | step (ms) | vs fp32 |", "|---|---|---|---|"]
-    for r in rows:
-        mode = "compile" if r["compile"] else "eager"
-        lines.append(f"| {r['config']} | {mode} | {r['step_ms']:.2f} | {r['ratio']:.2f}x |")
-    table = "\n".join(lines)
     print(f"{torch.cuda.get_device_name()}, preset {args.preset}, batch {args.batch_size}, bf16 autocast, "
           f"median of {args.rounds} interleaved runs of {args.time_steps} steps")
-    print(table)
-    out = Path(args.results) / f"qat_step_time_{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
-            "batch_size": args.batch_size, "rounds": args.rounds, "steps_per_round": args.time_steps}
-    out.write_text(json.dumps({**info, "rows": rows, "table": table}, indent=2))
+    table = print_table(rows, [
+        ("config", "config", ""),
+        ("mode", lambda r: "compile" if r["compile"] else "eager", ""),
+        ("step (ms)", "step_ms", ".2f"),
+        ("vs fp32", lambda r: f"{r['ratio']:.2f}x", ""),
+    ])
+    out = Path(args.json) if args.json else result_path("qat", f"step_time_{args.preset}", "cuda")
+    info = {"torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
+            "rounds": args.rounds, "steps_per_round": args.time_steps, "table": table}
+    write_result(out, rows, "cuda", **info)
     print(f"wrote {out}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--results", default="results")
     p.add_argument("--step-configs", nargs="+", default=["weights_only", "all_act8"], choices=QAT_CONFIGS)
     p.add_argument("--time-steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--rounds", type=int, default=10, help="timed runs per variant")
+    add_output(p, where="results/qat/step_time_<preset>_<gpu>.json")
     step_time_only(p.parse_args())
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU reference runs behind the README's figures (run on one H100 through the device tool).
-#   bash benchmarks/reference_runs.sh shakespeare   # `shakespeare` preset, 2-minute budget (issue: foundation)
+# The GPU reference runs: the `shakespeare` preset against nanoGPT's 2-minute figure, and the `small` fp32
+# baselines that the PTQ sweep quantizes.
+#   bash benchmarks/reference_runs.sh shakespeare   # `shakespeare` preset, 2-minute budget; its log and best
+#                                                   # checkpoint's config: results/train/budget_shakespeare_<gpu>.json
 #   bash benchmarks/reference_runs.sh small         # `small` fp32 baselines, Tiny Shakespeare + TinyStories
 # Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
 set -euo pipefail
@@ -10,11 +12,23 @@ case "${1:-}" in
   shakespeare)
     # nanoGPT's shakespeare-char recipe (batch 64, context 256, lr 1e-3, dropout 0.2) on its split (the
     # last 10% of the text is the validation set), stopped at 120 s. Our model overfits after ~1,500 steps
-    # (at 5,000: best 1.4725 on the whole split at step 1,500, 37 s), so the cosine schedule ends at 2,500.
-    $PY -m nanogptq.cli train --overwrite --preset shakespeare --dataset shakespeare --split tail --out-dir "$RUNS/shakespeare-h100" \
+    # at this batch, so the cosine schedule ends at 2,500 steps.
+    R="$RUNS/shakespeare-gpu"
+    $PY -m nanogptq.cli train --overwrite --preset shakespeare --dataset shakespeare --split tail --out-dir "$R" \
       --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps "${STEPS:-2500}" --eval-interval 250 \
       --eval-batches 20 --compile --max-time 120 --no-progress
-    $PY -m nanogptq.cli eval "$RUNS/shakespeare-h100/best"
+    $PY -m nanogptq.cli eval "$R/best"  # the whole split; stored in the checkpoint's config.json
+    R="$R" $PY - <<'PYEOF'
+import json, os, sys
+sys.path.insert(0, "benchmarks")
+from common import result_path, write_result
+run = os.environ["R"]
+out = os.environ.get("OUT") or result_path("train", "budget_shakespeare", "cuda")
+log = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if line.strip()]
+write_result(out, None, "cuda", command="bash benchmarks/reference_runs.sh shakespeare", log=log,
+             best_checkpoint_config=json.load(open(f"{run}/best/config.json")))
+print("wrote", out)
+PYEOF
     ;;
   small)
     # the `small` preset (6 x 192) for 5,000 steps on each corpus, both at once on the one GPU

@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
-# Every figure in the README, in one command (`make figures`). CPU parts always run; GPU parts run
-# when CUDA is present (the published GPU figures came from one H100 or one H200, as the README marks each).
-# Results land in results/.
+# The figures of docs/results.md in one command (`make figures`): the CPU ones always, the GPU ones where
+# CUDA is present (docs/results.md names the GPU of each published figure). Files land in results/<area>/,
+# named by the device they ran on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 export PY
 if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  bash benchmarks/reference_runs.sh shakespeare                    # 1. shakespeare preset, 2-minute budget
-  bash benchmarks/reference_runs.sh small                          # 2. the `small` fp32 baselines
-  PTQ_BASELINE=runs/small-shakespeare/best bash benchmarks/qat_gpu_runs.sh   # 2-3. PTQ sweep + QAT ablation
-  SPLIT=chunks bash benchmarks/qat_gpu_runs.sh                     # 3. the ablation on the chunk split
-  RES=results/qat_b64 BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh   # 3. the batch-64 ablation
-  DATASETS=tinystories SWEEP=1 BATCH=64 MAX_TIME=420 RES=results/qat_b64 bash benchmarks/qat_gpu_runs.sh  # 3. lr sweep
-  for sweep in transition transition2; do   # 3. 16-to-1.58-bit training on TinyStories
-    SWEEP=$sweep BATCH=64 MAX_TIME=400 RES=results/qat_b64 bash benchmarks/qat_gpu_runs.sh
+  GPU=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.device_tag("cuda"))')
+  bash benchmarks/reference_runs.sh shakespeare             # train: the `shakespeare` preset in 2 minutes
+  bash benchmarks/reference_runs.sh small                   # the `small` fp32 baselines the PTQ sweep quantizes
+  $PY benchmarks/train_throughput.py                        # train: throughput, this GPU and its host's CPU
+  $PY benchmarks/ptq_sweep.py runs/small-shakespeare/best --device cuda   # ptq: the sweep
+  $PY benchmarks/gptq_layer.py                              # ptq: GPTQ on a 4096 x 4096 layer
+  BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh     # qat: the ablation on both corpora (13 runs at once)
+  # qat: TinyStories to the full 5,000 steps with the lr sweep (replaces the TinyStories file above), and the
+  # best 2-bit GPTQ of its fp32 model
+  DATASETS=tinystories SWEEP=1 BATCH=64 MAX_TIME=420 bash benchmarks/qat_gpu_runs.sh
+  for sweep in transition transition2; do                   # qat: 16-to-1.58-bit training on TinyStories
+    SWEEP=$sweep BATCH=64 MAX_TIME=400 bash benchmarks/qat_gpu_runs.sh
   done
-  $PY benchmarks/qat_step_time.py --preset small                   # 3. QAT step-time slowdown
+  $PY benchmarks/qat_step_time.py --preset small            # qat: training-step time
   $PY benchmarks/qat_step_time.py --preset shakespeare
-  $PY benchmarks/gptq_layer.py                                     # 2. GPTQ on a 4096 x 4096 layer
-  $PY benchmarks/train_throughput.py --out results/train_throughput_h100.json
-  OUT=results bash benchmarks/gpu_inference.sh                     # 4. CUDA kernel tests, GEMV table, decode
-  $PY benchmarks/decode.py --device cuda --sizes tiny small shakespeare gpt2-small gpt2-xl 7b \
-    --new-tokens 64 --repeats 3 --json results/decode_cuda_graph_only.json   # 4. without --compile
+  bash benchmarks/gpu_inference.sh                          # gpu: tests, linears, attention, decode, profile
+  $PY benchmarks/decode.py --device cuda --compile --new-tokens 64 --repeats 3 --act-dtype fp16 --sizes 7b \
+    --variants bf16 int8 int4 --json "results/gpu/prefill_7b_$GPU.json"   # gpu: prefill
 fi
-bash benchmarks/cpu_budget.sh                                      # 1. tiny preset vs nanoGPT on CPU
-$PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train_throughput_cpu.json
+bash benchmarks/cpu_budget.sh                                          # train: `tiny` vs nanoGPT on the CPU
+$PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train/throughput_cpu.json
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
-  --out results/train_throughput_cpu_dropout.json                  # 1. why the 5-minute recipe is eager, no dropout
-$PY benchmarks/decode.py --device cpu                              # 4. CPU decode kernels
-$PY benchmarks/gptq_layer.py --device cpu --json results/gptq_layer_cpu.json   # 2. (results/gptq_layer.json: the GPU's)
-$PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/decode_cpu_presets.json  # 4.
+  --out results/train/throughput_dropout_cpu.json                      # train: why the 5-minute recipe is eager
+$PY benchmarks/gptq_layer.py --device cpu                              # ptq: results/ptq/gptq_layer_cpu.json
+$PY benchmarks/decode.py --device cpu                                  # cpu: results/cpu/decode_gpt2small_cpu.json
+$PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/cpu/decode_presets_cpu.json
+$PY benchmarks/decode.py --device cpu --compile --sizes tiny small --json results/cpu/decode_presets_compiled_cpu.json

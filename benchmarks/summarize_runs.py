@@ -1,20 +1,23 @@
 """Evaluate finished training runs side by side: best and final checkpoints on the whole validation
-split, mean step time from metrics.jsonl, file size; QAT runs are also exported to packed ternary
-weights and evaluated again. Prints a Markdown table and writes JSON.
+split, median step time from metrics.jsonl, file size; QAT runs are also exported to packed ternary
+weights and evaluated again. Prints a Markdown table and writes JSON (the rows, the table, the command,
+commit and device; benchmarks/qat_gpu_runs.sh records its own command line beside it as "run_by").
 
-    python benchmarks/summarize_runs.py runs/qat/shakespeare/{fp32,...} --out results/qat_shakespeare_tail.json
+    python benchmarks/summarize_runs.py runs/qat/shakespeare/{fp32,...} --device cuda \
+        --out results/qat/ablation_shakespeare_h100.json
 
 The first run is the baseline the others are compared with.
 """
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
+from common import add_device, parser, table, write_result
+
 from nanogptq.checkpoint import read_meta
 from nanogptq.evaluate import evaluate_checkpoint
-from nanogptq.quant.qat import export_checkpoint
+from nanogptq.pipeline import export_checkpoint
 
 
 def step_time(run: Path) -> float | None:
@@ -42,33 +45,39 @@ def summarize(run: Path, data_dir: str | None, device: str) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
+def summary_table(rows: list[dict]) -> str:
     base = rows[0]
-    lines = ["| run | steps | lr, schedule | best val loss | best ppl | final ppl | exported ppl | vs baseline "
-             "(best) | step time vs baseline | file size |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = (f"{r['step_time_s'] / base['step_time_s']:.2f}x"
-                 if r["step_time_s"] and base["step_time_s"] else "n/a")
-        exported = f"{r['exported']['val_ppl']:.3f}" if "exported" in r else "-"
-        change = 100 * (r["best"]["val_ppl"] / base["best"]["val_ppl"] - 1)
-        lines.append(f"| {r['run']} | {r['steps']} | {r['lr']:g}, {r['schedule']} | {r['best']['val_loss']:.4f} "
-                     f"| {r['best']['val_ppl']:.3f} | {r['last']['val_ppl']:.3f} | {exported} | {change:+.1f}% "
-                     f"| {ratio} | {r['size_bytes'] / 1e6:.2f} MB |")
-    return "\n".join(lines) + "\n"
+
+    def step_ratio(r: dict) -> str:
+        if not (r["step_time_s"] and base["step_time_s"]):
+            return "n/a"
+        return f"{r['step_time_s'] / base['step_time_s']:.2f}x"
+
+    return table(rows, [
+        ("run", "run", ""),
+        ("steps", "steps", ""),
+        ("lr, schedule", lambda r: f"{r['lr']:g}, {r['schedule']}", ""),
+        ("best val loss", lambda r: r["best"]["val_loss"], ".4f"),
+        ("best ppl", lambda r: r["best"]["val_ppl"], ".3f"),
+        ("final ppl", lambda r: r["last"]["val_ppl"], ".3f"),
+        ("exported ppl", lambda r: r["exported"]["val_ppl"] if "exported" in r else None, ".3f"),
+        ("vs baseline (best)", lambda r: f"{100 * (r['best']['val_ppl'] / base['best']['val_ppl'] - 1):+.1f}%", ""),
+        ("step time vs baseline", step_ratio, ""),
+        ("file size", lambda r: f"{r['size_bytes'] / 1e6:.2f} MB", ""),
+    ]) + "\n"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
+    add_device(p, default="cpu")
     args = p.parse_args()
     rows = [summarize(Path(r), args.data_dir, args.device) for r in args.runs]
-    text = table(rows)
+    text = summary_table(rows)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "table": text}, indent=2))
+    write_result(args.out, rows, args.device, table=text)
 
 
 if __name__ == "__main__":
