@@ -23,10 +23,10 @@ part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 if part 1; then
   log="$OUT/cuda_tests_$GPU.txt"
   {
-    echo "# command: $PY -m pytest -v -m gpu tests/test_kernels.py"
+    echo "# command: $PY -m pytest -v -m gpu tests/"
     echo "# commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "# device: $($PY -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null)"
-    timeout 450 $PY -m pytest -v -m gpu tests/test_kernels.py -p no:cacheprovider --tb=short
+    timeout 450 $PY -m pytest -v -m gpu tests/ -p no:cacheprovider --tb=short
   } > "$log" 2>&1
   tail -25 "$log"
   timeout 200 $PY benchmarks/gemv.py --variants bf16 fp16 triton-int8-fp16 triton-int4-g128-fp16 \
