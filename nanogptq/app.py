@@ -116,10 +116,10 @@ def parse_settings(max_new_tokens, temperature, top_k, seed) -> SampleSettings:
         if value is None or value == "":
             raise ValueError(f"{name} is empty: please fill it in")
     try:
-        settings = SampleSettings(int(max_new_tokens), float(temperature), int(top_k), None, int(seed))
+        numbers = int(max_new_tokens), float(temperature), int(top_k), int(seed)
     except (TypeError, ValueError, OverflowError):
         raise ValueError("settings must be finite numbers") from None
-    settings.validate()
+    settings = SampleSettings(*numbers[:3], None, numbers[3])  # its validate() explains an out-of-range value
     if settings.max_new_tokens > MAX_DEMO_TOKENS:
         raise ValueError(f"this demo generates at most {MAX_DEMO_TOKENS} new tokens per request, "
                          f"got {settings.max_new_tokens}")

@@ -4,18 +4,20 @@ import pytest
 import torch
 
 from nanogptq.checkpoint import (
+    Checkpoint,
     CheckpointError,
     check_output,
     is_quantized,
     load_checkpoint,
     load_resume_state,
-    resolve_dtype,
     save_checkpoint,
 )
 from nanogptq.cli import main
 from nanogptq.data import CharTokenizer
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant import QuantConfig, QuantEmbedding, QuantLinear, quant_meta, quantize
+from nanogptq.runtime.generate import generate_stream
+from nanogptq.runtime.load import prepare_for_inference, resolve_dtype
 
 
 def make(tmp_path):
@@ -140,7 +142,7 @@ def test_resume_state_is_not_unpickled(tmp_path):
         load_resume_state(path)
 
 
-# ---- activation dtypes: load_checkpoint(dtype=...), resolve_dtype, `sample --dtype` ----
+# ---- activation dtypes: prepare_for_inference(dtype=...), resolve_dtype, `sample --dtype` ----
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 CORPUS = "\n".join(f"the cat {i % 7} sat on the mat {i % 5}." for i in range(200)) + "\n"
@@ -199,12 +201,19 @@ def int4_ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("int4") / "int4", q, meta)
 
 
+def load_to_run(path, **prepare) -> Checkpoint:
+    """A checkpoint loaded, then prepared to run (prepare_for_inference's kernel, dtype, keep_packed)."""
+    ckpt = load_checkpoint(path)
+    prepare_for_inference(ckpt.model, **prepare)
+    return ckpt
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def test_quantized_checkpoint_on_bf16_activations(int4_ckpt):
-    ref, half = load_checkpoint(int4_ckpt), load_checkpoint(int4_ckpt, dtype=BF16)
+    ref, half = load_to_run(int4_ckpt), load_to_run(int4_ckpt, dtype=BF16)
     m = half.model
     # the float parameters follow the dtype: LayerNorms (with biases) and the position embedding
     norms = [mod for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm)]
@@ -221,7 +230,7 @@ def test_quantized_checkpoint_on_bf16_activations(int4_ckpt):
         assert {b: t.dtype for b, t in layer.named_buffers()} == stored, name
         assert layer.qweight.dtype == torch.uint8 and layer.scales.dtype == F16
     c_attn = layers["transformer.h.0.attn.c_attn"]
-    assert c_attn.kernel == "int4pack" and c_attn.bias.dtype == F32 and m.lm_head.kernel == "int8pack"
+    assert c_attn.backend == "int4pack" and c_attn.bias.dtype == F32 and m.lm_head.backend == "int8pack"
 
     # last-position logits: bf16 activations (8-bit mantissa) stay within 2e-2 of fp32's, relative L2
     idx = torch.tensor([half.tokenizer.encode("the mat 1.\nthe cat 3 sat on")])
@@ -231,7 +240,7 @@ def test_quantized_checkpoint_on_bf16_activations(int4_ckpt):
     assert rel_err(b, a) < 2e-2
 
     # generation end to end, past the context (the KV cache is refilled from the last half-window)
-    stream = m.generate_stream(idx, 2 * m.config.block_size, temperature=0.8, top_k=10, seed=0)
+    stream = generate_stream(m, idx, 2 * m.config.block_size, temperature=0.8, top_k=10, seed=0)
     tokens = [next(stream)]
     assert m.transformer.h[0].attn.kv_cache.kv.dtype == BF16  # setup_kv_cache took wpe's dtype
     tokens += list(stream)
@@ -241,7 +250,7 @@ def test_quantized_checkpoint_on_bf16_activations(int4_ckpt):
 
 def test_float_checkpoint_on_fp16_activations(tmp_path):
     model, path = make(tmp_path)
-    ck = load_checkpoint(path, dtype=F16)
+    ck = load_to_run(path, dtype=F16)
     assert {p.dtype for p in ck.model.parameters()} == {F16}  # float linears too
     assert ck.model.lm_head.weight is ck.model.transformer.wte.weight  # still tied after the cast
     x = torch.randint(0, 10, (2, 8))
@@ -273,7 +282,8 @@ def test_sample_cli_dtype(int4_ckpt, capsys, monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["dequant", "auto"])  # auto: the int8 weight-only kernel
 def test_exported_ternary_checkpoint_on_bf16_activations(tmp_path, kernel):
-    from nanogptq.quant.qat import QATConfig, TernaryLinear, apply_qat, export_checkpoint
+    from nanogptq.pipeline import export_checkpoint
+    from nanogptq.quant.qat import QATConfig, TernaryLinear, apply_qat
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=12, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -285,7 +295,7 @@ def test_exported_ternary_checkpoint_on_bf16_activations(tmp_path, kernel):
             "qat": model.qat_config, "quantization": None, "metrics": {}}
     save_checkpoint(tmp_path / "qat", model, meta)
     out = export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
-    ref, half = load_checkpoint(out, kernel=kernel), load_checkpoint(out, kernel=kernel, dtype=BF16)
+    ref, half = load_to_run(out, kernel=kernel), load_to_run(out, kernel=kernel, dtype=BF16)
     layers = [m for m in half.model.modules() if isinstance(m, TernaryLinear)]
     assert len(layers) == 8 and all(t.bias.dtype == BF16 and t.scale.dtype == F32 for t in layers)
     assert all(t.qweight.dtype == torch.uint8 for t in layers)
@@ -299,7 +309,7 @@ def test_exported_ternary_checkpoint_on_bf16_activations(tmp_path, kernel):
 def test_load_for_generation_resolves_auto_per_checkpoint(int4_ckpt, tmp_path, monkeypatch):
     """What sample and the demo load: "auto" asks resolve_dtype with each checkpoint's own kind (on CUDA
     fp16 for the quantized one, bf16 for the float one), and the codes a kernel layout replaced are freed."""
-    import nanogptq.generate as G
+    import nanogptq.sample as G
 
     asked = []
     real = G.resolve_dtype

@@ -8,8 +8,9 @@ from nanogptq.checkpoint import CheckpointError, save_checkpoint
 from nanogptq.data import prepare_data
 from nanogptq.evaluate import compare, evaluate_checkpoint, perplexity
 from nanogptq.model import GPT, GPTConfig
+from nanogptq.pipeline import export_checkpoint
 from nanogptq.quant import QuantConfig, quant_meta, quantize
-from nanogptq.quant.qat import QATConfig, apply_qat, export_checkpoint
+from nanogptq.quant.qat import QATConfig, apply_qat
 
 
 def test_uniform_model_has_perplexity_vocab_size(text_file):

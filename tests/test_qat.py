@@ -14,6 +14,7 @@ from safetensors.torch import load_model
 
 from nanogptq.checkpoint import load_checkpoint
 from nanogptq.model import GPT, GPTConfig
+from nanogptq.pipeline import export_checkpoint
 from nanogptq.quant.qat import (
     ActQuant,
     BitLinear,
@@ -21,7 +22,6 @@ from nanogptq.quant.qat import (
     TernaryLinear,
     absmax_quant,
     apply_qat,
-    export_checkpoint,
     export_ternary,
     load_qat_config,
     prepare_input,
@@ -33,6 +33,8 @@ from nanogptq.quant.qat import (
     ternary_unpack,
     ternary_weight,
 )
+from nanogptq.runtime.linear import RuntimeTernaryLinear
+from nanogptq.runtime.load import prepare_for_inference
 from nanogptq.train import TrainConfig, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "qat"
@@ -277,7 +279,8 @@ def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tm
         evaluate_checkpoint(run / "best", None, "cpu", progress=False)["val_loss"], abs=1e-4)
     # a QAT checkpoint is exported, not quantized again; and an export never lands on the run's own folders
     from nanogptq.checkpoint import CheckpointError
-    from nanogptq.quant import QuantConfig, quantize_checkpoint
+    from nanogptq.pipeline import quantize_checkpoint
+    from nanogptq.quant import QuantConfig
 
     with pytest.raises(ValueError, match="trained with ternary QAT; pack it with `nanogptq export"):
         quantize_checkpoint(run / "best", tmp_path / "q", QuantConfig(method="rtn"), progress=False)
@@ -381,20 +384,22 @@ def test_ternary_int8_kernel_matches_the_reference(weight_scale, rows):
     t = TernaryLinear.from_bitlinear(layer)
     x = torch.randn(rows, 3, 96)
     with torch.no_grad():
-        ref = t(x)  # kernel "dequant": what export and eval use
-        t.kernel = "auto"
-        t.prepare_kernel()
-        assert t.kernel == "int8pack" and t.w_int8.dtype == torch.int8
-        assert set(t.w_int8.unique().tolist()) <= {-1, 0, 1}
-        y = t(x)
+        ref = t(x)  # the stored layer's exact forward: what export and eval use
+        r = RuntimeTernaryLinear.from_stored(t, "auto")
+        r.prepare()
+        assert r.backend == "int8pack" and r.w_int8.dtype == torch.int8
+        assert set(r.w_int8.unique().tolist()) <= {-1, 0, 1}
+        y = r(x)
     assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-2  # bf16 activations
 
 
 def test_ternary_kernel_names():
-    with pytest.raises(ValueError, match="unknown ternary kernel"):
-        TernaryLinear(8, 8, kernel="int4pack")
-    with pytest.raises(RuntimeError, match="before prepare_kernel"):
-        TernaryLinear(8, 8, kernel="int8pack")(torch.randn(1, 8))
+    with pytest.raises(ValueError, match="unknown kernel 'int2pack'"):
+        RuntimeTernaryLinear(8, 8, backend="int2pack")
+    # a whole model's kernel that ternary layers lack (int4pack, ...) leaves them on the exact reference
+    assert RuntimeTernaryLinear(8, 8, backend="int4pack").backend == "dequant"
+    with pytest.raises(RuntimeError, match="before prepare"):
+        RuntimeTernaryLinear(8, 8, backend="int8pack")(torch.randn(1, 8))
 
 
 def test_export_ternary_needs_bitlinears():
@@ -409,8 +414,9 @@ def test_exported_checkpoint_loads_like_any_other(tmp_path):
     from nanogptq.checkpoint import load_checkpoint, save_checkpoint
     from nanogptq.data import CharTokenizer
     from nanogptq.model import GPT, GPTConfig
+    from nanogptq.pipeline import export_checkpoint
     from nanogptq.quant import bits_per_weight
-    from nanogptq.quant.qat import QATConfig, apply_qat, export_checkpoint
+    from nanogptq.quant.qat import QATConfig, apply_qat
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=12, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -422,9 +428,10 @@ def test_exported_checkpoint_loads_like_any_other(tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "ternary"
     x = torch.randint(0, 12, (2, 16))
     ref = load_checkpoint(tmp_path / "qat").model(x)[0]
-    exported = load_checkpoint(out, kernel="dequant")  # as eval loads it: the exact reference path
+    exported = load_checkpoint(out)  # as eval loads it: the exact reference path
+    prepare_for_inference(exported.model, kernel="dequant")
     torch.testing.assert_close(exported.model(x)[0], ref, atol=1e-5, rtol=1e-5)
     assert 1.6 <= bits_per_weight(exported.model) < 1.62
-    fast = load_checkpoint(out).model  # as sample and the demo load it: the int8 kernel
-    assert {m.kernel for m in fast.modules() if isinstance(m, TernaryLinear)} == {"int8pack"}
+    fast = prepare_for_inference(load_checkpoint(out).model)  # as sample and the demo run it: the int8 kernel
+    assert {m.backend for m in fast.modules() if isinstance(m, TernaryLinear)} == {"int8pack"}
     assert ((fast(x)[0] - ref).norm() / ref.norm()).item() < 2e-2

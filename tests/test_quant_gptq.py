@@ -6,14 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanogptq.quant import (
-    HessianAccumulator,
-    QuantConfig,
-    QuantLinear,
-    gptq_quantize_weight,
-    quantize_layer,
-    rtn_quantize_weight,
-)
+from nanogptq.quant import QuantConfig, QuantLinear
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from nanogptq.quant.quantize import quantize_layer
+from nanogptq.quant.rtn import rtn_quantize_weight
+from nanogptq.runtime.linear import RuntimeLinear
 
 
 def correlated_layer(out=48, n=96, rows=2048, seed=0):
@@ -52,8 +49,8 @@ def test_lazy_batches_give_the_same_codes_as_one_block(group_size):
     after it) must round like one block of all 96, up to float rounding on a few codes."""
     W, X, H = correlated_layer()
     cfg = dict(method="gptq", bits=3, group_size=group_size)
-    one = gptq_quantize_weight(W, H, QuantConfig(**cfg, block_size=128))
-    lazy = gptq_quantize_weight(W, H, QuantConfig(**cfg, block_size=16))
+    one = gptq_quantize_weight(W, H, QuantConfig(**cfg, lazy_batch=128))
+    lazy = gptq_quantize_weight(W, H, QuantConfig(**cfg, lazy_batch=16))
     assert (one.codes == lazy.codes).float().mean() > 0.99
     e_rtn = output_error(W, rtn_quantize_weight(W, QuantConfig(**cfg)).dequantize(), X)
     assert output_error(W, lazy.dequantize(), X) < 0.6 * e_rtn
@@ -72,7 +69,7 @@ def test_damping_is_relative_to_the_hessian():
     [
         dict(bits=4, group_size=-1),
         dict(bits=3, group_size=32, symmetric=True),
-        dict(bits=2, group_size=20, block_size=16),  # groups that neither divide n nor the block
+        dict(bits=2, group_size=20, lazy_batch=16),  # groups that neither divide n nor the block
         dict(bits=4, group_size=0, clip_search=True),
         dict(bits=8, group_size=16, clip_search=True, act_order=True, static_groups=True),
     ],
@@ -122,10 +119,13 @@ def test_rotation_spreads_outlier_columns(method):
     for rotate in (False, True):
         cfg = QuantConfig(method=method, bits=4, group_size=-1, rotate=rotate, rotate_seed=3)
         q, row = quantize_layer(lin, H, cfg, "layer")
-        q.kernel = "dequant"  # the exact path; the fast kernels are tested against it in test_kernels.py
-        q.prepare_kernel()
         x = torch.randn(5, 128)
-        assert torch.allclose(q(x), x @ q.dequantize().T, atol=1e-4, rtol=1e-4)  # rotated path == reference
+        # the stored layer's own forward and the runtime's exact backend (the fast backends are tested
+        # against it in test_kernels.py): the rotated path equals the reference
+        run = RuntimeLinear.from_stored(q, "dequant")
+        run.prepare()
+        for layer in (q, run):
+            assert torch.allclose(layer(x), x @ q.dequantize().T, atol=1e-4, rtol=1e-4)
         assert (q.rot_seed is not None) == rotate
         errs[rotate] = row["rel_error"]
     assert errs[True] < 0.7 * errs[False]

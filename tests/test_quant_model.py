@@ -13,15 +13,10 @@ import torch.nn.functional as F
 from nanogptq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanogptq.data import CharTokenizer, prepare_data
 from nanogptq.model import GPT, GPTConfig
-from nanogptq.quant import (
-    QuantConfig,
-    QuantEmbedding,
-    QuantLinear,
-    bits_per_weight,
-    quantize,
-    quantize_checkpoint,
-    theoretical_size_bytes,
-)
+from nanogptq.pipeline import quantize_checkpoint
+from nanogptq.quant import QuantConfig, QuantEmbedding, QuantLinear, bits_per_weight, quant_meta, quantize
+from nanogptq.quant.quantize import theoretical_size_bytes
+from nanogptq.runtime.load import prepare_for_inference
 
 
 def corpus_text() -> str:
@@ -76,8 +71,6 @@ def dequantized_copy(model):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             lin.weight.data = m.dequantize()
             ref.set_submodule(name, lin)
-            if m.gelu:  # the MLP's GELU, which fuse_mlp_gelu handed to the quantized c_fc, back in the MLP
-                ref.get_submodule(name.rsplit(".", 1)[0]).act = nn.GELU()
     if isinstance(ref.transformer.wte, QuantEmbedding):
         W = ref.lm_head.dequantize()
         ref.transformer.wte = nn.Embedding.from_pretrained(W)
@@ -100,14 +93,17 @@ def dequantized_copy(model):
 def test_quantized_logits_match_dequantized_float_copy(trained, cfg):
     model, data, _ = trained
     calib = data.train if cfg.method == "gptq" else None
-    q = quantize(copy.deepcopy(model), cfg, calib, progress=False, kernel="dequant")  # exact fp32 path
+    q = quantize(copy.deepcopy(model), cfg, calib, progress=False)  # stored layers: the exact fp32 path
     assert len(q.quant_log) == 8 + cfg.quantize_embeddings
     assert all(math.isfinite(r["rel_error"]) and r["time_s"] >= 0 for r in q.quant_log)
     ref = dequantized_copy(q)
+    # and prepared to run on the exact backend (the MLPs' GELUs moved into their c_fc layers)
+    run = prepare_for_inference(copy.deepcopy(q), kernel="dequant")
     idx = torch.from_numpy(data.val[:128].astype(np.int64)).view(2, 64)
     with torch.no_grad():
-        a, b = q(idx)[0], ref(idx)[0]
+        a, b, c = q(idx)[0], ref(idx)[0], run(idx)[0]
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(c, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
@@ -125,8 +121,6 @@ def test_checkpoint_round_trip_and_size(tmp_path, bits):
     )
     tokens = np.random.default_rng(0).integers(0, 16, 5000)
     q = quantize(model, cfg, tokens if method == "gptq" else None, progress=False)
-    from nanogptq.quant import quant_meta
-
     meta = {
         "model": q.config.to_dict(),
         "tokenizer": CharTokenizer("abcdefghijklmnop").to_dict(),

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptq.quant import QuantConfig, rtn_quantize_weight
-from nanogptq.quant.rtn import expand_groups, n_groups
+from nanogptq.quant import QuantConfig
+from nanogptq.quant.grid import expand_groups, n_groups
+from nanogptq.quant.rtn import rtn_quantize_weight
 
 
 def test_config_round_trip_through_json():
@@ -100,7 +101,7 @@ def test_clip_search_never_increases_a_grids_error(symmetric):
     W = torch.randn(32, 64, generator=g)
     W[:, 5] *= 8  # outliers make clipping worthwhile
     base = QuantConfig(method="rtn", bits=3, group_size=16, symmetric=symmetric)
-    clip = QuantConfig(**{**base.to_dict(), "clip_search": True})
+    clip = QuantConfig.from_dict({**base.to_dict(), "clip_search": True})
     e0 = (rtn_quantize_weight(W, base).dequantize() - W).square().reshape(32, 4, 16).sum(-1)
     e1 = (rtn_quantize_weight(W, clip).dequantize() - W).square().reshape(32, 4, 16).sum(-1)
     assert torch.all(e1 <= e0 * (1 + 1e-6))

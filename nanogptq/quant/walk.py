@@ -64,5 +64,5 @@ def check_block_linears(model: nn.Module, names: tuple[str, ...] | list[str], wh
             except AttributeError:
                 raise ValueError(f"{what} layer {name!r}: block {b} has no such module") from None
             raise ValueError(f"{what} layer {name!r} in block {b} is a {type(layer).__name__}, not nn.Linear "
-                             "(already quantized?)")
+                             f"({what} already applied?)")
     return found

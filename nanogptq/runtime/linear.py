@@ -134,6 +134,7 @@ class RuntimeTernaryLinear(TernaryLinear):
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        check_kernel(backend)  # a typo is an error
         # a QuantLinear backend that ternary layers lack (int4pack, ...) gives them the exact reference
         self.backend = "int8pack" if backend == "auto" else backend if backend in TERNARY_BACKENDS else "dequant"
 

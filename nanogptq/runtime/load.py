@@ -67,8 +67,9 @@ def use_backends(model: nn.Module, kernel: str = "auto") -> list[RuntimeLinear]:
                    lambda name, q: RuntimeLinear.from_stored(q, kernel))
     replace_layers(model, find_layers(model, lambda n, m: type(m) is TernaryLinear),
                    lambda name, t: RuntimeTernaryLinear.from_stored(t, kernel))
-    for emb in embeddings:  # the tied table reads the head's rows: the head as it runs now
-        emb.head = model.lm_head
+    for emb in embeddings:  # the tied head is one module under two names, found (and swapped) under one of them
+        head = emb.head if isinstance(emb.head, RuntimeLinear) else model.lm_head
+        emb.head = model.lm_head = head  # the table reads the rows of the head as it runs now
     layers = [m for m in model.modules() if isinstance(m, RuntimeLinear)]
     refused = [m for m in layers if m.backend != "auto" and not BACKENDS[m.backend].supports(m, m.qweight.device)]
     if refused and len(refused) == len(layers):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanogptq.data import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
-from nanogptq.generate import TextStream
+from nanogptq.sample import TextStream
 
 CHARS = CharTokenizer("\n !,.abcdeé€")
 BPE = BPETokenizer.train(("naïve café — ünïcödé 日本語 text, " * 40 + EOT + "\n") * 5, 300)
