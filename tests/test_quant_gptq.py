@@ -121,7 +121,7 @@ def test_rotation_spreads_outlier_columns(method):
         q, row = quantize_layer(lin, H, cfg, "layer")
         x = torch.randn(5, 128)
         # the stored layer's own forward and the runtime's exact backend (the fast backends are tested
-        # against it in test_kernels.py): the rotated path equals the reference
+        # against it in test_backends.py): the rotated path equals the reference
         run = RuntimeLinear.from_stored(q, "dequant")
         run.prepare()
         for layer in (q, run):

@@ -138,7 +138,7 @@ def decode_attention(
     """One decoded token's attention: qkv (B, 1, 3C), c_attn's output (q, k, v of H heads of D each); kv
     (2, B, H, L, D), the KV cache, filled below `pos` (1,), the token's position. Writes the token's k, v into
     kv at `pos` and returns softmax(q K^T / sqrt(D)) V over the positions <= pos, (B, 1, C) in qkv's dtype.
-    `counts`: B * H int32 zeros the kernel uses and leaves zero (the KV cache keeps them, so a step allocates
+    `counts`: B * H int32 zeros the kernel uses and leaves zero (the caller keeps them, so a step allocates
     nothing); fresh ones if None."""
     _, B, H, L, D = kv.shape
     assert qkv.shape == (B, 1, 3 * H * D) and qkv.stride(2) == 1 and kv.stride(4) == 1

@@ -10,7 +10,7 @@ Persistent buffers (what the checkpoint stores):
 
 A QuantLinear's own forward is the exact reference: dequantize the stored grid, then a float matmul. It is
 what calibration runs while GPTQ quantizes a model block by block, and what every fast kernel is tested
-against. Running on kernels is the runtime's business (runtime/linear.py swaps in a KernelLinear at load).
+against. Running on kernels is the runtime's business (runtime/linear.py swaps in a RuntimeLinear at load).
 """
 
 from __future__ import annotations
