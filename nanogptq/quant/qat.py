@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from nanogptq.config import StrictConfig
 from nanogptq.quant.config import BLOCK_LINEARS
-from nanogptq.quant.walk import check_block_linears, find_layers, named, of_type, replace_layers
+from nanogptq.quant.walk import check_block_linears, find_layers, named_linears, of_type, replace_layers
 
 NORMS = ("rms", "layer", "none")
 ATTN_ACTS = (None, "int8", "int4", "ternary")
@@ -385,11 +385,7 @@ def prepare_ternary_model(model: nn.Module, quant_meta: dict) -> nn.Module:
     load into."""
     config = QATConfig.from_dict(quant_meta["qat"], source="checkpoint quantization.qat")
     names = quant_meta["quantized_layers"]
-    layers = find_layers(model, named(names))
-    for name in names:
-        if type(layers.get(name)) is not nn.Linear:
-            kind = type(layers[name]).__name__ if name in layers else "missing"
-            raise ValueError(f"ternary layer {name!r} is {kind} here, not nn.Linear")
+    layers = named_linears(model, names, "ternary")
     replace_layers(model, layers, lambda name, layer: TernaryLinear(
         layer.in_features, layer.out_features, layer.bias is not None, config.act_bits, config.norm, config.eps,
         config.act_scale, config.weight_scale))

@@ -33,7 +33,7 @@ from nanogptq.quant.linear import QuantEmbedding, QuantLinear
 from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
 from nanogptq.quant.rotation import layer_seed, random_orthogonal
 from nanogptq.quant.rtn import rtn_quantize_weight
-from nanogptq.quant.walk import check_block_linears, find_layers, named, replace_layers
+from nanogptq.quant.walk import check_block_linears, find_layers, named_linears, replace_layers
 
 log = logging.getLogger(__name__)
 META_EXTRAS = ("format", "quantized_layers")  # keys of the checkpoint's "quantization" besides QuantConfig's
@@ -149,11 +149,7 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict) -> nn.Module:
     cfg = QuantConfig.from_dict({k: v for k, v in quant_meta.items() if k not in META_EXTRAS},
                                 source="checkpoint quantization entry")
     names = quant_meta.get("quantized_layers", [])
-    layers = find_layers(model, named(names))
-    for name in names:
-        if type(layers.get(name)) is not nn.Linear:
-            kind = type(layers[name]).__name__ if name in layers else "missing"
-            raise ValueError(f"quantized layer {name!r} is {kind} in this model, not nn.Linear")
+    layers = named_linears(model, names, "quantized")
     replace_layers(model, layers, lambda name, layer: QuantLinear(
         layer.in_features, layer.out_features, cfg.bits, cfg.group_size, cfg.symmetric, layer.bias is not None,
         cfg.rotate, cfg.uses_g_idx))

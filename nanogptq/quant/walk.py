@@ -66,3 +66,14 @@ def check_block_linears(model: nn.Module, names: tuple[str, ...] | list[str], wh
             raise ValueError(f"{what} layer {name!r} in block {b} is a {type(layer).__name__}, not nn.Linear "
                              f"({what} already applied?)")
     return found
+
+
+def named_linears(model: nn.Module, names: list[str] | tuple[str, ...], what: str) -> dict[str, nn.Module]:
+    """find_layers(model, named(names)), refusing a name that is missing or not a float nn.Linear (a checkpoint
+    whose layer list does not fit its model config) with a one-line error naming it."""
+    layers = find_layers(model, named(names))
+    for name in names:
+        if type(layers.get(name)) is not nn.Linear:
+            kind = type(layers[name]).__name__ if name in layers else "missing"
+            raise ValueError(f"{what} layer {name!r} is {kind} in this model, not nn.Linear")
+    return layers

@@ -106,7 +106,7 @@ class CUDAGraphStep:
 
 @torch.inference_mode()
 def generate(
-model: nn.Module,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -119,9 +119,10 @@ model: nn.Module,
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, cuda_graph))
     return torch.cat([idx[:, -model.config.block_size :], *new], dim=1)
 
+
 @torch.inference_mode()
 def generate_stream(
-model: nn.Module,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
