@@ -25,7 +25,18 @@ class GPTConfig(StrictConfig):
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # biases in every linear and LayerNorm (GPT-2 has them; nanoGPT trains without)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (GPT-2's tanh approximation)
+    ln_eps: float = 1e-5  # every LayerNorm's epsilon
+
+    def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"ln_eps must be positive, got {self.ln_eps}")
+
+
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> nn.GELU's `approximate`
 
 
 PRESETS: dict[str, dict] = {
@@ -111,7 +122,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.act = nn.GELU()  # a module, so that a kernel with a GELU epilogue can take it over (runtime.fusion)
+        # a module, so that a kernel with a GELU epilogue can take it over (runtime.fusion)
+        self.act = nn.GELU(approximate=ACTIVATIONS[config.activation])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -120,9 +132,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -140,7 +152,7 @@ class GPT(nn.Module):
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

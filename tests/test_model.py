@@ -40,3 +40,15 @@ def test_context_overflow_is_an_error():
     m = small_model()
     with pytest.raises(ValueError, match="exceeds the context"):
         m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_activation_and_layernorm_epsilon_are_config_fields():
+    import torch.nn as nn
+
+    model = GPT(GPTConfig(activation="gelu_tanh", ln_eps=1e-3, bias=True))
+    assert model.transformer.h[0].mlp.act.approximate == "tanh"
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert GPT(GPTConfig()).transformer.h[0].mlp.act.approximate == "none"
+    assert GPTConfig.from_dict({"n_layer": 2}).activation == "gelu"  # checkpoints written without the fields
+    with pytest.raises(ValueError, match="activation"):
+        GPTConfig(activation="relu")
