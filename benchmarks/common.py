@@ -143,7 +143,11 @@ def graph_seconds(fn: Callable[[torch.Tensor], object], x: torch.Tensor, calls: 
 
 @functools.cache
 def git_commit() -> str:
-    """The repository's HEAD commit, or "unknown" (no git, or not a checkout)."""
+    """$NANOGPTQ_COMMIT if set, else the repository's HEAD commit, or "unknown" (no git, or not a checkout).
+    The variable is for copies of a working tree whose .git is not the tree's own (a lent GPU machine's copy
+    reports the commit it was first made from): set it where the tree is, `NANOGPTQ_COMMIT=$(git rev-parse HEAD)`."""
+    if os.environ.get("NANOGPTQ_COMMIT"):
+        return os.environ["NANOGPTQ_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
