@@ -74,7 +74,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def check_output(path: str | Path, source: str | Path | None = None) -> None:
     """Refuse to write a checkpoint where it would destroy something else: over a file or a non-empty folder
     that is not a checkpoint (a run folder, say), or, for a checkpoint made from a `source` (quantize,
-    export), over that source or over any checkpoint that training wrote; one made the same way is replaced."""
+    pack, import-hf), over that source or over any checkpoint that training wrote; one made the same way is replaced."""
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / CONFIG).exists()):
         raise CheckpointError(f"{path}: exists and is not a nanogptq checkpoint; refusing to replace it")
@@ -83,7 +83,7 @@ def check_output(path: str | Path, source: str | Path | None = None) -> None:
     if path.resolve() == _existing(Path(source)).resolve():
         raise CheckpointError(f"{path}: the output would replace its own source checkpoint; choose another --out")
     if (path / CONFIG).exists() and ((path / RESUME).exists() or "parent" not in read_meta(path)):
-        raise CheckpointError(f"{path}: holds a trained checkpoint, not one made by quantize or export; "
+        raise CheckpointError(f"{path}: holds a trained checkpoint, not one made by quantize, pack or import-hf; "
                               "refusing to replace it; choose another --out")
 
 

@@ -23,7 +23,7 @@ from nanogptq.app import launch
 from nanogptq.checkpoint import CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.evaluate import compare, evaluate_checkpoint, markdown_table, report_folder
-from nanogptq.pipeline import export_checkpoint, quantize_checkpoint
+from nanogptq.pipeline import pack_checkpoint, quantize_checkpoint
 from nanogptq.quant.config import QuantConfig
 from nanogptq.runtime.backends import BACKENDS
 from nanogptq.runtime.load import DTYPE_CHOICES
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(p, QuantConfig, QUANT_HELP)
     p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
-    p = sub.add_parser("export", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
+    p = sub.add_parser("pack", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
     p.add_argument("ckpt", help="QAT checkpoint folder (trained with --qat-config)")
     p.add_argument("--out", required=True, help="folder for the packed checkpoint")
 
@@ -226,8 +226,8 @@ def run(args: argparse.Namespace) -> None:
         for row in meta["quant_log"]:
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
-    elif args.command == "export":
-        print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")
+    elif args.command == "pack":
+        print(f"ternary checkpoint saved in {pack_checkpoint(args.ckpt, args.out)}")
     elif args.command == "compare":
         out = report_folder(args.ckpts, args.out)
         rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel)

@@ -1,7 +1,7 @@
 """Checkpoint-to-checkpoint jobs: post-training quantization, and packing a ternary QAT run.
 
     quantize_checkpoint("runs/tiny/best", "runs/tiny/gptq-int4", QuantConfig(bits=4, group_size=64))
-    export_checkpoint("runs/qat/best", "runs/qat/ternary")
+    pack_checkpoint("runs/qat/best", "runs/qat/ternary")
 
 Each refuses an output that would destroy something else before it starts the work (checkpoint.check_output),
 and writes the new folder atomically; the new checkpoint's config.json names its parent and keeps the
@@ -37,7 +37,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig, d
     if ckpt.meta.get("quantization"):
         raise ValueError(f"{src}: already quantized; quantize the float checkpoint instead")
     if ckpt.meta.get("qat"):
-        raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq export {src} --out DIR`")
+        raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq pack {src} --out DIR`")
     tokens = checkpoint_data(ckpt, data_dir).train if config.method == "gptq" else None
     t0 = time.perf_counter()
     model = quantize(ckpt.model, config, tokens, progress=progress)
@@ -48,7 +48,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig, d
     return save_checkpoint(out, model, meta)
 
 
-def export_checkpoint(src: str | Path, out: str | Path) -> Path:
+def pack_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`: the same
     logits, from 1.6 bits per weight."""
     check_output(out, src)
