@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from nanogptq.data import TokenData, Tokenizer, prepare_data, tokenizer_from_dict
+from nanogptq.data import TokenData, Tokenizer, file_dataset_path, prepare_data, tokenizer_from_dict
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant.qat import QATConfig, apply_qat
 from nanogptq.quant.quantize import prepare_quantized_model
@@ -225,6 +225,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=path)
 
 
+def _dataset_key(name: str) -> str:
+    """A dataset name with a file: path made absolute, as training records it."""
+    path = file_dataset_path(name)
+    return name if path is None else f"file:{path.resolve()}"
+
+
 def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None, dataset: str | None = None) -> TokenData:
     """The dataset the checkpoint was trained on, split and tokenized as it was. The tokenizer is rebuilt from
     the text, so a text that changed since (other characters, say) is an error, not shifted token ids.
@@ -237,7 +243,7 @@ def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None, dataset: str 
             return prepare_data(dataset, ckpt.tokenizer, data_dir=data_dir)
         raise CheckpointError(f"{ckpt.path / CONFIG}: no 'data' entry saying which dataset it was trained on; "
                               "name a text to use with --dataset (shakespeare, tinystories or file:PATH)")
-    if dataset is not None and dataset != spec["dataset"]:
+    if dataset is not None and _dataset_key(dataset) != _dataset_key(spec["dataset"]):
         raise CheckpointError(f"{ckpt.path}: trained on {spec['dataset']!r}, and evaluated and calibrated on that; "
                               "--dataset is for checkpoints without training data (imported ones)")
     spec = dict(spec)

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from nanogptq.app import generate_all, load_variants  # noqa: E402
 from nanogptq.checkpoint import load_checkpoint  # noqa: E402
 from nanogptq.cli import main  # noqa: E402
 from nanogptq.train import TrainConfig, train  # noqa: E402
@@ -112,6 +113,11 @@ def test_imported_checkpoint_evaluates_quantizes_compares_and_samples(tmp_path, 
     capsys.readouterr()
     run_cli("sample", tmp_path / "gptq4", "--prompt", "the cat", "--max-new-tokens", "8", "--device", "cpu")
     assert capsys.readouterr().out.startswith("the cat")
+    # the demo's path: every variant loads and streams, none fails
+    variants = load_variants([ck, tmp_path / "gptq4"], "cpu")
+    last = list(generate_all(variants, [v.key for v in variants], "the cat", 6, 0.8, 40, 1337))[-1]
+    assert last[0].startswith("**Done:** 2 variant(s)") and "Failed" not in last[0]
+    assert all(text.startswith("the cat") and len(text) > len("the cat") for text in last[1:3])
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "byte", "bpe"])
@@ -189,3 +195,44 @@ def test_import_hf_bad_inputs_are_one_line_errors(tmp_path, hf_gpt2, capsys):
     assert not (tmp_path / "a").exists()  # nothing written by the refused imports
     # a path that is neither a folder nor a Hub id
     assert "no such folder" in cli_error(capsys, "import-hf", tmp_path / "missing", "--out", tmp_path / "a")
+
+
+def test_import_hf_from_a_hub_id_fetches_three_files(tmp_path, hf_gpt2, monkeypatch, capsys):
+    # the Hub itself is not reached in tests: snapshot_download stands in, handing back the local folder
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    folder, _, _ = hf_gpt2
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append((repo_id, sorted(allow_patterns)))
+        if repo_id != "someone/tiny-gpt2":
+            raise LocalEntryNotFoundError("no such repository, and no cached copy")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    run_cli("import-hf", "someone/tiny-gpt2", "--out", tmp_path / "ck")
+    assert asked == [("someone/tiny-gpt2", ["config.json", "model.safetensors", "tokenizer.json"])]
+    assert load_checkpoint(tmp_path / "ck").meta["imported"]["source"] == "hf:someone/tiny-gpt2"
+    assert "the Hub gave no model" in cli_error(capsys, "import-hf", "nobody/nothing", "--out", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_trained_checkpoint_keeps_its_own_data(tmp_path, text_file, capsys):
+    run = train(TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), max_steps=2, batch_size=4,
+                            eval_interval=2, eval_batches=1, progress=False))
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text()[::-1])
+    assert "--dataset is for checkpoints without training data" in cli_error(
+        capsys, "eval", run / "last", "--device", "cpu", "--dataset", f"file:{other}")
+    run_cli("eval", run / "last", "--device", "cpu", "--dataset", f"file:{text_file}", "--no-save")  # its own: fine
+
+
+def test_the_commands_are_named_for_what_they_do(capsys):
+    from nanogptq.cli import build_parser
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"import-hf", "export-hf", "pack"} <= set(commands) and "export" not in commands  # pack packs
+    for command in ("import-hf", "export-hf"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(command, "--help")
+        assert e.value.code == 0 and f"usage: nanogptq {command}" in capsys.readouterr().out
