@@ -480,10 +480,10 @@ def prepare_data(
 ) -> TokenData:
     """Load, split, tokenize and cache a dataset. `tokenizer` names a kind to train on the train split only,
     or is a ready tokenizer (a pretrained model's) that encodes the text as it is."""
-    text = load_text(dataset, data_dir, cache_dir)
     given = None if isinstance(tokenizer, str) else tokenizer
     key_fields = {
-        # the file's bytes are the text's UTF-8 (load_text checked it): hashed from disk, not from a copy
+        # hashed from the file (the text's UTF-8, which load_text checks), so a cached dataset's text is never
+        # read into memory, and a new one's only once
         "text_sha256": _sha256_file(resolve_text_path(dataset, data_dir, cache_dir)),
         # a ready tokenizer is keyed by its whole entry (a pretrained one's names its file's sha256)
         "tokenizer": tokenizer if given is None else given.to_dict(),
@@ -498,6 +498,7 @@ def prepare_data(
     if cached := _load_cached(folder, given):
         return cached
 
+    text = load_text(dataset, data_dir, cache_dir)
     train_text, val_text = split_text(text, val_fraction, seed, split)
     del text  # the two splits hold it now: a long text is not kept twice while it is tokenized
     tok = given or build_tokenizer(tokenizer, train_text, vocab_size)

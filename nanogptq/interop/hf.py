@@ -119,7 +119,8 @@ def _gpt2_state(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
         if any(f".{layer}.weight" in f".{name}" for layer in CONV1D):
             tensor = tensor.t().contiguous()
         out["transformer." + name] = tensor
-    expected = {k for k in GPT(config).state_dict() if k != "lm_head.weight"}
+    with torch.device("meta"):  # the names only: no memory, no initialization
+        expected = {k for k in GPT(config).state_dict() if k != "lm_head.weight"}
     if set(out) != expected:
         missing, unexpected = sorted(expected - set(out)), sorted(set(out) - expected)
         raise ValueError(f"{file}: tensors do not match config.json (missing {missing[:3]}, unexpected "
@@ -146,8 +147,10 @@ def import_hf(source: str, out: str | Path) -> Path:
     config = _gpt2_config(folder)
     state = _gpt2_state(folder, config)
     tokenizer = _pretrained_tokenizer(folder, config)
-    model = GPT(config)
-    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+    with torch.device("meta"):  # GPT-2-XL's 1.5 B parameters are not initialized only to be overwritten
+        model = GPT(config)
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as GPT() ties them
     meta = {"model": config.to_dict(), "tokenizer": tokenizer.to_dict(), "metrics": {}, "parent": name,
             "imported": {"source": name, "format": f"transformers {GPT2_ARCHITECTURE}"}}
     return save_checkpoint(out, model, meta, files=tokenizer.files())
