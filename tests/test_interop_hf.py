@@ -214,7 +214,7 @@ def test_import_hf_from_a_hub_id_fetches_three_files(tmp_path, hf_gpt2, monkeypa
     run_cli("import-hf", "someone/tiny-gpt2", "--out", tmp_path / "ck")
     assert asked == [("someone/tiny-gpt2", ["config.json", "model.safetensors", "tokenizer.json"])]
     assert load_checkpoint(tmp_path / "ck").meta["imported"]["source"] == "hf:someone/tiny-gpt2"
-    assert "the Hub gave no model" in cli_error(capsys, "import-hf", "nobody/nothing", "--out", tmp_path / "b")
+    assert "not fetched from the Hub" in cli_error(capsys, "import-hf", "nobody/nothing", "--out", tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 

@@ -60,7 +60,7 @@ def _source_folder(source: str) -> tuple[Path, str]:
         folder = huggingface_hub.snapshot_download(repo_id=source, allow_patterns=list(HF_FILES))
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{source}: not a local folder, and the Hub gave no model by that id ({first})") from None
+        raise ValueError(f"{source}: not a local folder, and not fetched from the Hub ({first})") from None
     return Path(folder), f"hf:{source}"
 
 
