@@ -17,7 +17,7 @@ from common import add_device, parser, table, write_result
 
 from nanogptq.checkpoint import read_meta
 from nanogptq.evaluate import evaluate_checkpoint
-from nanogptq.pipeline import export_checkpoint
+from nanogptq.pipeline import pack_checkpoint
 
 
 def step_time(run: Path) -> float | None:
@@ -39,7 +39,7 @@ def summarize(run: Path, data_dir: str | None, device: str) -> dict:
         row[which] = evaluate_checkpoint(run / which, data_dir, device, progress=False)
     row["size_bytes"] = row["best"]["size_bytes"]
     if meta.get("qat"):
-        exported = export_checkpoint(run / "best", run / "ternary")
+        exported = pack_checkpoint(run / "best", run / "ternary")
         row["exported"] = evaluate_checkpoint(exported, data_dir, device, progress=False)
         row["size_bytes"] = row["exported"]["size_bytes"]
     return row

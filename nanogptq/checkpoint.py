@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from nanogptq.data import TokenData, Tokenizer, prepare_data, tokenizer_from_dict
+from nanogptq.data import TokenData, Tokenizer, file_dataset_path, prepare_data, tokenizer_from_dict
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.quant.qat import QATConfig, apply_qat
 from nanogptq.quant.quantize import prepare_quantized_model
@@ -74,7 +74,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def check_output(path: str | Path, source: str | Path | None = None) -> None:
     """Refuse to write a checkpoint where it would destroy something else: over a file or a non-empty folder
     that is not a checkpoint (a run folder, say), or, for a checkpoint made from a `source` (quantize,
-    export), over that source or over any checkpoint that training wrote; one made the same way is replaced."""
+    pack, import-hf), over that source or over any checkpoint that training wrote; one made the same way is replaced."""
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / CONFIG).exists()):
         raise CheckpointError(f"{path}: exists and is not a nanogptq checkpoint; refusing to replace it")
@@ -83,17 +83,23 @@ def check_output(path: str | Path, source: str | Path | None = None) -> None:
     if path.resolve() == _existing(Path(source)).resolve():
         raise CheckpointError(f"{path}: the output would replace its own source checkpoint; choose another --out")
     if (path / CONFIG).exists() and ((path / RESUME).exists() or "parent" not in read_meta(path)):
-        raise CheckpointError(f"{path}: holds a trained checkpoint, not one made by quantize or export; "
+        raise CheckpointError(f"{path}: holds a trained checkpoint, not one made by quantize, pack or import-hf; "
                               "refusing to replace it; choose another --out")
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None) -> Path:
-    """Write model weights, `meta` (merged into config.json) and optional resume state atomically, replacing
-    a checkpoint at `path` (never anything else: check_output)."""
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state: dict | None = None,
+                    files: dict[str, str] | None = None) -> Path:
+    """Write model weights, `meta` (merged into config.json), optional resume state and text `files` (name ->
+    content: a pretrained tokenizer's, data.tokenizer_files) atomically, replacing a checkpoint at `path`
+    (never anything else: check_output)."""
     path = Path(path)
+    files = files or {}
+    named = (meta.get("tokenizer") or {}).get("file")
+    if named is not None and named not in files:  # a folder whose config names a file it lacks would not load
+        raise CheckpointError(f"{path}: the tokenizer entry names {named!r}, which was not given to write")
     check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     raw = model.module if hasattr(model, "module") else model  # DDP
@@ -106,9 +112,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, resume_state
             torch.save(resume_state, f)
             f.flush()
             os.fsync(f.fileno())
+    for name, text in files.items():
+        if Path(name).name != name or name in (WEIGHTS, CONFIG, RESUME):
+            raise CheckpointError(f"{name!r}: not a file name a checkpoint can hold beside its weights")
+        with open(tmp / name, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
     _write_json(tmp / CONFIG, {"format_version": FORMAT_VERSION, **meta})
     # safetensors writes its file private (0600); give it the permissions the umask gives config.json
     os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode & 0o777)
+    return swap_in(tmp, path)
+
+
+def swap_in(tmp: Path, path: Path) -> Path:
+    """Put the finished folder `tmp` (PATH.tmp) in place of `path` with renames: a kill at any moment leaves
+    the old folder or the new one (PATH.old between the two renames, which readers pick up)."""
+    old = path.with_name(path.name + ".old")
     _fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -186,7 +206,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{weights}: missing")
     try:
         model = build_model(meta)
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"], folder=path)
     except (TypeError, KeyError, ValueError) as e:  # a hand-edited config.json: a wrong type, a missing field
         raise CheckpointError(f"{path / CONFIG}: invalid model or tokenizer entry ({type(e).__name__}: {e})") from None
     try:
@@ -205,12 +225,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=path)
 
 
-def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None) -> TokenData:
+def _dataset_key(name: str) -> str:
+    """A dataset name with a file: path made absolute, as training records it."""
+    path = file_dataset_path(name)
+    return name if path is None else f"file:{path.resolve()}"
+
+
+def checkpoint_data(ckpt: Checkpoint, data_dir: str | None = None, dataset: str | None = None) -> TokenData:
     """The dataset the checkpoint was trained on, split and tokenized as it was. The tokenizer is rebuilt from
-    the text, so a text that changed since (other characters, say) is an error, not shifted token ids."""
+    the text, so a text that changed since (other characters, say) is an error, not shifted token ids.
+
+    A checkpoint without training data (an imported one) takes `dataset` instead: that text, split as
+    training splits it, encoded by the checkpoint's own tokenizer. A trained checkpoint keeps its own data."""
     spec = ckpt.meta.get("data")
     if not isinstance(spec, dict) or "dataset" not in spec:
-        raise CheckpointError(f"{ckpt.path / CONFIG}: no 'data' entry saying which dataset it was trained on")
+        if dataset is not None:
+            return prepare_data(dataset, ckpt.tokenizer, data_dir=data_dir)
+        raise CheckpointError(f"{ckpt.path / CONFIG}: no 'data' entry saying which dataset it was trained on; "
+                              "name a text to use with --dataset (shakespeare, tinystories or file:PATH)")
+    if dataset is not None and _dataset_key(dataset) != _dataset_key(spec["dataset"]):
+        raise CheckpointError(f"{ckpt.path}: trained on {spec['dataset']!r}, and evaluated and calibrated on that; "
+                              "--dataset is for checkpoints without training data (imported ones)")
     spec = dict(spec)
     trained_sha256 = spec.pop("text_sha256", None)  # absent from checkpoints of earlier versions
     try:

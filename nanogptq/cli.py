@@ -6,6 +6,7 @@ see what each compression costs and buys: perplexity, size on disk, speed.
   nanogptq compare runs/tiny/best runs/tiny/gptq-int4
   nanogptq sample runs/tiny/gptq-int4 --prompt "ROMEO:"
   nanogptq demo runs/tiny/best runs/tiny/gptq-int4
+  nanogptq import-hf gpt2 --out ckpts/gpt2          # then quantize, eval, compare with --dataset
 
 `nanogptq COMMAND --help` lists a command's options and their defaults.
 """
@@ -23,7 +24,8 @@ from nanogptq.app import launch
 from nanogptq.checkpoint import CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.evaluate import compare, evaluate_checkpoint, markdown_table, report_folder
-from nanogptq.pipeline import export_checkpoint, quantize_checkpoint
+from nanogptq.interop.hf import export_hf, import_hf
+from nanogptq.pipeline import pack_checkpoint, quantize_checkpoint
 from nanogptq.quant.config import QuantConfig
 from nanogptq.runtime.backends import BACKENDS
 from nanogptq.runtime.load import DTYPE_CHOICES
@@ -71,6 +73,9 @@ QUANT_HELP = {
     "quantize_embeddings": "store the tied embedding/head table at 8 bits per row too",
     "layers": "comma-separated linears inside each block to quantize",
 }
+DATASET_HELP = ("for a checkpoint without training data (an imported one): the text to evaluate on (validation "
+                "split) and calibrate GPTQ with (train split), encoded by its own tokenizer: shakespeare, "
+                "tinystories or file:PATH")
 KERNEL_NAMES = ", ".join(("auto", *BACKENDS))  # a named one runs the layers it can; auto picks for the rest
 EXACT_KERNEL_HELP = f"quantized kernel: {KERNEL_NAMES} (default: dequant, the exact path)"
 # --dtype is checked by resolve_dtype, not argparse's choices: a bad name is then one line, not usage + error
@@ -145,16 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-save", action="store_true", help="do not record the result in config.json")
     p.add_argument("--kernel", default="dequant", help=EXACT_KERNEL_HELP)
+    p.add_argument("--dataset", default=None, help=DATASET_HELP)
 
     p = sub.add_parser("quantize", help="post-training quantization of a checkpoint (RTN or GPTQ)")
     p.add_argument("ckpt", help="fp32 checkpoint folder")
     p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
     p.add_argument("--data-dir", default=None, help="where the calibration data lives (GPTQ)")
+    p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--device", default="auto")
     _add_dataclass_args(p, QuantConfig, QUANT_HELP)
     p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
 
-    p = sub.add_parser("export", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
+    p = sub.add_parser("pack", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
     p.add_argument("ckpt", help="QAT checkpoint folder (trained with --qat-config)")
     p.add_argument("--out", required=True, help="folder for the packed checkpoint")
 
@@ -165,7 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="compare", help="file name stem of the report")
     p.add_argument("--kernel", default="dequant", help=EXACT_KERNEL_HELP)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("import-hf", help="a transformers GPT-2 (Hub id or local folder) as a nanogptq checkpoint")
+    p.add_argument("source", help="Hub id (gpt2, distilgpt2, ...) or folder with config.json, model.safetensors "
+                   "and tokenizer.json")
+    p.add_argument("--out", required=True, help="folder for the checkpoint")
+
+    p = sub.add_parser("export-hf", help="a checkpoint as a transformers GPT2LMHeadModel folder (dequantized)")
+    p.add_argument("ckpt", help="checkpoint folder (float, quantized or packed ternary)")
+    p.add_argument("--out", required=True, help="folder for config.json, model.safetensors and the tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 
     p = sub.add_parser("demo", help="web demo: variants side by side")
     p.add_argument("ckpts", nargs="*", help="checkpoint folders (default: the main job's)")
@@ -212,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
                   f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     elif args.command == "eval":
         result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save,
-                                     kernel=args.kernel)
+                                     kernel=args.kernel, dataset=args.dataset)
         print(json.dumps(result, indent=2))
         if args.kernel != "dequant" and not args.no_save:
             print(f"note: not stored in {args.ckpt}: the stored perplexity is the exact --kernel dequant one",
@@ -220,17 +238,25 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "quantize":
         values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
         out = quantize_checkpoint(args.ckpt, args.out, QuantConfig(**values), data_dir=args.data_dir,
-                                  device=_device(args.device))
+                                  device=_device(args.device), dataset=args.dataset)
         meta = read_meta(out)
         print("| layer | relative error | time |\n|---|---|---|")
         for row in meta["quant_log"]:
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
-    elif args.command == "export":
-        print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")
+    elif args.command == "pack":
+        print(f"ternary checkpoint saved in {pack_checkpoint(args.ckpt, args.out)}")
+    elif args.command == "import-hf":
+        print(f"checkpoint saved in {import_hf(args.source, args.out)}")
+    elif args.command == "export-hf":
+        out, notes = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"transformers GPT2LMHeadModel saved in {out}")
     elif args.command == "compare":
         out = report_folder(args.ckpts, args.out)
-        rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel)
+        rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel,
+                       dataset=args.dataset)
         print(markdown_table(rows))
         print(f"report written to {out}/{args.name}.md, .json and .png")
     elif args.command == "demo":

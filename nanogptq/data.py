@@ -303,6 +303,11 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return [i for enc in self._tok.encode_batch(_bpe_pieces(text)) for i in enc.ids]
 
+    def encode_array(self, text: str, dtype: type = np.uint32) -> np.ndarray:
+        """encode() as an array, a piece at a time: a long text never becomes one Python list of ints."""
+        arrays = [np.array(enc.ids, dtype=dtype) for enc in self._tok.encode_batch(_bpe_pieces(text))]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -310,7 +315,49 @@ class BPETokenizer:
         return {"kind": self.kind, "json": self._tok.to_str()}
 
 
-def tokenizer_from_dict(d: dict) -> Tokenizer:
+class PretrainedTokenizer(BPETokenizer):
+    """A pretrained model's own tokenizer (GPT-2's tokenizer.json, say), through the `tokenizers` library.
+
+    Its JSON runs to megabytes, so a checkpoint keeps it as a file beside config.json (FILE), which the
+    config's tokenizer entry names with its sha256: `files()` is what a checkpoint writes with it."""
+
+    kind = "pretrained"
+    FILE = "tokenizer.json"
+
+    def __init__(self, json_text: str):
+        try:
+            tok = HFTokenizer.from_str(json_text)
+        except Exception as e:  # the library raises its own exception type for a malformed file
+            raise DataError(f"not a tokenizers-library tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+        super().__init__(tok)
+        self.json_text = json_text
+        self.sha256 = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | Path, sha256: str | None = None) -> PretrainedTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: missing (the tokenizer file its config names)")
+        tok = cls(path.read_text(encoding="utf-8"))
+        if sha256 is not None and tok.sha256 != sha256:
+            raise DataError(f"{path}: sha256 {tok.sha256[:12]}..., its config names {sha256[:12]}... (file replaced?)")
+        return tok
+
+    def files(self) -> dict[str, str]:
+        return {self.FILE: self.json_text}
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "file": self.FILE, "sha256": self.sha256}
+
+
+def tokenizer_files(tok: Tokenizer) -> dict[str, str]:
+    """The files (name -> text) a checkpoint keeps beside config.json for its tokenizer: none but a
+    pretrained tokenizer's."""
+    return tok.files() if isinstance(tok, PretrainedTokenizer) else {}
+
+
+def tokenizer_from_dict(d: dict, folder: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a config entry describes; `folder` holds the file a pretrained tokenizer's entry names."""
     kind = d.get("kind")
     if kind == "char":
         return CharTokenizer(d["chars"])
@@ -318,7 +365,11 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer(HFTokenizer.from_str(d["json"]))
-    raise DataError(f"unknown tokenizer kind {kind!r}; valid: char, byte, bpe")
+    if kind == "pretrained":
+        if folder is None or Path(d["file"]).name != d["file"]:  # a bare name: never a path out of the folder
+            raise DataError(f"a pretrained tokenizer's file {d['file']!r} must be a name in the checkpoint folder")
+        return PretrainedTokenizer.from_file(Path(folder) / d["file"], d.get("sha256"))
+    raise DataError(f"unknown tokenizer kind {kind!r}; valid: char, byte, bpe, pretrained")
 
 
 def build_tokenizer(kind: str, train_text: str, vocab_size: int = 512) -> Tokenizer:
@@ -393,7 +444,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _load_cached(folder: Path) -> TokenData | None:
+def _load_cached(folder: Path, tokenizer: Tokenizer | None = None) -> TokenData | None:
+    """The cached token arrays, with `tokenizer` if given (a pretrained one is not rebuilt from its entry)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         if meta["format"] != FORMAT_VERSION:
@@ -404,14 +456,21 @@ def _load_cached(folder: Path) -> TokenData | None:
             if path.stat().st_size != n * np.dtype(meta["dtype"]).itemsize:
                 return None
             arrays.append(np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,)))
-        return TokenData(arrays[0], arrays[1], tokenizer_from_dict(meta["tokenizer"]), meta["text_sha256"])
+        tok = tokenizer or tokenizer_from_dict(meta["tokenizer"])
+        return TokenData(arrays[0], arrays[1], tok, meta["text_sha256"])
     except (OSError, ValueError, KeyError):
         return None  # absent, partial or stale cache: rebuild it
 
 
+def _encode_array(tok: Tokenizer, text: str, dtype: type) -> np.ndarray:
+    if isinstance(tok, (BPETokenizer, CharTokenizer)):
+        return tok.encode_array(text).astype(dtype, copy=False)
+    return np.array(tok.encode(text), dtype=dtype)
+
+
 def prepare_data(
     dataset: str,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     vocab_size: int = 512,
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -419,11 +478,15 @@ def prepare_data(
     seed: int = 1337,
     split: str = "chunks",
 ) -> TokenData:
-    """Load, split, tokenize (tokenizer trained on the train split only) and cache a dataset."""
-    text = load_text(dataset, data_dir, cache_dir)
+    """Load, split, tokenize and cache a dataset. `tokenizer` names a kind to train on the train split only,
+    or is a ready tokenizer (a pretrained model's) that encodes the text as it is."""
+    given = None if isinstance(tokenizer, str) else tokenizer
     key_fields = {
-        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "tokenizer": tokenizer,
+        # hashed from the file (the text's UTF-8, which load_text checks), so a cached dataset's text is never
+        # read into memory, and a new one's only once
+        "text_sha256": _sha256_file(resolve_text_path(dataset, data_dir, cache_dir)),
+        # a ready tokenizer is keyed by its whole entry (a pretrained one's names its file's sha256)
+        "tokenizer": tokenizer if given is None else given.to_dict(),
         "vocab_size": vocab_size if tokenizer == "bpe" else None,  # char and byte ignore it
         "val_fraction": val_fraction,
         "seed": seed,
@@ -432,16 +495,18 @@ def prepare_data(
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "tokens" / key
-    if cached := _load_cached(folder):
+    if cached := _load_cached(folder, given):
         return cached
 
+    text = load_text(dataset, data_dir, cache_dir)
     train_text, val_text = split_text(text, val_fraction, seed, split)
-    tok = build_tokenizer(tokenizer, train_text, vocab_size)
+    del text  # the two splits hold it now: a long text is not kept twice while it is tokenized
+    tok = given or build_tokenizer(tokenizer, train_text, vocab_size)
     if isinstance(tok, CharTokenizer) and (unknown := tok.unknown_chars(val_text)):
         shown = ", ".join(repr(c) for c in unknown[:10])
         raise DataError(f"validation text has characters never seen in training ({shown}); use byte or bpe")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    train, val = (np.array(tok.encode(t), dtype=dtype) for t in (train_text, val_text))
+    train, val = (_encode_array(tok, t, dtype) for t in (train_text, val_text))
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "train.bin", train.tobytes())
     _atomic_write(folder / "val.bin", val.tobytes())
@@ -453,7 +518,7 @@ def prepare_data(
         "tokenizer": tok.to_dict(),
     }
     _atomic_write(folder / "meta.json", json.dumps(meta).encode())  # last: marks the cache complete
-    return _load_cached(folder) or TokenData(train, val, tok, key_fields["text_sha256"])
+    return _load_cached(folder, given) or TokenData(train, val, tok, key_fields["text_sha256"])
 
 
 # ----------------------------------------------------------------------------- batching

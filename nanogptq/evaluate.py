@@ -54,22 +54,26 @@ def load_to_evaluate(path: str | Path, device: str, kernel: str) -> Checkpoint:
 
 
 def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = None, device: str = "cpu",
-                        save: bool = True, progress: bool = True, kernel: str = "dequant") -> dict:
+                        save: bool = True, progress: bool = True, kernel: str = "dequant",
+                        dataset: str | None = None) -> dict:
     """Perplexity of a checkpoint on its own dataset's validation split; optionally stored in its config.json.
 
     Quantized weights are evaluated on the exact "dequant" path by default (fp32 arithmetic, as the
     baseline), so the table measures the weights, not the bf16 rounding of a fast kernel. Only that exact
     figure is stored (the demo shows it as the checkpoint's perplexity); `kernel` is the one `ckpt` was, or
-    is to be, loaded with.
+    is to be, loaded with. A checkpoint without training data (an imported one) is evaluated on the
+    validation split of `dataset`, which the result names.
     """
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_to_evaluate(ckpt, device, kernel)
-    data = checkpoint_data(ckpt, data_dir)
+    data = checkpoint_data(ckpt, data_dir, dataset)
     t0 = time.time()
     result = perplexity(ckpt.model, data.val, device=device, progress=progress)
     result["eval_s"] = round(time.time() - t0, 2)
     result["size_bytes"] = ckpt.size_bytes()
     result["kernel"] = kernel
+    if not ckpt.meta.get("data"):
+        result["dataset"] = dataset
     if save and kernel == "dequant":
         meta = dict(ckpt.meta)
         meta["metrics"] = {**meta.get("metrics", {}), **result}
@@ -105,9 +109,10 @@ def report_folder(paths: list[str | Path], report_dir: str | Path | None = None)
 
 
 def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir: str | None = None,
-            device: str = "cpu", name: str = "compare", kernel: str = "dequant", progress: bool = True) -> list[dict]:
-    """Evaluate every checkpoint on the same validation split; write NAME.md, NAME.json and NAME.png into
-    `out_dir` (default: report_folder's)."""
+            device: str = "cpu", name: str = "compare", kernel: str = "dequant", progress: bool = True,
+            dataset: str | None = None) -> list[dict]:
+    """Evaluate every checkpoint on the same validation split (`dataset`'s for checkpoints without training
+    data); write NAME.md, NAME.json and NAME.png into `out_dir` (default: report_folder's)."""
     metas = [read_meta(path) for path in paths]  # every path checked before the first evaluation
     first_data = metas[0].get("data") or {}
     for path, meta in zip(paths[1:], metas[1:], strict=True):
@@ -130,7 +135,8 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
     for path, variant in zip(paths, short_names(paths), strict=True):
         ckpt = load_to_evaluate(path, device, kernel)
         row = {**describe(ckpt), "variant": variant, "path": str(path)}
-        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress, kernel=kernel))
+        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress, kernel=kernel,
+                                       dataset=dataset))
         rows.append(row)
     base = rows[0]["val_ppl"]
     for row in rows:

@@ -1,7 +1,7 @@
 """Checkpoint-to-checkpoint jobs: post-training quantization, and packing a ternary QAT run.
 
     quantize_checkpoint("runs/tiny/best", "runs/tiny/gptq-int4", QuantConfig(bits=4, group_size=64))
-    export_checkpoint("runs/qat/best", "runs/qat/ternary")
+    pack_checkpoint("runs/qat/best", "runs/qat/ternary")
 
 Each refuses an output that would destroy something else before it starts the work (checkpoint.check_output),
 and writes the new folder atomically; the new checkpoint's config.json names its parent and keeps the
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from nanogptq.checkpoint import check_output, checkpoint_data, load_checkpoint, save_checkpoint
+from nanogptq.data import tokenizer_files
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.qat import export_ternary, ternary_meta
 from nanogptq.quant.quantize import quant_meta, quantize
@@ -30,25 +31,28 @@ def _derived_meta(meta: dict, src: str | Path) -> dict:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig, data_dir: str | None = None,
-                        device: str = "cpu", progress: bool = True) -> Path:
-    """Load a float checkpoint, quantize it (GPTQ calibrates on its training split) and save it to `out`."""
+                        device: str = "cpu", progress: bool = True, dataset: str | None = None) -> Path:
+    """Load a float checkpoint, quantize it (GPTQ calibrates on its training split; a checkpoint without
+    training data, on the train split of `dataset`) and save it to `out`."""
     check_output(out, src)  # before the work, not after it
     ckpt = load_checkpoint(src, device=device)
     if ckpt.meta.get("quantization"):
         raise ValueError(f"{src}: already quantized; quantize the float checkpoint instead")
     if ckpt.meta.get("qat"):
-        raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq export {src} --out DIR`")
-    tokens = checkpoint_data(ckpt, data_dir).train if config.method == "gptq" else None
+        raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq pack {src} --out DIR`")
+    tokens = checkpoint_data(ckpt, data_dir, dataset).train if config.method == "gptq" else None
     t0 = time.perf_counter()
     model = quantize(ckpt.model, config, tokens, progress=progress)
     meta = _derived_meta(ckpt.meta, src)
     meta["quantization"] = quant_meta(model, config)
     meta["quant_log"] = model.quant_log
     meta["quant_time_s"] = time.perf_counter() - t0
-    return save_checkpoint(out, model, meta)
+    if tokens is not None and not ckpt.meta.get("data"):
+        meta["calibration"] = {"dataset": dataset}  # not training data: the model was trained elsewhere
+    return save_checkpoint(out, model, meta, files=tokenizer_files(ckpt.tokenizer))
 
 
-def export_checkpoint(src: str | Path, out: str | Path) -> Path:
+def pack_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Load a QAT checkpoint, pack its ternary weights and save the inference checkpoint to `out`: the same
     logits, from 1.6 bits per weight."""
     check_output(out, src)
@@ -60,4 +64,4 @@ def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = _derived_meta(ckpt.meta, src)
     meta["quantization"] = ternary_meta(model, qat)
     meta["qat"] = None
-    return save_checkpoint(out, model, meta)
+    return save_checkpoint(out, model, meta, files=tokenizer_files(ckpt.tokenizer))

@@ -120,7 +120,7 @@ def test_a_checkpoint_never_replaces_what_is_not_one(tmp_path):
     check_output(derived, source=path)
     trained = save_checkpoint(tmp_path / "trained", model, meta)
     for target in (path, trained):
-        with pytest.raises(CheckpointError, match="holds a trained checkpoint, not one made by quantize or export"):
+        with pytest.raises(CheckpointError, match="holds a trained checkpoint, not one made by quantize, pack or"):
             check_output(target, source=derived)
 
 
@@ -282,7 +282,7 @@ def test_sample_cli_dtype(int4_ckpt, capsys, monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["dequant", "auto"])  # auto: the int8 weight-only kernel
 def test_exported_ternary_checkpoint_on_bf16_activations(tmp_path, kernel):
-    from nanogptq.pipeline import export_checkpoint
+    from nanogptq.pipeline import pack_checkpoint
     from nanogptq.quant.qat import QATConfig, TernaryLinear, apply_qat
 
     torch.manual_seed(0)
@@ -294,7 +294,7 @@ def test_exported_ternary_checkpoint_on_bf16_activations(tmp_path, kernel):
     meta = {"model": cfg.to_dict(), "tokenizer": CharTokenizer.from_text("abcdefghijkl").to_dict(),
             "qat": model.qat_config, "quantization": None, "metrics": {}}
     save_checkpoint(tmp_path / "qat", model, meta)
-    out = export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
+    out = pack_checkpoint(tmp_path / "qat", tmp_path / "ternary")
     ref, half = load_to_run(out, kernel=kernel), load_to_run(out, kernel=kernel, dtype=BF16)
     layers = [m for m in half.model.modules() if isinstance(m, TernaryLinear)]
     assert len(layers) == 8 and all(t.bias.dtype == BF16 and t.scale.dtype == F32 for t in layers)

@@ -17,7 +17,7 @@ def test_help_says_what_the_tool_does(capsys):
     out = capsys.readouterr().out
     assert "train a small GPT" in out and "quantization" in out
     assert "argument parsing only" not in out
-    for command in ("train", "sample", "eval", "quantize", "export", "compare", "demo"):
+    for command in ("train", "sample", "eval", "quantize", "pack", "compare", "demo"):
         assert command in out
 
 

@@ -8,7 +8,7 @@ from nanogptq.checkpoint import CheckpointError, save_checkpoint
 from nanogptq.data import prepare_data
 from nanogptq.evaluate import compare, evaluate_checkpoint, perplexity
 from nanogptq.model import GPT, GPTConfig
-from nanogptq.pipeline import export_checkpoint
+from nanogptq.pipeline import pack_checkpoint
 from nanogptq.quant import QuantConfig, quant_meta, quantize
 from nanogptq.quant.qat import QATConfig, apply_qat
 
@@ -36,7 +36,7 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     save_checkpoint(tmp_path / "rtn4", q, {**meta, "quantization": quant_meta(q, rtn_cfg)})
     qat = apply_qat(GPT(cfg), QATConfig())
     save_checkpoint(tmp_path / "qat", qat, {**meta, "qat": qat.qat_config, "quantization": None})
-    export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
+    pack_checkpoint(tmp_path / "qat", tmp_path / "ternary")
 
     rows = compare([tmp_path / n for n in ("fp32", "rtn4", "ternary")], tmp_path / "report", progress=False)
     assert [r["method"] for r in rows] == ["fp32", "rtn", "ternary"]

@@ -24,11 +24,11 @@ LAYERS = {
     "kernels": 2, "quant": 2,
     "runtime": 3,
     "checkpoint": 4,
-    "train": 5, "evaluate": 5, "pipeline": 5, "sample": 5,
+    "train": 5, "evaluate": 5, "pipeline": 5, "sample": 5, "interop": 5,
     "app": 6, "cli": 6, "__main__": 6,
 }
 # what an import inside a function may load: optional dependencies, and the kernels that need one (Triton)
-OPTIONAL_IMPORTS = ("gradio", "triton", "transformers", "nanogptq.kernels.triton_gemv",
+OPTIONAL_IMPORTS = ("gradio", "triton", "transformers", "huggingface_hub", "nanogptq.kernels.triton_gemv",
                     "nanogptq.kernels.triton_dequant", "nanogptq.kernels.decode_attention")
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_model
 
 from nanogptq.checkpoint import load_checkpoint
 from nanogptq.model import GPT, GPTConfig
-from nanogptq.pipeline import export_checkpoint
+from nanogptq.pipeline import pack_checkpoint
 from nanogptq.quant.qat import (
     ActQuant,
     BitLinear,
@@ -274,7 +274,7 @@ def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tm
     # the exported ternary model is the one that was evaluated (a float-phase one would differ)
     from nanogptq.evaluate import evaluate_checkpoint
 
-    out = export_checkpoint(run / "best", tmp_path / "ternary")
+    out = pack_checkpoint(run / "best", tmp_path / "ternary")
     assert evaluate_checkpoint(out, None, "cpu", progress=False)["val_loss"] == pytest.approx(
         evaluate_checkpoint(run / "best", None, "cpu", progress=False)["val_loss"], abs=1e-4)
     # a QAT checkpoint is exported, not quantized again; and an export never lands on the run's own folders
@@ -282,10 +282,10 @@ def test_float_then_ternary_training_keeps_only_quantized_checkpoints_as_best(tm
     from nanogptq.pipeline import quantize_checkpoint
     from nanogptq.quant import QuantConfig
 
-    with pytest.raises(ValueError, match="trained with ternary QAT; pack it with `nanogptq export"):
+    with pytest.raises(ValueError, match="trained with ternary QAT; pack it with `nanogptq pack"):
         quantize_checkpoint(run / "best", tmp_path / "q", QuantConfig(method="rtn"), progress=False)
     with pytest.raises(CheckpointError, match="holds a trained checkpoint"):
-        export_checkpoint(run / "best", run / "last")
+        pack_checkpoint(run / "best", run / "last")
     assert (run / "last" / "resume.pt").exists()
 
 
@@ -339,14 +339,14 @@ def test_export_module_matches_bitlinear():
     assert t.qweight.numel() == math.ceil(40 * 24 / 5)
 
 
-def test_export_checkpoint_round_trip(tmp_path, text_file):
+def test_pack_checkpoint_round_trip(tmp_path, text_file):
     cfg = TrainConfig(dataset=f"file:{text_file}", out_dir=str(tmp_path / "run"), preset="tiny", max_steps=4,
                       batch_size=4, eval_interval=4, eval_batches=1, warmup_steps=1, progress=False,
                       qat_config=str(CONFIGS / "all_act8.json"))
     run = train(cfg)
     src = load_checkpoint(run / "last")
     assert src.meta["qat"] == load_qat_config(CONFIGS / "all_act8.json").to_dict()
-    out = export_checkpoint(run / "last", tmp_path / "ternary")
+    out = pack_checkpoint(run / "last", tmp_path / "ternary")
     meta = json.loads((out / "config.json").read_text())
     q = meta["quantization"]
     assert q["method"] == "ternary" and q["bits"] == 1.58 and q["group_size"] == 0 and meta["qat"] is None
@@ -414,7 +414,7 @@ def test_exported_checkpoint_loads_like_any_other(tmp_path):
     from nanogptq.checkpoint import load_checkpoint, save_checkpoint
     from nanogptq.data import CharTokenizer
     from nanogptq.model import GPT, GPTConfig
-    from nanogptq.pipeline import export_checkpoint
+    from nanogptq.pipeline import pack_checkpoint
     from nanogptq.quant import bits_per_weight
     from nanogptq.quant.qat import QATConfig, apply_qat
 
@@ -424,7 +424,7 @@ def test_exported_checkpoint_loads_like_any_other(tmp_path):
     meta = {"model": cfg.to_dict(), "tokenizer": CharTokenizer.from_text("abcdefghijkl").to_dict(),
             "qat": model.qat_config, "quantization": None, "metrics": {}}
     save_checkpoint(tmp_path / "qat", model, meta)
-    out = export_checkpoint(tmp_path / "qat", tmp_path / "ternary")
+    out = pack_checkpoint(tmp_path / "qat", tmp_path / "ternary")
     assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "ternary"
     x = torch.randint(0, 12, (2, 16))
     ref = load_checkpoint(tmp_path / "qat").model(x)[0]

@@ -269,7 +269,7 @@ def test_cli_bad_text_files(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "quantize", "export", "compare", "demo"])
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "quantize", "pack", "compare", "demo"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])

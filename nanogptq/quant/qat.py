@@ -1,7 +1,7 @@
 """Quantization-aware training of ternary (1.58-bit) weights, after BitNet b1.58 (Ma et al. 2024).
 
     model = apply_qat(GPT(config), load_qat_config("configs/qat/weights_only.json"))  # then train as usual
-    export_checkpoint("runs/qat/best", "runs/qat-ternary")  # pipeline.py: packed 1.6-bit weights, same logits
+    pack_checkpoint("runs/qat/best", "runs/qat-ternary")  # pipeline.py: packed 1.6-bit weights, same logits
 
 BitLinear keeps full-precision latent weights and, in every forward pass (the paper's recipe):
     x   <- norm(x)                                   parameter-free RMSNorm (the "LN" before quantizing)
