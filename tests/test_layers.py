@@ -24,7 +24,7 @@ LAYERS = {
     "kernels": 2, "quant": 2,
     "runtime": 3,
     "checkpoint": 4,
-    "train": 5, "evaluate": 5, "pipeline": 5, "sample": 5,
+    "train": 5, "evaluate": 5, "pipeline": 5, "sample": 5, "interop": 5,
     "app": 6, "cli": 6, "__main__": 6,
 }
 # what an import inside a function may load: optional dependencies, and the kernels that need one (Triton)
