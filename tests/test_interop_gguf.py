@@ -132,11 +132,13 @@ def test_blocks_hold_the_grid(models, tmp_path, qtype):
             assert (w - ref).abs().max() > 0  # the rounding is real on these grids, and said so
 
 
-@pytest.mark.parametrize("width,qtype", [(256, "TQ2_0"), (64, "Q4_0")])
-def test_ternary_blocks_hold_trits_and_scale(models, tmp_path, width, qtype):
-    """Trits exactly; the fp32 scale as GGUF's fp16 block scale (its only rounding)."""
+@pytest.mark.parametrize("width,qtype,requantize", [(256, "TQ2_0", None), (64, "Q4_0", None),
+                                                    (256, "TQ1_0", "TQ1_0")])
+def test_ternary_blocks_hold_trits_and_scale(models, tmp_path, width, qtype, requantize):
+    """Trits exactly; the fp32 scale as GGUF's fp16 block scale (its only rounding). gguf's own TQ1_0 rounding
+    of the ternary weights finds the same trits and scale."""
     out = tmp_path / "t.gguf"
-    export_gguf(models[f"ternary{width}"], out)
+    export_gguf(models[f"ternary{width}"], out, requantize=requantize)
     layer = load_checkpoint(models[f"ternary{width}"]).model.transformer.h[1].mlp.c_fc
     assert isinstance(layer, TernaryLinear)
     t = _tensor(out, "blk.1.ffn_up.weight")

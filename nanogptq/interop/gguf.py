@@ -263,7 +263,6 @@ def export_gguf(src: str | Path, out: str | Path, float_type: str = "F16", requa
         notes.append(f"block linears requantized by gguf to {requantize} (round to nearest from the dequantized "
                      "weights): not the checkpoint's own grid")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(tmp), "gpt2")
     writer.add_name(Path(src).name)
@@ -290,9 +289,9 @@ def export_gguf(src: str | Path, out: str | Path, float_type: str = "F16", requa
         writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=raw)
         types[name] = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
 
-    def vec(name: str, t: torch.Tensor | None, size: int, fill: float = 0.0) -> None:
+    def vec(name: str, t: torch.Tensor | None, size: int) -> None:
         # llama.cpp's gpt2 loader requires every norm bias and linear bias: zeros for a model without them
-        add(name, (torch.full((size,), fill) if t is None else t.detach().float()).numpy().astype(np.float32))
+        add(name, (torch.zeros(size) if t is None else t.detach().float()).numpy().astype(np.float32))
 
     tr, C = model.transformer, cfg.n_embd
     wte = tr.wte
@@ -318,6 +317,7 @@ def export_gguf(src: str | Path, out: str | Path, float_type: str = "F16", requa
                      f"blocks, weights moved by at most {q4_1['max_change']:.3g}")
 
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # only now: a refused export leaves nothing behind
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
