@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import MISSING, fields
 from importlib.metadata import PackageNotFoundError, version
 
@@ -24,6 +25,7 @@ from nanogptq.app import launch
 from nanogptq.checkpoint import CheckpointError, read_meta
 from nanogptq.data import DataError
 from nanogptq.evaluate import compare, evaluate_checkpoint, markdown_table, report_folder
+from nanogptq.interop.gguf import export_gguf
 from nanogptq.interop.hf import export_hf, import_hf
 from nanogptq.pipeline import pack_checkpoint, quantize_checkpoint
 from nanogptq.quant.config import QuantConfig
@@ -165,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="QAT checkpoint folder (trained with --qat-config)")
     p.add_argument("--out", required=True, help="folder for the packed checkpoint")
 
+    p = sub.add_parser("export-gguf", help="write a checkpoint as a GGUF file for llama.cpp (architecture gpt2)")
+    p.add_argument("ckpt", help="checkpoint folder (float, quantized, or packed ternary)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="F16", choices=("F16", "F32"), help="float tensors' type (default F16)")
+    p.add_argument("--requantize", default=None, metavar="TYPE",
+                   help="let gguf quantize the (dequantized) block linears to TYPE: Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, "
+                   "TQ2_0, TQ1_0; by default a quantized grid is written as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     p = sub.add_parser("compare", help="evaluate variants side by side: table, JSON and plot")
     p.add_argument("ckpts", nargs="+", help="baseline first, then the variants")
     p.add_argument("--out", default=None, help="folder for compare.md/.json/.png (default: the report folder "
@@ -253,6 +264,14 @@ def run(args: argparse.Namespace) -> None:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"transformers GPT2LMHeadModel saved in {out}")
+    elif args.command == "export-gguf":
+        result = export_gguf(args.ckpt, args.out, float_type=args.type, requantize=args.requantize,
+                             overwrite=args.overwrite)
+        for note in result["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        counts = Counter(result["types"].values())
+        print(f"GGUF file written to {result['path']} ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))} "
+              "tensors)")
     elif args.command == "compare":
         out = report_folder(args.ckpts, args.out)
         rows = compare(args.ckpts, out, args.data_dir, _device(args.device), name=args.name, kernel=args.kernel,
