@@ -142,7 +142,7 @@ def ternary_blocks(layer: TernaryLinear) -> tuple[np.ndarray, gguf.GGMLQuantizat
 def _check_model(meta: dict) -> None:
     qat = (meta.get("quantization") or {}).get("qat") or meta.get("qat")
     if meta.get("qat"):
-        raise GGUFExportError("a QAT training checkpoint: pack it first (`nanogptq export CKPT --out DIR`)")
+        raise GGUFExportError("a QAT training checkpoint: pack it first (`nanogptq pack CKPT --out DIR`)")
     if qat:
         extras = {k: qat.get(k) for k in ("norm", "act_bits", "attn_act", "head_act_bits")}
         wanted = {"norm": "none", "act_bits": None, "attn_act": None, "head_act_bits": None}
