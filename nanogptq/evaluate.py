@@ -247,7 +247,7 @@ def plot(rows: list[dict], path: Path) -> None:
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per weight (quantized layers, scales included)")
-    ax.set_ylabel("validation perplexity (bars: 95% bootstrap band of the change)")
+    ax.set_ylabel("validation perplexity (bars: 95% band)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
