@@ -236,8 +236,8 @@ def run(args: argparse.Namespace) -> None:
         meta = read_meta(out)
         print("| layer | relative error | time |\n|---|---|---|")
         for row in meta["quant_log"]:
-            rotated = {True: ", rotated", False: ", not rotated"}.get(row.get("rotated"), "")
-            print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}{rotated}) | {row['time_s']:.2f} s |")
+            kept = "".join(f", {'' if row[k] else 'not '}{k}" for k in ("clipped", "rotated") if k in row)
+            print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}{kept}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
     elif args.command == "export":
         print(f"ternary checkpoint saved in {export_checkpoint(args.ckpt, args.out)}")

@@ -38,7 +38,7 @@ from nanogptq.quant.walk import check_block_linears, find_layers, named_linears,
 
 log = logging.getLogger(__name__)
 # keys of the checkpoint's "quantization" besides QuantConfig's; "rotated_layers" lists the layers whose
-# rotation was kept (with rotate on; a checkpoint without the key rotated every layer)
+# rotation was kept (with rotate on; where the key is absent, every quantized layer is rotated)
 META_EXTRAS = ("format", "quantized_layers", "rotated_layers")
 EMBED_CONFIG = QuantConfig(method="rtn", bits=8, group_size=-1, symmetric=True)
 
