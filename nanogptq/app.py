@@ -10,6 +10,7 @@ interleaving the variants token by token (so all columns fill together) does not
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -42,7 +43,9 @@ quantization. Under each column: **first token** is the time to read the prompt 
 **speed** is tokens per second after that; **total** is the whole generation. Only each variant's own
 compute time is counted. **Bits/weight** is the average storage per weight of the quantized layers,
 scales and zero points included (32 for fp32). **Perplexity** is on the validation split, as written by
-`nanogptq eval` or `nanogptq compare` (lower is better).
+`nanogptq eval` or `nanogptq compare` (lower is better). **KL to baseline** (mean KL divergence of the
+next-token distribution from the baseline's) and **top-1 agreement** (how often both rank the same token
+first), over the whole validation split, come from the `nanogptq compare` report when there is one.
 """
 
 
@@ -52,6 +55,7 @@ class Variant:
     ckpt: Checkpoint
     method: str
     bits_per_weight: float | None
+    against_baseline: dict | None = None  # the compare report's row for this checkpoint, when it has one
 
     @property
     def label(self) -> str:
@@ -100,7 +104,24 @@ def static_stats(v: Variant) -> str:
     if v.ckpt.meta.get("qat"):
         bpw = f"1.58 ternary (stored as {bpw})"
     size = _size(v.ckpt.size_bytes())
-    return f"**size on disk** {size} · **bits/weight** {bpw}  \n**val perplexity** {ppl_text}"
+    text = f"**size on disk** {size} · **bits/weight** {bpw}  \n**val perplexity** {ppl_text}"
+    row = v.against_baseline or {}
+    if isinstance(row.get("kl_mean"), (int, float)) and isinstance(row.get("top1_agreement"), (int, float)):
+        text += (f"  \n**KL to baseline** {row['kl_mean']:.2e} · "
+                 f"**top-1 agreement** {100 * row['top1_agreement']:.2f}%")
+    return text
+
+
+def attach_report(variants: list[Variant], report_dir: Path) -> None:
+    """Give each variant its row of the compare report (compare.json), matched by checkpoint folder; a
+    missing or unreadable report leaves the rows out (the page says there is no report)."""
+    try:
+        rows = json.loads((report_dir / "compare.json").read_text())
+        by_path = {Path(r["path"]).resolve(): r for r in rows if isinstance(r, dict) and "path" in r}
+    except (OSError, ValueError, TypeError):
+        return
+    for v in variants:
+        v.against_baseline = by_path.get(Path(v.ckpt.path).resolve())
 
 
 def run_stats(gen: Generation, done: bool) -> str:
@@ -241,6 +262,7 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path | None
     paths = [Path(p) for p in ckpt_paths] if ckpt_paths else default_checkpoints()
     report_dir = report_folder(paths, report_dir)
     variants = load_variants(paths, device, compile, dtype)
+    attach_report(variants, report_dir)
     if not ckpt_paths:  # the main job's outputs: widest first, so the page reads baseline -> smallest
         variants.sort(key=lambda v: -(v.bits_per_weight or 0))
     n = len(variants)

@@ -28,7 +28,7 @@ from nanogptq.evaluate import compare, evaluate_checkpoint, markdown_table, repo
 from nanogptq.interop.gguf import export_gguf
 from nanogptq.interop.hf import export_hf, import_hf
 from nanogptq.pipeline import pack_checkpoint, quantize_checkpoint
-from nanogptq.quant.config import QuantConfig
+from nanogptq.quant.config import PRESETS, QuantConfig
 from nanogptq.runtime.backends import BACKENDS
 from nanogptq.runtime.load import DTYPE_CHOICES
 from nanogptq.sample import SampleSettings, generate_text, load_for_generation
@@ -69,8 +69,10 @@ QUANT_HELP = {
     "lazy_batch": "gptq: columns per lazy batch update",
     "calib_samples": "gptq: calibration windows of the model's context length",
     "calib_seed": "gptq: seed of the calibration windows",
-    "clip_search": "search each grid's clipping ratio (minimum weight error) instead of taking max|w|",
-    "rotate": "random orthogonal rotation of each layer's input side (QuIP-style)",
+    "clip_search": "search each grid's clipping ratio instead of taking max|w| (minimum output error with "
+    "calibration data, weight error without)",
+    "rotate": "random orthogonal rotation of each layer's input side (QuIP-style), kept where it lowers the "
+    "layer's error",
     "rotate_seed": "seed of the rotations",
     "quantize_embeddings": "store the tied embedding/head table at 8 bits per row too",
     "layers": "comma-separated linears inside each block to quantize",
@@ -160,8 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="where the calibration data lives (GPTQ)")
     p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--device", default="auto")
-    _add_dataclass_args(p, QuantConfig, QUANT_HELP)
-    p.add_argument("--asym", dest="symmetric", action="store_false", help="same as --no-symmetric (the default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named setting, flags given beside it override it; quality (recommended): "
+                   + ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                               for k, v in PRESETS["quality"].items()))
+    _add_dataclass_args(p, QuantConfig, QUANT_HELP, suppress=True)  # --preset takes the flags not given
+    p.add_argument("--asym", dest="symmetric", action="store_false", default=argparse.SUPPRESS,
+                   help="same as --no-symmetric (the default)")
 
     p = sub.add_parser("pack", help="pack a QAT checkpoint's ternary weights (1.6 bits/weight)")
     p.add_argument("ckpt", help="QAT checkpoint folder (trained with --qat-config)")
@@ -215,6 +222,12 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """`quantize`'s settings: the flags given, on top of --preset's or else QuantConfig's defaults."""
+    values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
+    return QuantConfig.preset(args.preset, **values) if args.preset else QuantConfig(**values)
+
+
 def _device(name: str) -> str:
     return pick_device(name)
 
@@ -247,13 +260,13 @@ def run(args: argparse.Namespace) -> None:
             print(f"note: not stored in {args.ckpt}: the stored perplexity is the exact --kernel dequant one",
                   file=sys.stderr)
     elif args.command == "quantize":
-        values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
-        out = quantize_checkpoint(args.ckpt, args.out, QuantConfig(**values), data_dir=args.data_dir,
+        out = quantize_checkpoint(args.ckpt, args.out, quant_config(args), data_dir=args.data_dir,
                                   device=_device(args.device), dataset=args.dataset)
         meta = read_meta(out)
         print("| layer | relative error | time |\n|---|---|---|")
         for row in meta["quant_log"]:
-            print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}) | {row['time_s']:.2f} s |")
+            kept = "".join(f", {'' if row[k] else 'not '}{k}" for k in ("clipped", "rotated") if k in row)
+            print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}{kept}) | {row['time_s']:.2f} s |")
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
     elif args.command == "pack":
         print(f"ternary checkpoint saved in {pack_checkpoint(args.ckpt, args.out)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +19,42 @@ from nanogptq.quant.quantize import bits_per_weight
 from nanogptq.runtime.backends import check_kernel
 from nanogptq.runtime.load import prepare_for_inference
 
+BOOTSTRAP_SAMPLES = 1000  # resamples of the validation windows behind each perplexity change's band
+BOOTSTRAP_SEED = 0
+
+
+@dataclass
+class WindowStats:
+    """Per validation window: summed NLL and target count; with a reference model, the summed KL divergence of
+    the model's next-token distribution from the reference's and the count of equal top-1 tokens."""
+
+    nll: np.ndarray
+    tokens: np.ndarray
+    kl: np.ndarray | None = None
+    top1: np.ndarray | None = None
+
+    def summary(self) -> dict:
+        count = int(self.tokens.sum())
+        mean_nll = float(self.nll.sum()) / count
+        result = {"val_loss": mean_nll, "val_ppl": math.exp(mean_nll), "val_tokens": count}
+        if self.kl is not None:
+            result["kl_mean"] = float(self.kl.sum()) / count
+            result["top1_agreement"] = float(self.top1.sum()) / count
+        return result
+
 
 @torch.inference_mode()
-def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
-    """exp(mean NLL) over every token of `tokens` after the first, in non-overlapping context windows.
+def window_stats(model, tokens: np.ndarray, batch_size: int = 32, device: str = "cpu", progress: bool = True,
+                 reference=None) -> WindowStats:
+    """NLL of every token of `tokens` after the first, in non-overlapping context windows, per window; with
+    `reference`, both models run on the same windows batch by batch, so no logits outlive their batch.
 
-    Each window starts fresh (no carried-over context), the standard nanoGPT-style evaluation.
+    Each window starts fresh (no carried-over context), the standard nanoGPT-style evaluation. KL is
+    KL(reference || model), as llama.cpp's perplexity tool reports it: the float model's distribution first.
     """
     block = model.config.block_size
     windows = list(val_windows(tokens, block))
-    nll_sum, count = 0.0, 0
+    nll, counts, kl, top1 = [], [], [], []
     for i in tqdm(range(0, len(windows), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = windows[i : i + batch_size]
         # the last window may be shorter: evaluate it on its own so batches stay rectangular
@@ -35,14 +62,41 @@ def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "c
         for group in groups:
             x = torch.cat([w[0] for w in group]).to(device)
             y = torch.cat([w[1] for w in group]).to(device)
-            logits, _ = model(x)
-            nll = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
-            )
-            nll_sum += nll.item()
-            count += y.numel()
-    mean_nll = nll_sum / count
-    return {"val_loss": mean_nll, "val_ppl": math.exp(mean_nll), "val_tokens": count}
+            logp = torch.log_softmax(model(x)[0].float(), dim=-1)
+            nll.append(-logp.gather(-1, y[..., None])[..., 0].sum(dim=1).double().cpu())
+            counts.append(torch.full((x.size(0),), y.size(1)))
+            if reference is not None:
+                ref_logp = torch.log_softmax(reference(x)[0].float(), dim=-1)
+                kl.append((ref_logp.exp() * (ref_logp - logp)).sum(dim=-1).sum(dim=1).double().cpu())
+                top1.append((ref_logp.argmax(-1) == logp.argmax(-1)).sum(dim=1).cpu())
+    return WindowStats(_joined(nll), _joined(counts), _joined(kl), _joined(top1))
+
+
+def _joined(per_batch: list[torch.Tensor]) -> np.ndarray | None:
+    return torch.cat(per_batch).numpy() if per_batch else None
+
+
+def perplexity(model, tokens: np.ndarray, batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
+    """exp(mean NLL) over every token of `tokens` after the first, in non-overlapping context windows."""
+    return window_stats(model, tokens, batch_size, device, progress).summary()
+
+
+def bootstrap_change(stats: WindowStats, base: WindowStats, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float]:
+    """The `level` band (percentiles) of the perplexity change in percent, stats against base, from resampling
+    the validation windows with replacement; paired (both models on the same resampled windows), so the
+    noise of the text itself cancels and what is left is how much the change depends on which text it saw."""
+    rng = np.random.default_rng(seed)
+    n = len(stats.nll)
+    diff, tokens = stats.nll - base.nll, stats.tokens.astype(np.float64)
+    change = []
+    for start in range(0, samples, 50):  # a resample is how often it picks each window; 50 at a time in memory
+        picked = rng.multinomial(n, np.full(n, 1 / n), size=min(50, samples - start)).astype(np.float64)
+        change.append(np.expm1(picked @ diff / (picked @ tokens)) * 100)
+    change = np.concatenate(change)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(change, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def load_to_evaluate(path: str | Path, device: str, kernel: str) -> Checkpoint:
@@ -64,22 +118,31 @@ def evaluate_checkpoint(ckpt: Checkpoint | str | Path, data_dir: str | None = No
     is to be, loaded with. A checkpoint without training data (an imported one) is evaluated on the
     validation split of `dataset`, which the result names.
     """
+    return _evaluate(ckpt, data_dir, device, save, progress, kernel, dataset)[0]
+
+
+def _evaluate(ckpt: Checkpoint | str | Path, data_dir: str | None, device: str, save: bool, progress: bool,
+              kernel: str, dataset: str | None = None, reference=None) -> tuple[dict, WindowStats]:
+    """evaluate_checkpoint's result and the per-window figures behind it (against `reference`'s model if given:
+    the KL and top-1 agreement are not stored in config.json, being a pair's figures, not the checkpoint's)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_to_evaluate(ckpt, device, kernel)
     data = checkpoint_data(ckpt, data_dir, dataset)
     t0 = time.time()
-    result = perplexity(ckpt.model, data.val, device=device, progress=progress)
-    result["eval_s"] = round(time.time() - t0, 2)
+    stats = window_stats(ckpt.model, data.val, device=device, progress=progress, reference=reference)
+    result = stats.summary()
+    result["eval_s"] = round(time.time() - t0, 2)  # with a reference, its forward passes included
     result["size_bytes"] = ckpt.size_bytes()
     result["kernel"] = kernel
     if not ckpt.meta.get("data"):
         result["dataset"] = dataset
     if save and kernel == "dequant":
         meta = dict(ckpt.meta)
-        meta["metrics"] = {**meta.get("metrics", {}), **result}
+        own = {k: v for k, v in result.items() if k not in ("kl_mean", "top1_agreement")}
+        meta["metrics"] = {**meta.get("metrics", {}), **own}
         update_meta(ckpt.path, meta)
         ckpt.meta = meta
-    return result
+    return result, stats
 
 
 # the quantize flags that tell two variants of one method, bits and group apart
@@ -112,7 +175,10 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
             device: str = "cpu", name: str = "compare", kernel: str = "dequant", progress: bool = True,
             dataset: str | None = None) -> list[dict]:
     """Evaluate every checkpoint on the same validation split (`dataset`'s for checkpoints without training
-    data); write NAME.md, NAME.json and NAME.png into `out_dir` (default: report_folder's)."""
+    data); write NAME.md, NAME.json and NAME.png into `out_dir` (default: report_folder's). Beside perplexity,
+    each row has its mean KL divergence from the first checkpoint's next-token distribution and top-1 agreement
+    with it (kl_mean, top1_agreement), and the 95% bootstrap band over validation windows of its perplexity
+    change (ppl_change_band_pct, in percent)."""
     metas = [read_meta(path) for path in paths]  # every path checked before the first evaluation
     first_data = metas[0].get("data") or {}
     for path, meta in zip(paths[1:], metas[1:], strict=True):
@@ -132,15 +198,19 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
         raise ValueError(f"--out {out}: a file, not a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    baseline, base_stats = None, None  # the first checkpoint, held to stream beside each variant
     for path, variant in zip(paths, short_names(paths), strict=True):
         ckpt = load_to_evaluate(path, device, kernel)
         row = {**describe(ckpt), "variant": variant, "path": str(path)}
-        row.update(evaluate_checkpoint(ckpt, data_dir=data_dir, device=device, progress=progress, kernel=kernel,
-                                       dataset=dataset))
+        result, stats = _evaluate(ckpt, data_dir, device, True, progress, kernel, dataset,
+                                  None if baseline is None else baseline.model)
+        row.update(result)
+        if baseline is None:
+            baseline, base_stats = ckpt, stats
+            row.update(kl_mean=0.0, top1_agreement=1.0)  # the baseline against itself
+        row["ppl_change_pct"] = 100.0 * (row["val_ppl"] / rows[0]["val_ppl"] - 1.0) if rows else 0.0
+        row["ppl_change_band_pct"] = list(bootstrap_change(stats, base_stats))
         rows.append(row)
-    base = rows[0]["val_ppl"]
-    for row in rows:
-        row["ppl_change_pct"] = 100.0 * (row["val_ppl"] / base - 1.0)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     (out / f"{name}.md").write_text(markdown_table(rows))
     plot(rows, out / f"{name}.png")
@@ -148,17 +218,21 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, data_dir
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| variant | method | bits | group | options | perplexity | vs baseline | bytes on disk | bits/weight "
-            "| quant time |\n")
-    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| variant | method | bits | group | options | perplexity | vs baseline | 95% band | KL to baseline "
+            "| top-1 agreement | bytes on disk | bits/weight | quant time |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in rows:
         qt = "" if r.get("quant_time_s") is None else f"{r['quant_time_s']:.1f} s"
         group = {None: "", 0: "tensor", -1: "channel"}.get(r["group"], r["group"])
+        band = r.get("ppl_change_band_pct")
+        band = "" if band is None else f"{band[0]:+.2f}% to {band[1]:+.2f}%"
+        kl = "" if r.get("kl_mean") is None else f"{r['kl_mean']:.2e}"
+        top1 = "" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.2f}%"
         lines.append(
             f"| {r['variant']} | {r['method']} | {r['bits']} | {group} | {', '.join(r.get('options', []))} | "
-            f"{r['val_ppl']:.4f} | "
-            f"{r['ppl_change_pct']:+.2f}% | {r['size_bytes']:,} | {r['bits_per_weight']:.2f} | {qt} |"
+            f"{r['val_ppl']:.4f} | {r['ppl_change_pct']:+.2f}% | {band} | {kl} | {top1} | "
+            f"{r['size_bytes']:,} | {r['bits_per_weight']:.2f} | {qt} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -171,13 +245,18 @@ def plot(rows: list[dict], path: Path) -> None:
         by_method.setdefault(r["method"], []).append(r)
     for method, rs in by_method.items():
         rs = sorted(rs, key=lambda r: r["bits_per_weight"])
-        ax.plot([r["bits_per_weight"] for r in rs], [r["val_ppl"] for r in rs], "o-", label=method)
+        ppl = np.array([r["val_ppl"] for r in rs])
+        base = ppl / (1 + np.array([r["ppl_change_pct"] for r in rs]) / 100)  # the baseline's perplexity
+        bands = np.array([r.get("ppl_change_band_pct") or [r["ppl_change_pct"]] * 2 for r in rs])
+        # the bootstrap band of the change, drawn around the perplexity as baseline * (1 + change)
+        yerr = np.abs(np.stack([ppl - base * (1 + bands[:, 0] / 100), base * (1 + bands[:, 1] / 100) - ppl]))
+        ax.errorbar([r["bits_per_weight"] for r in rs], ppl, yerr=yerr, fmt="o-", capsize=3, label=method)
         for r in rs:
             ax.annotate(r["variant"], (r["bits_per_weight"], r["val_ppl"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per weight (quantized layers, scales included)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (bars: 95% band)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no internet here
 from nanogptq.app import build_app, default_checkpoints, launch  # noqa: E402
 from nanogptq.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanogptq.data import CharTokenizer  # noqa: E402
-from nanogptq.evaluate import describe, markdown_table, perplexity, plot  # noqa: E402
+from nanogptq.evaluate import describe, markdown_table, perplexity, plot, window_stats  # noqa: E402
 from nanogptq.model import GPT, GPTConfig  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -94,15 +95,20 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def write_report(run_dir: Path, out: Path) -> Path:
-    """compare.md and compare.png as `nanogptq compare` writes them, from the fixture's own numbers."""
-    rows = []
+    """compare.md, compare.json and compare.png as `nanogptq compare` writes them, from the fixture's own
+    numbers (KL and top-1 agreement measured on the fixture's tail of text)."""
+    rows, base = [], None
+    tokens = np.array(CharTokenizer.from_text(corpus()).encode(corpus()))[-600:]
     for path in default_checkpoints(run_dir):
         ckpt = load_checkpoint(path)
-        metrics = {"val_ppl": ckpt.meta["metrics"]["val_ppl"], "size_bytes": ckpt.size_bytes()}
-        rows.append({**describe(ckpt), **metrics})
+        base = base or ckpt
+        metrics = {"val_ppl": ckpt.meta["metrics"]["val_ppl"], "size_bytes": ckpt.size_bytes(), "path": str(path)}
+        metrics.update(window_stats(ckpt.model, tokens, progress=False, reference=base.model).summary())
+        rows.append({**describe(ckpt), **metrics, "val_ppl": ckpt.meta["metrics"]["val_ppl"]})
     for row in rows:
         row["ppl_change_pct"] = 100.0 * (row["val_ppl"] / rows[0]["val_ppl"] - 1.0)
     (out / "compare.md").write_text(markdown_table(rows))
+    (out / "compare.json").write_text(json.dumps(rows))
     plot(rows, out / "compare.png")
     return out
 
@@ -167,7 +173,7 @@ def test_every_variant_generates_text_and_timings(client, run_dir):
     for key, text, stats in zip(keys, r["texts"], r["stats"], strict=True):
         assert text.startswith("the cat") and len(text) > len("the cat"), (key, text)
         for figure in ("first token", " ms", "tok/s", "total", "(24 tokens)", "size on disk", "bits/weight",
-                       "perplexity"):
+                       "perplexity", "KL to baseline", "top-1 agreement"):
             assert figure in stats, (key, stats)
         assert "not evaluated" not in stats  # every fixture variant has a val_ppl in its config.json
 

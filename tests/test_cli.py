@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from nanogptq.cli import build_parser, main
+from nanogptq.cli import build_parser, main, quant_config
+from nanogptq.quant.config import QuantConfig
 
 
 def test_help_says_what_the_tool_does(capsys):
@@ -39,3 +40,16 @@ def test_every_command_has_help():
 def test_the_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "nanogptq", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("nanogptq ")
+
+
+def test_quantize_preset_takes_the_flags_not_given():
+    parse = build_parser().parse_args
+    plain = quant_config(parse(["quantize", "ck", "--out", "q"]))
+    assert plain == QuantConfig()  # no preset: the dataclass defaults, --asym's default included
+    assert not quant_config(parse(["quantize", "ck", "--out", "q", "--symmetric"])).act_order
+    quality = quant_config(parse(["quantize", "ck", "--out", "q", "--preset", "quality", "--bits", "3",
+                                  "--no-rotate", "--asym"]))
+    assert (quality.method, quality.act_order, quality.clip_search, quality.rotate) == ("gptq", True, True, False)
+    assert quality.bits == 3 and not quality.symmetric
+    with pytest.raises(SystemExit):
+        parse(["quantize", "ck", "--out", "q", "--preset", "best"])

@@ -1,12 +1,13 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from nanogptq.checkpoint import CheckpointError, save_checkpoint
 from nanogptq.data import prepare_data
-from nanogptq.evaluate import compare, evaluate_checkpoint, perplexity
+from nanogptq.evaluate import WindowStats, bootstrap_change, compare, evaluate_checkpoint, perplexity, window_stats
 from nanogptq.model import GPT, GPTConfig
 from nanogptq.pipeline import pack_checkpoint
 from nanogptq.quant import QuantConfig, quant_meta, quantize
@@ -46,6 +47,15 @@ def test_compare_reports_fp_ptq_and_qat_variants(tmp_path, text_file):
     assert json.loads((tmp_path / "report" / "compare.json").read_text())[2]["variant"] == "ternary"
     table = (tmp_path / "report" / "compare.md").read_text()
     assert "| ternary | ternary | 1.58 | tensor |  |" in table and "| rtn4 | rtn | 4 | 32 | symmetric |" in table
+    assert "| 95% band | KL to baseline | top-1 agreement |" in table.splitlines()[0]
+    assert "| +0.00% | +0.00% to +0.00% | 0.00e+00 | 100.00% |" in table  # the baseline against itself
+    # each variant against the baseline: KL above 0, a band around its change, in the JSON and the table
+    for r in rows[1:]:
+        assert r["kl_mean"] > 0 and 0 <= r["top1_agreement"] <= 1
+        lo, hi = r["ppl_change_band_pct"]
+        assert lo <= r["ppl_change_pct"] <= hi and lo < hi
+        assert f"{lo:+.2f}% to {hi:+.2f}%" in table and f"{100 * r['top1_agreement']:.2f}%" in table
+    assert json.loads((tmp_path / "report" / "compare.json").read_text())[1]["kl_mean"] == rows[1]["kl_mean"]
     assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
     # compare records each variant's perplexity in its config.json, where the demo reads it
     saved = json.loads((tmp_path / "rtn4" / "config.json").read_text())["metrics"]["val_ppl"]
@@ -98,3 +108,42 @@ def test_eval_refuses_a_dataset_whose_text_changed(tmp_path, text_file):
     text_file.write_text(text_file.read_text()[1000:])
     with pytest.raises(CheckpointError, match="is not the one this checkpoint was trained on .*split would differ"):
         evaluate_checkpoint(path, save=False, progress=False)
+
+
+def test_kl_and_top1_agreement_against_the_reference(text_file):
+    data = prepare_data(f"file:{text_file}")
+    cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    same = window_stats(model, data.val, batch_size=5, progress=False, reference=model).summary()
+    assert same["kl_mean"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
+    assert same["val_tokens"] == len(data.val) - 1
+    assert same["val_ppl"] == pytest.approx(perplexity(model, data.val, progress=False)["val_ppl"], rel=1e-6)
+    perturbed = GPT(cfg).eval()
+    perturbed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = window_stats(perturbed, data.val, progress=False, reference=model)
+    assert other.summary()["kl_mean"] > 1e-4 and np.all(other.kl >= -1e-9)
+    assert other.summary()["top1_agreement"] < 1.0
+
+
+def test_bootstrap_band_holds_the_change_and_narrows_with_more_windows():
+    rng = np.random.default_rng(0)
+    n = 400
+    tokens = np.full(n, 64)
+    base_nll = rng.uniform(1.0, 2.0, n) * 64
+    nll = base_nll + rng.normal(0.02, 0.05, n) * 64  # about +2% perplexity, noisy from window to window
+
+    def band(k):
+        stats, base = WindowStats(nll[:k], tokens[:k]), WindowStats(base_nll[:k], tokens[:k])
+        change = 100 * np.expm1((nll[:k].sum() - base_nll[:k].sum()) / tokens[:k].sum())
+        return change, bootstrap_change(stats, base, samples=500, seed=1)
+
+    few, (lo_few, hi_few) = band(25)
+    many, (lo, hi) = band(n)
+    assert lo_few <= few <= hi_few and lo <= many <= hi
+    assert hi - lo < 0.5 * (hi_few - lo_few)  # 16x the windows: about a quarter of the width
+    assert band(n)[1] == (lo, hi)  # seeded
+    assert bootstrap_change(WindowStats(base_nll, tokens), WindowStats(base_nll, tokens)) == (0.0, 0.0)

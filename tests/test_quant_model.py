@@ -198,3 +198,30 @@ def test_gptq_3bit_loses_less_than_rtn_3bit(trained):
         q = quantize(copy.deepcopy(model), cfg, data.train, progress=False)
         loss[method] = held_out_loss(q, data.val)
     assert loss["gptq"] < loss["rtn"]
+
+
+def summed_output_error(model, cfg, tokens) -> float:
+    q = quantize(copy.deepcopy(model), cfg, tokens, progress=False)
+    assert all(r["error_kind"] == "output" for r in q.quant_log)
+    return sum(r["rel_error"] for r in q.quant_log), q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quality_preset_is_never_worse_than_plain_act_order(trained, bits, tmp_path):
+    model, data, _ = trained
+    common = dict(bits=bits, group_size=32, calib_samples=16)
+    plain, _ = summed_output_error(model, QuantConfig(method="gptq", act_order=True, **common), data.train)
+    best, q = summed_output_error(model, QuantConfig.preset("quality", **common), data.train)
+    assert best <= plain, (best, plain)
+    # each layer's rotation is kept only where it helped, as its log row and the checkpoint say; a checkpoint
+    # with some layers rotated and some not loads back to the same logits
+    cfg = QuantConfig.preset("quality", **common)
+    meta = quant_meta(q, cfg)
+    logged = [r["layer"] for r in q.quant_log if r["rotated"]]
+    assert meta["rotated_layers"] == logged
+    assert logged == [name for name, m in q.named_modules() if isinstance(m, QuantLinear) and m.rot_seed is not None]
+    path = save_checkpoint(tmp_path / "q", q, {"model": q.config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
+                                               "quantization": meta})
+    idx = torch.from_numpy(data.val[:128].astype(np.int64)).view(2, 64)
+    with torch.no_grad():
+        assert torch.equal(q(idx)[0], load_checkpoint(path).model(idx)[0])

@@ -106,3 +106,25 @@ def test_clip_search_never_increases_a_grids_error(symmetric):
     e1 = (rtn_quantize_weight(W, clip).dequantize() - W).square().reshape(32, 4, 16).sum(-1)
     assert torch.all(e1 <= e0 * (1 + 1e-6))
     assert e1.sum() < 0.95 * e0.sum()
+
+
+def test_clip_search_with_a_hessian_minimises_each_groups_output_error():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    W[:, 5] *= 8
+    X = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    X[:, 40:] *= 5  # and columns of very different weight
+    H = 2 * X.T @ X / len(X)
+    base = QuantConfig(method="rtn", bits=3, group_size=16)
+    clip = QuantConfig.from_dict({**base.to_dict(), "clip_search": True})
+
+    def group_errors(qw):  # each row's d H_gg d^T, per group of 16 columns
+        d = (qw.dequantize() - W).reshape(32, 4, 16)
+        return torch.stack([((d[:, k] @ H[16 * k : 16 * k + 16, 16 * k : 16 * k + 16]) * d[:, k]).sum(-1)
+                            for k in range(4)], dim=1)
+
+    plain, by_weight, by_output = (group_errors(rtn_quantize_weight(W, c, h))
+                                   for c, h in ((base, None), (clip, None), (clip, H)))
+    assert torch.all(by_output <= plain * (1 + 1e-5))  # ratio 1.0 is one of the candidates
+    assert torch.all(by_output <= by_weight * (1 + 1e-5))  # the output-error search is the best of the three
+    assert by_output.sum() < 0.98 * by_weight.sum()

@@ -9,6 +9,13 @@ from nanogptq.config import StrictConfig
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 METHODS = ("rtn", "gptq")
 BITS = (8, 4, 3, 2)
+# named settings for `quantize --preset NAME` (flags given beside it override them). "quality" is the
+# recommended one: act-order, a clipping search by the layer's output error and rotation where it lowers that
+# error; each option is kept only where it helps, so it is never worse than plain GPTQ with act-order in the
+# summed layer output error (tests/test_quant_model.py checks it at 2, 3 and 4 bits).
+PRESETS = {
+    "quality": {"method": "gptq", "act_order": True, "clip_search": True, "rotate": True},
+}
 
 
 @dataclass
@@ -26,8 +33,8 @@ class QuantConfig(StrictConfig):
     lazy_batch: int = 128  # GPTQ: columns per lazy batch update (the paper's B)
     calib_samples: int = 128  # calibration windows of model.config.block_size tokens
     calib_seed: int = 0
-    clip_search: bool = False  # search each grid's clipping ratio instead of taking max|w|
-    rotate: bool = False  # QuIP-style random orthogonal rotation of each layer's input side
+    clip_search: bool = False  # search each grid's clipping ratio (by output error with data) instead of max|w|
+    rotate: bool = False  # QuIP-style random orthogonal rotation of each layer's input side, where it helps
     rotate_seed: int = 0
     quantize_embeddings: bool = False  # tied embedding/head table to 8 bits per row
     layers: tuple[str, ...] = BLOCK_LINEARS  # linears inside each Block to quantize
@@ -68,6 +75,13 @@ class QuantConfig(StrictConfig):
             raise ValueError("static_groups only applies to method 'gptq'")
         if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
             raise ValueError(f"layers must be a non-empty list of linear names, got {list(self.layers)!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> QuantConfig:
+        """The named preset (PRESETS), with `overrides` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown quantization preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def upgrade(cls, d: dict, version: int) -> dict:

@@ -82,25 +82,23 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
     dead = H.diagonal() == 0  # inputs that are always zero: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    col_weight = H.diagonal().clone() if cfg.clip_search else None
 
-    def grid(cols: torch.Tensor, weight: torch.Tensor | None):
-        return find_grid(cols, bits, sym, cfg.group_size == 0, cfg.clip_search, weight)
+    def grid(cols: torch.Tensor, first: int, H: torch.Tensor):
+        """The grid of W's columns first.. (given as `cols`, rows = out); the clipping search weighs their
+        error by H's diagonal block for them (grid.find_grid says why the block)."""
+        block = H[first : first + cols.shape[1], first : first + cols.shape[1]] if cfg.clip_search else None
+        return find_grid(cols, bits, sym, cfg.group_size == 0, cfg.clip_search, block)
 
     static = None
     if not grouped:  # one grid per row (or per tensor) from the whole matrix, as the reference does
-        scale, zero = grid(W, col_weight)
+        scale, zero = grid(W, 0, H)
     elif cfg.static_groups:  # group grids from the original column order, before any permutation
-        static = [
-            grid(W[:, g : g + G], None if col_weight is None else col_weight[g : g + G])
-            for g in range(0, n, G)
-        ]
+        static = [grid(W[:, g : g + G], g, H) for g in range(0, n, G)]
 
     perm = None
     if cfg.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-        col_weight = None if col_weight is None else col_weight[perm]
     col_group = ((perm.cpu() if perm is not None else torch.arange(n)) // G).tolist()  # original group
 
     Hinv, damp = inverse_cholesky(H, cfg.damp)
@@ -110,8 +108,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
     Qt = torch.zeros_like(Wt)
     losses = torch.zeros(W.shape[0], device=W.device)
     dyn_scales, dyn_zeros = [], []
-    # a group's grid is computed when its first column is reached, from the up-to-date block copy W1t; so
-    # blocks hold whole groups
+    # a group's grid is computed when its first column is reached, from the up-to-date (error-compensated)
+    # block copy W1t and the permuted H, whose block for the group's columns is the output error's quadratic
+    # form there; so blocks hold whole groups
     B = max(G, cfg.lazy_batch // G * G) if grouped else cfg.lazy_batch
     s = z = None  # the current grid as (out,) vectors (or (1,) per tensor)
     if not grouped:
@@ -126,9 +125,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
                 scale, zero = static[col_group[col]]
                 s, z = scale.reshape(-1), zero.reshape(-1)
             elif grouped and col % G == 0:
-                scale, zero = grid(
-                    W1t[i : i + G].T, None if col_weight is None else col_weight[col : col + G]
-                )
+                scale, zero = grid(W1t[i : i + G].T, col, H)
                 dyn_scales.append(scale)
                 dyn_zeros.append(zero)
                 s, z = scale.reshape(-1), zero.reshape(-1)

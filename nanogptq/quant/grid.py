@@ -90,17 +90,22 @@ def find_grid(
     symmetric: bool,
     per_tensor: bool = False,
     clip_search: bool = False,
-    col_weight: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero, each (rows, 1) -- (1, 1) if per_tensor -- for the rows of w (rows, cols).
 
-    clip_search tries ranges shrunk by CLIP_RATIOS and keeps, per row, the one with the smallest squared
-    error, each column's error weighted by col_weight (GPTQ passes diag H) when given.
+    clip_search tries ranges shrunk by CLIP_RATIOS and keeps, per row (per tensor: overall), the one with the
+    smallest error. Without `hessian` that is the squared weight error (RTN without data). With it, the error
+    is the layer's output error tr(dW H dW^T) restricted to these columns: `hessian` is either the (cols, cols)
+    diagonal block of the layer's input Hessian H for w's columns, or only its diagonal (cols,). The block is
+    what the output error is made of inside the group; the cross terms with other columns couple this grid's
+    rounding to errors that are settled elsewhere (GPTQ has already folded earlier columns' errors into w, and
+    spreads this group's errors over later columns), so the diagonal block is the part this choice owns.
     """
     x = w.float()
+    rows = x.shape[0]
     if per_tensor:
         x = x.reshape(1, -1)
-        col_weight = None if col_weight is None else col_weight.repeat(w.shape[0])
     xmin = x.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = x.max(dim=1, keepdim=True).values.clamp(min=0)
     if symmetric:
@@ -109,10 +114,17 @@ def find_grid(
     scale, zero = _grid_at(xmin, xmax, 1.0, bits, symmetric)
     if not clip_search:
         return scale, zero
+    h = None if hessian is None else hessian.to(x.device, torch.float32)
 
     def error(s, z):
-        e = (dequantize_codes(quantize_codes(x, s, z, max_code(bits)), s, z) - x).square()
-        return (e if col_weight is None else e * col_weight).sum(dim=1, keepdim=True)
+        d = (dequantize_codes(quantize_codes(x, s, z, max_code(bits)), s, z) - x).reshape(rows, -1)
+        if h is None:
+            e = d.square().sum(dim=1, keepdim=True)
+        elif h.dim() == 1:
+            e = (d.square() * h).sum(dim=1, keepdim=True)
+        else:
+            e = ((d @ h) * d).sum(dim=1, keepdim=True)  # each row's d H d^T
+        return e.sum(dim=0, keepdim=True) if per_tensor else e
 
     best = error(scale, zero)
     for ratio in CLIP_RATIOS[1:]:

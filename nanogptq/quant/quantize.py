@@ -19,6 +19,7 @@ Per-layer reconstruction error ||WX - QX||^2 / ||WX||^2 is computed from the Hes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -36,40 +37,68 @@ from nanogptq.quant.rtn import rtn_quantize_weight
 from nanogptq.quant.walk import check_block_linears, find_layers, named_linears, replace_layers
 
 log = logging.getLogger(__name__)
-META_EXTRAS = ("format", "quantized_layers")  # keys of the checkpoint's "quantization" besides QuantConfig's
+# keys of the checkpoint's "quantization" besides QuantConfig's; "rotated_layers" lists the layers whose
+# rotation was kept (with rotate on; where the key is absent, every quantized layer is rotated)
+META_EXTRAS = ("format", "quantized_layers", "rotated_layers")
 EMBED_CONFIG = QuantConfig(method="rtn", bits=8, group_size=-1, symmetric=True)
 
 
 def quantize_layer(
     layer: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig, name: str
 ) -> tuple[QuantLinear, dict]:
-    """One nn.Linear -> QuantLinear; H (in, in) is its input Hessian (None: RTN without data)."""
+    """One nn.Linear -> QuantLinear; H (in, in) is its input Hessian (None: RTN without data).
+
+    The options that are meant to help, rotation and the clipping search, are kept per layer only where they
+    do: with cfg.rotate the layer is quantized with and without its rotation, with cfg.clip_search with and
+    without the search, and the candidate with the smallest error (output error with H, weight error without)
+    is kept. A rotation that does not help costs the runtime an input rotation for nothing, and the search
+    picks each grid from that grid's own error, which GPTQ's later columns can still undo. The log row's
+    "rotated" and "clipped" say what was kept.
+    """
     t0 = time.perf_counter()
     W = layer.weight.detach().float()
-    seed = layer_seed(cfg.rotate_seed, name) if cfg.rotate else None
+    seeds = [None, layer_seed(cfg.rotate_seed, name)] if cfg.rotate else [None]
+    configs = [cfg, dataclasses.replace(cfg, clip_search=False)] if cfg.clip_search else [cfg]
+    best = None
+    for seed in seeds:
+        for option in configs:
+            qw = _quantize_weight(W, H, option, seed)
+            qlayer = QuantLinear.from_quantized(qw, layer.bias, seed)
+            err = layer_error(W, qlayer.dequantize().to(W.device), H)
+            if best is None or err < best[2]:
+                best = (qlayer, qw, err, option.clip_search)
+    qlayer, qw, err, clipped = best
+    row = {
+        "layer": name,
+        "rel_error": err,
+        "error_kind": "output" if H is not None else "weight",
+        "time_s": time.perf_counter() - t0,
+        **({"rotated": qlayer.rot_seed is not None} if cfg.rotate else {}),
+        **({"clipped": clipped} if cfg.clip_search else {}),
+        **{k: v for k, v in qw.stats.items() if k != "time_s"},
+    }
+    return qlayer, row
+
+
+def _quantize_weight(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, seed: int | None):
+    """W quantized by cfg's method, in the basis rotated by the seed's U when a seed is given."""
     Wq, Hq = W, H
     if seed is not None:  # incoherence: W' = W U, and inputs x' = U^T x, so H' = U^T H U
         U = random_orthogonal(W.shape[1], seed).to(W.device)
         Wq = (W.double() @ U).float()
         Hq = None if H is None else (U.T @ H.double() @ U).float()
     if cfg.method == "gptq":
-        qw = gptq_quantize_weight(Wq, Hq, cfg)
-    else:
-        qw = rtn_quantize_weight(Wq, cfg)
-    qlayer = QuantLinear.from_quantized(qw, layer.bias, seed)
-    dW = qlayer.dequantize().to(W.device) - W
-    if H is None:  # no data: weight-space error
-        err = (dW.square().sum() / W.square().sum()).item()
-    else:
-        err = ((dW @ H) * dW).sum().item() / max(((W @ H) * W).sum().item(), 1e-30)
-    row = {
-        "layer": name,
-        "rel_error": err,
-        "error_kind": "output" if H is not None else "weight",
-        "time_s": time.perf_counter() - t0,
-        **{k: v for k, v in qw.stats.items() if k != "time_s"},
-    }
-    return qlayer, row
+        return gptq_quantize_weight(Wq, Hq, cfg)
+    return rtn_quantize_weight(Wq, cfg, Hq)
+
+
+def layer_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
+    """Relative error of Wq for W: the output error tr(dW H dW^T) / tr(W H W^T) with the input Hessian H,
+    the weight error ||dW||^2 / ||W||^2 without."""
+    dW = Wq - W
+    if H is None:
+        return (dW.square().sum() / W.square().sum()).item()
+    return ((dW @ H) * dW).sum().item() / max(((W @ H) * W).sum().item(), 1e-30)
 
 
 def calibration_windows(tokens, n: int, length: int, seed: int) -> torch.Tensor:
@@ -132,7 +161,11 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
 
 def quant_meta(model: nn.Module, config: QuantConfig) -> dict:
     """The checkpoint's "quantization" entry."""
-    return {"format": 1, **config.to_dict(), "quantized_layers": list(block_quant_layers(model))}
+    layers = block_quant_layers(model)
+    meta = {"format": 1, **config.to_dict(), "quantized_layers": list(layers)}
+    if config.rotate:
+        meta["rotated_layers"] = [name for name, m in layers.items() if getattr(m, "rot_seed", None) is not None]
+    return meta
 
 
 def block_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -150,9 +183,10 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict) -> nn.Module:
                                 source="checkpoint quantization entry")
     names = quant_meta.get("quantized_layers", [])
     layers = named_linears(model, names, "quantized")
+    rotated = set(quant_meta.get("rotated_layers", names if cfg.rotate else []))
     replace_layers(model, layers, lambda name, layer: QuantLinear(
         layer.in_features, layer.out_features, cfg.bits, cfg.group_size, cfg.symmetric, layer.bias is not None,
-        cfg.rotate, cfg.uses_g_idx))
+        name in rotated, cfg.uses_g_idx))
     if cfg.quantize_embeddings:
         e, wte = EMBED_CONFIG, model.transformer.wte
         head = QuantLinear(wte.embedding_dim, wte.num_embeddings, e.bits, e.group_size, e.symmetric)

@@ -8,10 +8,9 @@ from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.grid import QuantizedWeight, expand_groups, find_grid, group_cols, max_code, quantize_codes
 
 
-def rtn_quantize_weight(
-    W: torch.Tensor, cfg: QuantConfig, col_weight: torch.Tensor | None = None
-) -> QuantizedWeight:
-    """Round each weight to the nearest point of its group's grid."""
+def rtn_quantize_weight(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round each weight to the nearest point of its group's grid. With the input Hessian H (in, in), the
+    clipping search weighs each group's error by H's diagonal block for its columns (grid.find_grid)."""
     W = W.detach().float()
     n = W.shape[1]
     G = group_cols(cfg.group_size, n)
@@ -22,7 +21,7 @@ def rtn_quantize_weight(
             cfg.symmetric,
             cfg.group_size == 0,
             cfg.clip_search,
-            None if col_weight is None else col_weight[g : g + G],
+            None if H is None else H[g : g + G, g : g + G],
         )
         for g in range(0, n, G)
     ]
