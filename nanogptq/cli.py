@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named setting, flags given beside it override it; quality (recommended): "
+                   help="a named setting, flags given beside it override it; quality: "
                    + ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                                for k, v in PRESETS["quality"].items()))
     _add_dataclass_args(p, QuantConfig, QUANT_HELP, suppress=True)  # --preset takes the flags not given
