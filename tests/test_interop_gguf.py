@@ -211,11 +211,16 @@ def test_llama_cpp_runs_the_file(models, llama_files, ids, name, src):
 
 def test_llama_cpp_tokenizes_like_nanogptq(models, llama_files):
     """The BPE goes in as llama.cpp's gpt2 tokenizer with its merges: the same ids, and back to the text."""
-    import llama_cpp
-
     tok = load_checkpoint(models["float"]).tokenizer
     text = CORPUS[:500] + " unseen wörds, \tand 42 spaces  here"
-    llm = llama_cpp.Llama(str(llama_files["Q8_0"]), vocab_only=True, verbose=False)
+    assert_llama_cpp_round_trips(llama_files["Q8_0"], tok, text)
+
+
+def assert_llama_cpp_round_trips(path, tok, text: str) -> None:
+    """llama.cpp's tokenizer, read from the GGUF file, gives nanogptq's ids for `text` and decodes them back."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     try:
         got = llm.tokenize(text.encode(), add_bos=False, special=False)
         assert got == tok.encode(text)
@@ -228,8 +233,6 @@ def test_llama_cpp_tokenizes_like_nanogptq(models, llama_files):
 def test_llama_cpp_tokenizes_char_and_byte_vocabularies(tmp_path, kind):
     """llama.cpp has no char or byte tokenizer; its gpt2 BPE stands in for both (byte symbols, and merges that
     join a multi-byte character's): the same ids as nanogptq's, and back to the text."""
-    import llama_cpp
-
     text = "ROMEO: wörds ✓\n\tand  spaces 42!"
     tok = CharTokenizer.from_text(text + "xyz") if kind == "char" else ByteTokenizer()
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32,
@@ -237,13 +240,7 @@ def test_llama_cpp_tokenizes_char_and_byte_vocabularies(tmp_path, kind):
     path = save_checkpoint(tmp_path / kind, GPT(cfg), {"model": cfg.to_dict(), "tokenizer": tok.to_dict(),
                                                        "quantization": None})
     export_gguf(path, tmp_path / "t.gguf")
-    llm = llama_cpp.Llama(str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
-    try:
-        got = llm.tokenize(text.encode(), add_bos=False, special=False)
-        assert got == tok.encode(text)
-        assert llm.detokenize(got).decode() == text
-    finally:
-        llm.close()
+    assert_llama_cpp_round_trips(tmp_path / "t.gguf", tok, text)
 
 
 def test_requantize_lets_gguf_round_and_says_so(models, tmp_path, capsys):
