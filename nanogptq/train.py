@@ -195,10 +195,16 @@ class DistInfo:
         return self.rank == 0
 
 
+# NVLink multicast (NVLS) stays off: on hosts whose GPUs are shared, using it can put the GPUs out of service.
+# NCCL and PyTorch's symmetric memory read these when the process group starts, so they are set just before.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def init_distributed(device: str) -> tuple[DistInfo, str]:
     """Join the torchrun process group if launched by torchrun; NCCL on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
         return DistInfo(), device
+    os.environ.update(MULTICAST_OFF)
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend=backend)

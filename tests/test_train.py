@@ -5,16 +5,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from nanogptq.checkpoint import load_checkpoint, read_meta
 from nanogptq.cli import build_parser
-from nanogptq.train import TrainConfig, lr_at, train
+from nanogptq.train import MULTICAST_OFF, TrainConfig, init_distributed, lr_at, train
 
 TINY = ["--preset", "tiny", "--batch-size", "8", "--eval-batches", "2", "--no-progress"]
 
@@ -223,6 +225,40 @@ def test_ddp_two_processes_gloo(tmp_path, text_file):
     assert losses[-1] < losses[0] and losses[-1] < 1.0  # untrained: ln(30) = 3.4
     assert sorted(p.name for p in run.iterdir()) == ["best", "last", "metrics.jsonl"]
     assert load_checkpoint(run / "last").meta["metrics"]["step"] == 60
+
+
+def test_joining_a_process_group_turns_nvlink_multicast_off(monkeypatch):
+    """Under torchrun the process sets NCCL's and PyTorch's multicast switches off before the group starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in MULTICAST_OFF:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    info, device = init_distributed("cpu")
+    try:
+        assert (info.rank, info.world_size, device) == (0, 1, "cpu")
+        assert {name: os.environ.get(name) for name in MULTICAST_OFF} == MULTICAST_OFF
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_multi_gpu_launcher_keeps_nvlink_multicast_off():
+    """A script that starts torchrun builds its environment with the three switches set: a shell script names
+    them, a Python one takes nanogptq.train.MULTICAST_OFF into the environment it passes."""
+    root = Path(__file__).parent.parent
+    launchers = [p for p in [root / "Makefile", *sorted((root / "benchmarks").iterdir())]
+                 if p.is_file() and "torchrun" in p.read_text()]
+    assert launchers  # benchmarks/ddp_scaling.py starts torchrun
+    for path in launchers:
+        text = path.read_text()
+        if path.suffix == ".py":
+            assert "**MULTICAST_OFF" in text, f"{path.name} starts torchrun without MULTICAST_OFF in its env"
+        else:
+            missing = [name for name in MULTICAST_OFF if name not in text]
+            assert not missing, f"{path.name} starts torchrun without {missing}"
 
 
 def test_ddp_ranks_stop_together_on_the_clock(tmp_path, text_file):
