@@ -185,7 +185,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
         block.to(device)
         names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
         for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
-            layer = layers[name]
+            layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
             H = None if xs is None else layer_hessian(block, layer, xs, calib_dtype)
             qlayer, row = quantize_layer(layer, H, config, name)
             del H
