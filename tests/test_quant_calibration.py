@@ -100,3 +100,20 @@ def test_a_cpu_model_quantizes_block_by_block_on_the_gpu(model, tokens):
     gpu = codes(m)
     same = sum((cpu[n] == gpu[n]).sum().item() for n in cpu) / sum(cpu[n].numel() for n in cpu)
     assert same >= 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg", [CFG, QuantConfig(bits=3, group_size=-1, act_order=True),
+                                 QuantConfig(bits=4, group_size=0, symmetric=True)])
+def test_gptq_cuda_graph_gives_the_eager_loops_codes(cfg):
+    """Full lazy batches replay a CUDA graph of the column loop: the same kernels, so the same codes and loss."""
+    from nanogptq.quant.gptq import gptq_quantize_weight
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(96, 320, device="cuda", generator=g)  # 2 full batches of 128 columns, then 64
+    X = torch.randn(2048, 320, device="cuda", generator=g) @ torch.randn(320, 320, device="cuda", generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    eager = gptq_quantize_weight(W, H, cfg, graphs=False)
+    graphed = gptq_quantize_weight(W, H, cfg)
+    assert torch.equal(eager.codes, graphed.codes) and torch.equal(eager.scales, graphed.scales)
+    assert graphed.stats["gptq_loss"] == pytest.approx(eager.stats["gptq_loss"], rel=1e-6)
