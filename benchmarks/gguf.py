@@ -21,7 +21,7 @@ the two differ only by llama.cpp's arithmetic (its matmuls round activations to 
 weights, and its gpt2 graph computes the tanh GELU; an exact-GELU model's logits move slightly).
 
 "gap closed" is (ppl(llama.cpp TYPE) - ppl(GPTQ TYPE)) / (ppl(llama.cpp TYPE) - ppl(F16)), from llama.cpp's
-perplexities. Decode speed: llama.cpp decoding --decode-tokens tokens one at a time (teacher-forced on the
+perplexities, where llama.cpp's TYPE is worse than F16. Decode speed: llama.cpp decoding --decode-tokens tokens one at a time (teacher-forced on the
 validation text, so both files do the same work) from our GPTQ Q4_0 file and from its own Q4_0 file,
 interleaved over --rounds rounds in one process, --threads threads; tokens/s is each file's median.
 
@@ -33,21 +33,26 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import gguf
-import llama_cpp
-import numpy as np
-import torch
-from common import add_device, command_line, device_name, device_tag, parser, table, write_result
+# This script is gguf.py, and its folder comes first on sys.path: llama.cpp's `gguf` package must be found first
+HERE = Path(__file__).resolve().parent
+sys.path.sort(key=lambda entry: Path(entry or ".").resolve() == HERE)
 
-from nanogptq.checkpoint import checkpoint_data, load_checkpoint
-from nanogptq.data import val_windows
-from nanogptq.evaluate import WindowStats, window_stats
-from nanogptq.interop.gguf import export_gguf
-from nanogptq.pipeline import quantize_checkpoint
-from nanogptq.quant.config import QuantConfig
+import gguf  # noqa: E402
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import add_device, command_line, device_name, device_tag, parser, table, write_result  # noqa: E402
+
+from nanogptq.checkpoint import checkpoint_data, load_checkpoint  # noqa: E402
+from nanogptq.data import val_windows  # noqa: E402
+from nanogptq.evaluate import WindowStats, window_stats  # noqa: E402
+from nanogptq.interop.gguf import export_gguf  # noqa: E402
+from nanogptq.pipeline import quantize_checkpoint  # noqa: E402
+from nanogptq.quant.config import QuantConfig  # noqa: E402
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1")
 # the GGUF tensor of each block linear, as export_gguf names them
@@ -194,7 +199,7 @@ def bench_checkpoint(src: Path, args) -> dict:
         rtn = ppl.get(f"llama.cpp {r['type']}")
         gap = None if rtn is None else rtn - ppl["F16"]
         r["vs_f16_pct"] = (r["ppl_llama_cpp"] / ppl["F16"] - 1) * 100
-        if r["variant"].startswith("GPTQ") and gap:
+        if r["variant"].startswith("GPTQ") and gap is not None and gap > 0:  # no gap, nothing to close
             r["gap_closed"] = (rtn - r["ppl_llama_cpp"]) / gap
 
     decode = None
