@@ -21,9 +21,10 @@ the two differ only by llama.cpp's arithmetic (its matmuls round activations to 
 weights, and its gpt2 graph computes the tanh GELU; an exact-GELU model's logits move slightly).
 
 "gap closed" is (ppl(llama.cpp TYPE) - ppl(GPTQ TYPE)) / (ppl(llama.cpp TYPE) - ppl(F16)), from llama.cpp's
-perplexities, where llama.cpp's TYPE is worse than F16. Decode speed: llama.cpp decoding --decode-tokens tokens one at a time (teacher-forced on the
-validation text, so both files do the same work) from our GPTQ Q4_0 file and from its own Q4_0 file,
-interleaved over --rounds rounds in one process, --threads threads; tokens/s is each file's median.
+perplexities, where llama.cpp's TYPE is worse than F16. Decode speed: llama.cpp decoding --decode-tokens
+tokens one at a time (teacher-forced on the validation text, so both files do the same work) from our GPTQ Q4_0
+file and from its own Q4_0 file, interleaved over --rounds rounds in one process, --threads threads; tokens/s
+is each file's median.
 
 Writes results/gguf/<checkpoint>_<device>.json per checkpoint and results/gguf/gguf_<device>.md with the
 tables (--out-dir to change the folder); the GGUF files and GPTQ checkpoints go to --work.
