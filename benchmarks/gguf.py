@@ -23,8 +23,8 @@ weights, and its gpt2 graph computes the tanh GELU; an exact-GELU model's logits
 "gap closed" is (ppl(llama.cpp TYPE) - ppl(GPTQ TYPE)) / (ppl(llama.cpp TYPE) - ppl(F16)), from llama.cpp's
 perplexities, where llama.cpp's TYPE is worse than F16. Decode speed: llama.cpp decoding --decode-tokens
 tokens one at a time (teacher-forced on the validation text, so both files do the same work) from our GPTQ Q4_0
-file and from its own Q4_0 file, interleaved over --rounds rounds in one process, --threads threads; tokens/s
-is each file's median.
+file and from its own Q4_0 file, interleaved over --rounds rounds in one process, --threads threads (2 by
+default; the perplexity runs take --eval-threads, every core by default); tokens/s is each file's median.
 
 Writes results/gguf/<checkpoint>_<device>.json per checkpoint and results/gguf/gguf_<device>.md with the
 tables (--out-dir to change the folder); the GGUF files and GPTQ checkpoints go to --work.
@@ -33,6 +33,7 @@ tables (--out-dir to change the folder); the GGUF files and GPTQ checkpoints go 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -184,7 +185,7 @@ def bench_checkpoint(src: Path, args) -> dict:
         path, info = make_gguf(src, work, name, cfg, requantize, args.device)
         files[name] = path
         t0 = time.perf_counter()
-        ours = llama_window_stats(path, val, block, args.threads).summary()
+        ours = llama_window_stats(path, val, block, args.eval_threads).summary()
         llama_s = time.perf_counter() - t0
         model = model_from_gguf(src, path, args.device)
         check = window_stats(model, val, device=args.device, progress=False).summary()
@@ -251,7 +252,9 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None, help="only the first N validation windows (quick tries)")
     p.add_argument("--clip", choices=("both", "on", "off"), default="both",
                    help="GPTQ 4-bit rows with the clipping search, without, or both (default: both)")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (evaluation and decode)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads for the decode timing")
+    p.add_argument("--eval-threads", type=int, default=os.cpu_count(),
+                   help="threads for the perplexity runs, llama.cpp's and nanogptq's (default: every core)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode run (at most block_size - 1)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved decode rounds (0: no decode timing)")
     p.add_argument("--work", default="runs/gguf-bench", help="folder for the GGUF files and GPTQ checkpoints")
@@ -260,7 +263,7 @@ def main() -> None:
     args = p.parse_args()
     if args.max_windows is not None and args.max_windows < 1:
         p.error("--max-windows must be at least 1")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.eval_threads)
 
     results, out_dir = [], Path(args.out_dir)
     shared = "a shared 2-core machine: the decode speeds are a ratio measured interleaved"
@@ -270,7 +273,7 @@ def main() -> None:
         name = f"{src.parent.name}-{src.name}" if src.name in ("best", "last") else src.name
         info = {k: v for k, v in res.items() if k != "rows"}
         path = write_result(out_dir / f"{name}_{device_tag(args.device)}.json", res["rows"], args.device,
-                            threads=args.threads, llama_cpp=llama_cpp.__version__,
+                            threads=args.threads, eval_threads=args.eval_threads, llama_cpp=llama_cpp.__version__,
                             **({"machine": shared} if device_tag(args.device) == "cpu" else {}), **info)
         print("wrote", path)
     md = out_dir / f"gguf_{device_tag(args.device)}.md"
