@@ -4,6 +4,8 @@
 #   bash benchmarks/reference_runs.sh shakespeare   # `shakespeare` preset, 2-minute budget; its log and best
 #                                                   # checkpoint's config: results/train/budget_shakespeare_<gpu>.json
 #   bash benchmarks/reference_runs.sh small         # `small` fp32 baselines, Tiny Shakespeare + TinyStories
+#   bash benchmarks/reference_runs.sh bpe           # `small` with the 512-token BPE on Tiny Shakespeare, the
+#                                                   # GGUF benchmark's (benchmarks/gguf.py) second checkpoint
 # Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
 set -euo pipefail
 RUNS=${RUNS:-runs}
@@ -40,5 +42,12 @@ PYEOF
     wait
     for ds in shakespeare tinystories; do $PY -m nanogptq.cli eval "$RUNS/small-$ds/best"; done
     ;;
-  *) echo "usage: $0 shakespeare|small" >&2; exit 2 ;;
+  bpe)
+    # the `small` case's recipe with the BPE tokenizer (512 tokens, trained on the training split)
+    $PY -m nanogptq.cli train --overwrite --preset small --tokenizer bpe --dataset shakespeare --out-dir "$RUNS/small-bpe" \
+      --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps 5000 --eval-interval 250 --eval-batches 20 \
+      --compile --no-progress > "$RUNS/small-bpe.log" 2>&1
+    $PY -m nanogptq.cli eval "$RUNS/small-bpe/best"
+    ;;
+  *) echo "usage: $0 shakespeare|small|bpe" >&2; exit 2 ;;
 esac

@@ -10,9 +10,11 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   GPU=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.device_tag("cuda"))')
   bash benchmarks/reference_runs.sh shakespeare             # train: the `shakespeare` preset in 2 minutes
   bash benchmarks/reference_runs.sh small                   # the `small` fp32 baselines the PTQ sweep quantizes
+  bash benchmarks/reference_runs.sh bpe                     # `small` with the BPE: the GGUF benchmark's
   $PY benchmarks/train_throughput.py                        # train: throughput, this GPU and its host's CPU
   $PY benchmarks/ptq_sweep.py runs/small-shakespeare/best --device cuda   # ptq: the sweep
   $PY benchmarks/gptq_layer.py                              # ptq: GPTQ on a 4096 x 4096 layer
+  $PY benchmarks/gptq_scale.py                              # ptq: GPTQ of a GPT-2-XL shape, end to end
   BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh     # qat: the ablation on both corpora (13 runs at once)
   # qat: TinyStories to the full 5,000 steps with the lr sweep (replaces the TinyStories file above), and the
   # best 2-bit GPTQ of its fp32 model
@@ -31,6 +33,9 @@ $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 -
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
   --out results/train/throughput_dropout_cpu.json                      # train: why the 5-minute recipe is eager
 $PY benchmarks/gptq_layer.py --device cpu                              # ptq: results/ptq/gptq_layer_cpu.json
+if [ -d runs/small-bpe/best ] && [ -d runs/shakespeare-gpu/best ]; then  # ptq: in llama.cpp (the GPU's checkpoints)
+  $PY benchmarks/gguf.py runs/small-bpe/best runs/shakespeare-gpu/best  # results/gguf/
+fi
 $PY benchmarks/decode.py --device cpu                                  # cpu: results/cpu/decode_gpt2small_cpu.json
 $PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/cpu/decode_presets_cpu.json
 $PY benchmarks/decode.py --device cpu --compile --sizes tiny small --json results/cpu/decode_presets_compiled_cpu.json

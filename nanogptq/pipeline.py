@@ -33,16 +33,17 @@ def _derived_meta(meta: dict, src: str | Path) -> dict:
 def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig, data_dir: str | None = None,
                         device: str = "cpu", progress: bool = True, dataset: str | None = None) -> Path:
     """Load a float checkpoint, quantize it (GPTQ calibrates on its training split; a checkpoint without
-    training data, on the train split of `dataset`) and save it to `out`."""
+    training data, on the train split of `dataset`) and save it to `out`. The model is loaded on the CPU and
+    quantized on `device` one block at a time (quant.quantize), so a GPU holds a block, not the model."""
     check_output(out, src)  # before the work, not after it
-    ckpt = load_checkpoint(src, device=device)
+    ckpt = load_checkpoint(src, device="cpu")
     if ckpt.meta.get("quantization"):
         raise ValueError(f"{src}: already quantized; quantize the float checkpoint instead")
     if ckpt.meta.get("qat"):
         raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq pack {src} --out DIR`")
     tokens = checkpoint_data(ckpt, data_dir, dataset).train if config.method == "gptq" else None
     t0 = time.perf_counter()
-    model = quantize(ckpt.model, config, tokens, progress=progress)
+    model = quantize(ckpt.model, config, tokens, progress=progress, device=device)
     meta = _derived_meta(ckpt.meta, src)
     meta["quantization"] = quant_meta(model, config)
     meta["quant_log"] = model.quant_log

@@ -68,9 +68,52 @@ def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[
     raise RuntimeError(f"Hessian is not positive definite even with damp={damp / 10:g}")
 
 
+class GraphedColumns:
+    """The column loop of one lazy batch (below) captured once as a CUDA graph and replayed for every full
+    batch of a layer: the loop is some 1,000 tiny kernels per batch of 128 columns, and launching them one by
+    one from Python takes longer than running them (a GPT-2-XL shape has half a million columns). For grids
+    known before the loop (per row, per tensor, static groups): S and Z hold each column's scale and zero.
+    The kernels are the eager loop's, on the same values, so the results are the same."""
+
+    def __init__(self, B: int, rows: int, maxq: int, device: torch.device):
+        self.W, self.Q, self.E, self.S, self.Z = (torch.zeros(B, rows, device=device) for _ in range(5))
+        self.Hinv = torch.eye(B, device=device)
+        self.maxq = maxq
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # a warm-up run before capture, as CUDA graphs want
+            self._loop()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._loop()
+
+    def _loop(self) -> None:
+        W, Q, E, S, Z, Hinv = self.W, self.Q, self.E, self.S, self.Z, self.Hinv
+        for i in range(W.shape[0]):  # as gptq_quantize_weight's inner loop
+            w, q, err, s, z = W[i], Q[i], E[i], S[i], Z[i]
+            torch.div(w, s, out=q)
+            q.round_().add_(z).clamp_(0, self.maxq)
+            torch.sub(q, z, out=err)
+            torch.addcmul(w, err, s, value=-1, out=err)
+            err.div_(Hinv[i, i])
+            W[i:].addr_(Hinv[i, i:], err, alpha=-1)
+
+    def run(self, W1t: torch.Tensor, Hinv1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor):
+        """(codes, scaled errors) of the batch, as (B, rows) views of buffers the next run overwrites."""
+        self.W.copy_(W1t)
+        self.Hinv.copy_(Hinv1)
+        self.S.copy_(S1)
+        self.Z.copy_(Z1)
+        self.graph.replay()
+        return self.Q, self.E
+
+
 @torch.no_grad()
-def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
-    """Quantize W (out, in) against the Hessian H (in, in) of its inputs; device-agnostic, float32."""
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, graphs: bool = True) -> QuantizedWeight:
+    """Quantize W (out, in) against the Hessian H (in, in) of its inputs; device-agnostic, float32. On CUDA,
+    with grids known before the loop, full lazy batches replay a CUDA graph (GraphedColumns; graphs=False:
+    launched one by one)."""
     t0 = time.perf_counter()
     W = W.detach().clone().float()
     H = H.detach().to(W.device, torch.float32, copy=True)
@@ -115,8 +158,17 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
     s = z = None  # the current grid as (out,) vectors (or (1,) per tensor)
     if not grouped:
         s, z = scale.reshape(-1), zero.reshape(-1)
+    graphed = _graphed_columns(Wt, B, maxq, static if grouped else [(scale, zero)], col_group if grouped else None,
+                               graphs and W.is_cuda and n >= B and (static is not None or not grouped))
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
+        if graphed is not None and i2 - i1 == B:
+            S_all, Z_all, columns = graphed
+            Q1t, Err1t = columns.run(Wt[i1:i2], Hinv[i1:i2, i1:i2], S_all[i1:i2], Z_all[i1:i2])
+            Qt[i1:i2] = Q1t
+            losses += Err1t.square().sum(dim=0) / 2
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1t, alpha=-1)
+            continue
         W1t, Q1t, Err1t = Wt[i1:i2].clone(), Qt[i1:i2], torch.zeros(i2 - i1, Wt.shape[1], device=W.device)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -164,3 +216,20 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> 
         g_idx=g_idx,
         stats={"gptq_loss": losses.sum().item(), "damp": damp, "time_s": time.perf_counter() - t0},
     )
+
+
+def _graphed_columns(Wt: torch.Tensor, B: int, maxq: int, grids: list, col_group: list[int] | None, use: bool):
+    """(per-column scales (n, out), zeros (n, out), GraphedColumns) for the graphed path, or None where it is
+    not used or a CUDA graph cannot be captured here (then the loop launches its kernels one by one)."""
+    if not use:
+        return None
+    n, rows = Wt.shape
+    S = torch.stack([g[0].reshape(-1).expand(rows) for g in grids])  # (groups, out)
+    Z = torch.stack([g[1].reshape(-1).expand(rows) for g in grids])
+    index = torch.tensor(col_group if col_group is not None else [0] * n, device=Wt.device)
+    try:
+        columns = GraphedColumns(B, rows, maxq, Wt.device)
+    except RuntimeError as e:  # no graph capture on this setup: launch the kernels eagerly
+        log.warning("GPTQ: CUDA graph capture failed (%s); running the column loop eagerly", e)
+        return None
+    return S.float()[index], Z.float()[index], columns

@@ -10,8 +10,10 @@ checkpoint's config.json "quantization" entry is QuantConfig.to_dict() plus "for
 GPTQ runs sequentially, like the reference code's --true-sequential: block b's linears see the inputs
 produced by blocks 0..b-1 *already quantized*, and inside a block each linear (in forward order
 c_attn, c_proj, c_fc, c_proj) is quantized from a fresh pass in which the block's earlier linears are
-already quantized. That is one block pass per linear plus one for the next block's inputs: cheap at
-nanoGPT sizes and the most faithful choice.
+already quantized. That is one block pass per linear, each stopped at that linear, plus one for the next
+block's inputs: cheap at nanoGPT sizes and the most faithful choice. The passes run `batch_size` windows at a
+time; with `device`, the model stays where it is and one block at a time moves to the device (a GPT-2-XL shape
+quantizes on a GPU in a few GB: benchmarks/gptq_scale.py).
 
 Per-layer reconstruction error ||WX - QX||^2 / ||WX||^2 is computed from the Hessian:
 ||(W - Q) X||^2 = tr((W - Q) X X^T (W - Q)^T), so no activations need to be kept.
@@ -19,6 +21,7 @@ Per-layer reconstruction error ||WX - QX||^2 / ||WX||^2 is computed from the Hes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -110,46 +113,89 @@ def calibration_windows(tokens, n: int, length: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
 
 
+class _InputSeen(Exception):
+    """Raised by a calibration hook once its linear has seen its input: the rest of the block is not needed."""
+
+
+def _calibration_context(x: torch.Tensor, dtype: torch.dtype | None):
+    """Autocast to `dtype` for a calibration forward, or nothing (the model's own dtype) without one."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
+
+
 @torch.no_grad()
-def _run(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [block(x) for x in xs]
+def _run(block: nn.Module, xs: list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Each batch of calibration inputs through the block, replaced by its output in place (so the block's
+    inputs and outputs for all windows are never held at once)."""
+    for i, x in enumerate(xs):
+        with _calibration_context(x, dtype):
+            xs[i] = block(x)
+
+
+@torch.no_grad()
+def layer_hessian(block: nn.Module, layer: nn.Linear, xs: list[torch.Tensor],
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The Hessian (fp32) of `layer`'s inputs when the block runs on each batch of `xs`, batch by batch. Each
+    forward stops at the layer: what comes after it cannot change its input."""
+    acc = HessianAccumulator(layer.in_features, layer.weight.device)
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        acc.add(inputs[0].detach())
+        raise _InputSeen
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for x in xs:
+            try:
+                with _calibration_context(x, dtype):
+                    block(x)
+            except _InputSeen:
+                pass
+    finally:
+        handle.remove()
+    return acc.H
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress: bool = True,
-             batch_size: int = 16) -> nn.Module:
+             batch_size: int = 16, device: torch.device | str | None = None,
+             calib_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the model's block linears named in config.layers (and optionally the tied embedding) by
     QuantLinear, in place, and return the model. Calibration runs the already-quantized layers on their
     exact reference forward. `model.quant_log` gets one dict per layer: name, relative error, time (and
-    GPTQ's loss and damping)."""
+    GPTQ's loss and damping).
+
+    `device` (default: where the model is) is where the work runs: each block is moved there for its turn and
+    back after it, so a model kept on the CPU is quantized on a GPU that holds one block, the calibration
+    activations (batch_size windows at a time through a block) and one Hessian, never the whole model.
+    `calib_dtype` (float16 or bfloat16) runs the calibration forwards under autocast, as the reference GPTQ
+    runs its models in fp16; the Hessians stay fp32 and GPTQ rounds the model's own weights. None (the
+    default) runs them in the model's dtype."""
     model.eval()
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
     if config.method == "gptq" and calib_tokens is None:
         raise ValueError("GPTQ needs calibration tokens")
     layers = check_block_linears(model, config.layers, "quantization")  # name -> nn.Linear, forward order
     xs = None
     if calib_tokens is not None:
         windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
-        xs = [model.embed(w.to(device)) for w in windows.split(batch_size)]
+        xs = [model.embed(w.to(home)).to(device) for w in windows.split(batch_size)]
     quant_log = []
     for b, block in enumerate(model.transformer.h):
+        block.to(device)
         names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
         for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
-            layer = layers[name]
-            H = None
-            if xs is not None:
-                acc = HessianAccumulator(layer.in_features, device)
-                handle = layer.register_forward_hook(acc.hook)
-                _run(block, xs)
-                handle.remove()
-                H = acc.H
+            layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
+            H = None if xs is None else layer_hessian(block, layer, xs, calib_dtype)
             qlayer, row = quantize_layer(layer, H, config, name)
+            del H
             model.set_submodule(name, qlayer)
             log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
                      row["time_s"])
             quant_log.append(row)
         if xs is not None:
-            xs = _run(block, xs)  # inputs of the next block, through this block's quantized layers
+            _run(block, xs, calib_dtype)  # inputs of the next block, through this block's quantized layers
+        block.to(home)
     if config.quantize_embeddings:
         head, row = quantize_layer(model.lm_head, None, EMBED_CONFIG, "lm_head")
         model.lm_head = head
