@@ -51,18 +51,19 @@ def _train(model: GPT, tokens: torch.Tensor, steps: int) -> GPT:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Checkpoints by name: float with the exact and the tanh GELU, one per GGUF grid, and grids no GGUF type
-    holds (8-bit asymmetric)."""
+    """Checkpoints by name: float with the exact and the tanh GELU and with a padded vocabulary, one per GGUF
+    grid, and a grid no GGUF type holds (8-bit asymmetric)."""
     root = tmp_path_factory.mktemp("llamacpp")
     tok = CharTokenizer.from_text(CORPUS)
     tokens = torch.tensor(tok.encode(CORPUS))
     paths = {}
-    for activation in ("gelu", "gelu_tanh"):
+    # gelu_tanh-padded: a vocabulary padded past the tokenizer's, whose extra rows GGUF gets as unused tokens
+    for name, activation, pad in (("gelu", "gelu", 0), ("gelu_tanh", "gelu_tanh", 0), ("padded", "gelu_tanh", 7)):
         torch.manual_seed(0)
-        cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, bias=True,
+        cfg = GPTConfig(vocab_size=tok.vocab_size + pad, block_size=64, n_layer=2, n_head=2, n_embd=64, bias=True,
                         activation=activation)
         meta = {"model": cfg.to_dict(), "tokenizer": tok.to_dict(), "quantization": None}
-        paths[f"F32-{activation}"] = save_checkpoint(root / activation, _train(GPT(cfg), tokens, 20), meta)
+        paths[f"F32-{name}"] = save_checkpoint(root / name, _train(GPT(cfg), tokens, 20), meta)
     grids = {**GRIDS, "int8-asym": QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)}
     for name, qcfg in grids.items():
         ckpt = load_checkpoint(paths["F32-gelu"])
@@ -89,7 +90,7 @@ def _max_logit_error(path: Path, ids: list[int], steps: int = 16) -> tuple[float
     return worst, same / (steps + 1)
 
 
-@pytest.mark.parametrize("name", ["F32-gelu_tanh", "F32-gelu", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", ["F32-gelu_tanh", "F32-gelu", "F32-padded", "Q8_0", "Q4_0"])
 def test_engine_logits_match_dequant(models, name):
     ids = CharTokenizer.from_text(CORPUS).encode(CORPUS[500:548])
     worst, same = _max_logit_error(models[name], ids)

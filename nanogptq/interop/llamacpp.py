@@ -18,11 +18,11 @@ the tanh GELU (a model with the exact one differs by that too).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -125,8 +125,10 @@ class LlamaCppModel(nn.Module):
         elif start != self.llm.n_tokens:
             raise ValueError(f"step at position {start}, but the context holds {self.llm.n_tokens} tokens")
         self.llm.eval(idx[0].tolist())
-        row = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.config.vocab_size,))
-        return torch.from_numpy(row.copy()).view(1, 1, -1), None
+        # one copy of the last row out of llama.cpp's buffer (valid until the next eval), straight into a tensor
+        logits = torch.empty(1, 1, self.config.vocab_size)
+        ctypes.memmove(logits.data_ptr(), self._logits_ith(self.llm.ctx, -1), logits.numel() * 4)
+        return logits, None
 
 
 def load_llamacpp(ckpt: Checkpoint, threads: int | None = None, cache: Path | None = None) -> LlamaCppModel:
