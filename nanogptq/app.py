@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 
 from nanogptq.checkpoint import CONFIG, Checkpoint, short_names
 from nanogptq.evaluate import describe, report_folder
-from nanogptq.sample import Generation, SampleSettings, encode_prompt, load_for_generation, stream_text
+from nanogptq.sample import (
+    Generation,
+    SampleSettings,
+    encode_prompt,
+    engine_name,
+    load_for_generation,
+    stream_text,
+)
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -127,7 +134,7 @@ def attach_report(variants: list[Variant], report_dir: Path) -> None:
 def run_stats(gen: Generation, done: bool) -> str:
     state = "" if done else " · *generating…*"
     return (f"**first token** {gen.ttft_s * 1000:.1f} ms · **speed** {gen.tokens_per_s:.0f} tok/s  \n"
-            f"**total** {gen.total_s:.2f} s ({gen.new_tokens} tokens){state}")
+            f"**total** {gen.total_s:.2f} s ({gen.new_tokens} tokens) · **engine** {gen.engine}{state}")
 
 
 def parse_settings(max_new_tokens, temperature, top_k, seed) -> SampleSettings:
@@ -313,7 +320,7 @@ def build_app(ckpt_paths: list[str] | None = None, report_dir: str | Path | None
                      inputs=[picked, prompt, max_new, temperature, top_k, seed],
                      outputs=[status, *outs, *stats], api_name="generate")
     log.info("demo: %d variant(s) on %s (%s)", n, device,
-             ", ".join(f"{v.key} {v.ckpt.model.transformer.wpe.weight.dtype}" for v in variants))
+             ", ".join(f"{v.key} on {engine_name(v.ckpt)}" for v in variants))
     return demo
 
 

@@ -31,7 +31,7 @@ from nanogptq.pipeline import pack_checkpoint, quantize_checkpoint
 from nanogptq.quant.config import PRESETS, QuantConfig
 from nanogptq.runtime.backends import BACKENDS
 from nanogptq.runtime.load import DTYPE_CHOICES
-from nanogptq.sample import SampleSettings, generate_text, load_for_generation
+from nanogptq.sample import ENGINE, SampleSettings, generate_text, load_for_generation
 from nanogptq.train import TrainConfig, pick_device, train
 
 TRAIN_HELP = {
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, default=1)
     _add_dataclass_args(p, SampleSettings, {})
     p.add_argument("--device", default="auto")
-    p.add_argument("--kernel", default="auto", help=f"quantized kernel: {KERNEL_NAMES}")
+    p.add_argument("--kernel", default="auto", help=f"quantized kernel: {KERNEL_NAMES}, or {ENGINE}: the "
+                   "checkpoint's GGUF on llama.cpp (CPU; auto picks it there where a GGUF type holds the grid)")
     p.add_argument("--dtype", **DTYPE_ARGS)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (faster decoding after a "
                    "one-off compilation; on the GPU with the CUDA graph replay)")
@@ -242,7 +243,6 @@ def run(args: argparse.Namespace) -> None:
         ckpt = load_for_generation(args.ckpt, _device(args.device), dtype=args.dtype, kernel=args.kernel,
                                    compile=args.compile)
         settings = SampleSettings(**{f.name: getattr(args, f.name) for f in fields(SampleSettings)})
-        act = str(ckpt.model.transformer.wpe.weight.dtype).removeprefix("torch.")
         for i in range(args.num_samples):
             if settings.seed is not None and i:
                 settings.seed += 1
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> None:
             for note in gen.notes:
                 print(f"note: {note}", file=sys.stderr)
             print(gen.prompt + gen.text)
-            print(f"--- {gen.new_tokens} tokens on {act} activations, first after {gen.ttft_s * 1000:.1f} ms, "
+            print(f"--- {gen.new_tokens} tokens by {gen.engine}, first after {gen.ttft_s * 1000:.1f} ms, "
                   f"{gen.tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     elif args.command == "eval":
         result = evaluate_checkpoint(args.ckpt, args.data_dir, _device(args.device), save=not args.no_save,

@@ -13,9 +13,14 @@ import torch
 from nanogptq.checkpoint import Checkpoint, is_quantized, load_checkpoint, read_meta
 from nanogptq.config import StrictConfig
 from nanogptq.data import CharTokenizer, Tokenizer
-from nanogptq.runtime.backends import check_kernel
+from nanogptq.interop.gguf import GGUFExportError
+from nanogptq.interop.llamacpp import ENGINE, LlamaCppModel, exact_gguf_types, llamacpp_available, load_llamacpp
+from nanogptq.runtime.backends import BACKENDS
 from nanogptq.runtime.generate import compile_blocks, generate_stream
+from nanogptq.runtime.linear import RuntimeLinear
 from nanogptq.runtime.load import prepare_for_inference, resolve_dtype
+
+KERNEL_CHOICES = ("auto", *BACKENDS, ENGINE)  # what `sample` and the demo run: a backend, or llama.cpp
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Generation:
     new_tokens: int = 0
     ttft_s: float = 0.0  # prompt prefill + first token
     total_s: float = 0.0
+    engine: str = ""  # what ran it: nanogptq's kernels or llama.cpp (engine_name)
     notes: list[str] = field(default_factory=list)  # what was changed in the prompt, and why
 
     @property
@@ -57,15 +63,56 @@ def load_for_generation(path: str | Path, device: str, dtype: str = "auto", kern
                         compile: bool = False) -> Checkpoint:
     """A checkpoint as `sample` and the demo run it: on activations of `dtype` (a resolve_dtype name),
     without the stored codes a kernel's layout replaced (half the memory at 4 bits), blocks compiled with
-    `compile` (torch.compile: faster decoding after a one-off compilation)."""
-    check_kernel(kernel)  # a bad flag is the flag's error, also for a float checkpoint, not the config's
+    `compile` (torch.compile: faster decoding after a one-off compilation).
+
+    `kernel` names a backend, or the llama.cpp engine ("llamacpp": the model becomes a LlamaCppModel running
+    the checkpoint's GGUF). "auto" on the CPU picks llama.cpp where a GGUF type holds the stored grid exactly,
+    llama-cpp-python is installed, the activations are fp32 and no torch.compile was asked for: it decodes
+    faster than nanogptq's own kernels there (docs/results.md, "CPU decoding against llama.cpp")."""
+    if kernel not in KERNEL_CHOICES:  # a bad flag is the flag's error, also for a float checkpoint
+        raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNEL_CHOICES)}")
     quantized = dtype == "auto" and is_quantized(read_meta(path))  # only "auto" asks (a bad name fails first)
     act_dtype = resolve_dtype(dtype, device, quantized)
+    if kernel == ENGINE:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"--kernel {ENGINE} runs on the CPU, not {device}")
+        if act_dtype != torch.float32:
+            raise ValueError(f"--kernel {ENGINE} runs on fp32 activations: pass --dtype auto or fp32")
+        if not llamacpp_available():
+            raise ValueError(f"--kernel {ENGINE} needs llama-cpp-python: pip install 'nanogptq[cpu]'")
     ckpt = load_checkpoint(path, device=device)
+    if kernel == ENGINE or (kernel == "auto" and _llamacpp_fits(ckpt, device, act_dtype, compile)):
+        try:
+            ckpt.model = load_llamacpp(ckpt)
+        except GGUFExportError as e:
+            raise ValueError(f"--kernel {ENGINE}: {e}") from None
+        return ckpt
     prepare_for_inference(ckpt.model, kernel=kernel, dtype=act_dtype, keep_packed=False)
     if compile:
         compile_blocks(ckpt.model)
     return ckpt
+
+
+def _llamacpp_fits(ckpt: Checkpoint, device: str, act_dtype: torch.dtype, compile: bool) -> bool:
+    """Whether "auto" runs the checkpoint on llama.cpp (see load_for_generation)."""
+    if torch.device(device).type != "cpu" or act_dtype != torch.float32 or compile or not llamacpp_available():
+        return False
+    try:
+        exact_gguf_types(ckpt.model, ckpt.meta)
+    except GGUFExportError:
+        return False
+    return True
+
+
+def engine_name(ckpt: Checkpoint) -> str:
+    """What runs the checkpoint, as `sample` and the demo print it: llama.cpp and its GGUF types, or nanogptq,
+    its kernels and its activation dtype."""
+    model = ckpt.model
+    if isinstance(model, LlamaCppModel):
+        return model.describe()
+    kernels = sorted({m.backend for m in model.modules() if isinstance(m, RuntimeLinear)})
+    act = str(model.transformer.wpe.weight.dtype).removeprefix("torch.")
+    return f"nanogptq ({'+'.join(kernels) + ' kernels, ' if kernels else ''}{act} activations)"
 
 
 def encode_prompt(ckpt: Checkpoint, prompt: str) -> tuple[list[int], list[str]]:
@@ -116,9 +163,10 @@ def stream_text(ckpt: Checkpoint, prompt: str, settings: SampleSettings) -> Iter
     """Yield the growing Generation after each new token (text decoded from all tokens so far)."""
     settings.validate()
     ids, notes = encode_prompt(ckpt, prompt)
-    device = ckpt.model.transformer.wpe.weight.device
+    model = ckpt.model
+    device = model.device if isinstance(model, LlamaCppModel) else model.transformer.wpe.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    gen = Generation(prompt=ckpt.tokenizer.decode(ids), notes=notes)
+    gen = Generation(prompt=ckpt.tokenizer.decode(ids), notes=notes, engine=engine_name(ckpt))
     text = TextStream(ckpt.tokenizer)
     start = time.perf_counter()
     for tok in generate_stream(ckpt.model, idx, settings.max_new_tokens, settings.temperature,

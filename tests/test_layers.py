@@ -28,7 +28,7 @@ LAYERS = {
     "app": 6, "cli": 6, "__main__": 6,
 }
 # what an import inside a function may load: optional dependencies, and the kernels that need one (Triton)
-OPTIONAL_IMPORTS = ("gradio", "triton", "transformers", "huggingface_hub", "nanogptq.kernels.triton_gemv",
+OPTIONAL_IMPORTS = ("gradio", "triton", "transformers", "huggingface_hub", "llama_cpp", "nanogptq.kernels.triton_gemv",
                     "nanogptq.kernels.triton_dequant", "nanogptq.kernels.decode_attention")
 
 

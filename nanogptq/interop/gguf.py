@@ -76,7 +76,7 @@ def _per_block(t: torch.Tensor, rows: int, cols: int, group_size: int) -> np.nda
     return per_col[:, ::QK].reshape(-1).numpy()
 
 
-def _grid_type(layer: QuantLinear) -> gguf.GGMLQuantizationType:
+def grid_type(layer: QuantLinear) -> gguf.GGMLQuantizationType:
     """The block type that holds the layer's grid, or a GGUFExportError saying why none does."""
     name = f"{layer.bits}-bit {'symmetric' if layer.symmetric else 'asymmetric'} group size {layer.group_size}"
     why = None
@@ -103,7 +103,7 @@ def _grid_type(layer: QuantLinear) -> gguf.GGMLQuantizationType:
 def grid_blocks(layer: QuantLinear) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The layer's codes and grids as GGUF blocks (rows, bytes per row), and their type; nothing is rounded
     except Q4_1's offset m = -z * s, which is an fp16 number only for some z and s."""
-    qtype = _grid_type(layer)
+    qtype = grid_type(layer)
     rows, cols = layer.out_features, layer.in_features
     q = layer.codes().numpy().astype(np.int16).reshape(-1, QK)
     d = _fp16_bytes(_per_block(layer.scales, rows, cols, layer.group_size))
@@ -139,7 +139,7 @@ def ternary_blocks(layer: TernaryLinear) -> tuple[np.ndarray, gguf.GGMLQuantizat
 # ----------------------------------------------------------------------------- the file
 
 
-def _check_model(meta: dict) -> None:
+def check_model(meta: dict) -> None:
     qat = (meta.get("quantization") or {}).get("qat") or meta.get("qat")
     if meta.get("qat"):
         raise GGUFExportError("a QAT training checkpoint: pack it first (`nanogptq pack CKPT --out DIR`)")
@@ -200,8 +200,14 @@ def _tokenizer_vocab(tokenizer: dict) -> tuple[list[str], list[int], list[str]]:
     return tokens, [normal] * len(tokens), merges or [never]
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: dict) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: dict, vocab_size: int) -> None:
     tokens, types, merges = _tokenizer_vocab(tokenizer)
+    if vocab_size < len(tokens):
+        raise GGUFExportError(f"the model's vocabulary of {vocab_size} is smaller than its tokenizer's {len(tokens)}")
+    # a model whose vocabulary is padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50257) has rows no
+    # text encodes to: llama.cpp needs a token for each row, written as unused ones
+    pad = range(len(tokens), vocab_size)
+    tokens, types = tokens + [f"[PAD{i}]" for i in pad], types + [int(gguf.TokenType.UNUSED)] * len(pad)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizing regex, which tokenizers' ByteLevel applies
     writer.add_token_list(tokens)
@@ -254,7 +260,7 @@ def export_gguf(src: str | Path, out: str | Path, float_type: str = "F16", requa
         raise GGUFExportError(f"{out}: exists; pass --overwrite to replace it")
     ckpt = load_checkpoint(src)
     meta, model, cfg = ckpt.meta, ckpt.model, ckpt.model.config
-    _check_model(meta)
+    check_model(meta)
     ftype = FLOAT_TYPES[float_type]
     notes = []
     if cfg.activation != "gelu_tanh":
@@ -273,7 +279,7 @@ def export_gguf(src: str | Path, out: str | Path, float_type: str = "F16", requa
     writer.add_head_count(cfg.n_head)
     writer.add_layer_norm_eps(cfg.ln_eps)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    _add_tokenizer(writer, meta["tokenizer"])
+    _add_tokenizer(writer, meta["tokenizer"], cfg.vocab_size)
 
     types: dict[str, str] = {}
 
