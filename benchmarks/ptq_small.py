@@ -14,7 +14,7 @@ the default is never worse than act-order, the best variant under each target's 
 `--plot FILES` draws one Pareto plot (perplexity change against stored bits per weight, one panel per file)
 with RTN, GPTQ act-order, the default, the budgets and each --qat checkpoint's (evaluated against its own
 file's fp32 baseline when the data match) into results/ptq/pareto_<device>.png and a markdown summary.
-`--quick` (a smoke test on the CPU): bits 3 and 8, one seed, budgets 2.5 and 4.
+`--quick` (a smoke test on the CPU): bits 3 and 8, one seed, budgets 2.5 and 4 unless --budgets says.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def evaluate_checkpoint(args) -> None:
         weights, fixed = budget.budget_weights(ckpt.model, base), budget.embedding_bytes(ckpt.model)
         for b in pending:
             plan, _, _ = budget.choose(table, weights, fixed, b)
-            cfg = dataclasses.replace(base, target_bpw=b, plan=plan, quantize_embeddings=True)
+            cfg = dataclasses.replace(base, target_bpw=b, plan=plan, quantize_embeddings=True, static_groups=True)
             quantize_checkpoint(args.ckpt, ckpt_dir / f"budget-{b:g}", cfg, data_dir=args.data_dir,
                                 device=args.device, progress=False)
             print(f"quantized budget-{b:g}", flush=True)
@@ -171,7 +171,8 @@ def main() -> None:
     p.add_argument("--qat", nargs="+", default=None, help="packed ternary checkpoints for the plot")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds")
-    p.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 3.0, 3.5, 4.0, 4.3, 4.5])
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="bits per weight (default: 2.25 2.5 3.0 3.5 4.0 4.3 4.5)")
     p.add_argument("--budget-seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--ckpt-dir", default=None)
@@ -180,7 +181,8 @@ def main() -> None:
     add_device(p)
     args = p.parse_args()
     if args.quick:
-        args.bits, args.seeds, args.budgets = [3, 8], [0], [2.5, 4.0]
+        args.bits, args.seeds = [3, 8], [0]
+    args.budgets = args.budgets or ([2.5, 4.0] if args.quick else [2.25, 2.5, 3.0, 3.5, 4.0, 4.3, 4.5])
     if args.plot:
         pareto(args)
     elif args.ckpt:

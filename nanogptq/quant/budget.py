@@ -4,11 +4,13 @@
     config.plan  # {"transformer.h.0.attn.c_attn": [3, 64], ...}
 
 Each block linear is quantized by GPTQ (the config's act-order and damping; no clipping search or rotation,
-to keep the measurement cheap) at every candidate (bits, group size), against the Hessian of its inputs in
-the float model, and its output error tr(dW H dW^T) and its exact stored bytes (packed codes, fp16 scales,
-packed zero points, the act-order group index) are recorded. The plan is the choice with the least summed
-error whose bytes fit the budget (a knapsack, `choose`), so a larger budget never ends with a larger summed
-error. The tied embedding/head is stored at 8 bits per row in every plan and counted in the budget.
+to keep the measurement cheap; with act-order, static groups, whose grids need no per-column group index: at
+4 bytes per input column that index costs a 128-row layer 0.25 bits per weight) at every candidate (bits,
+group size), against the Hessian of its inputs in the float model; its output error tr(dW H dW^T), scaled
+by the layer's measured sensitivity (`measure`), and its exact stored bytes (packed codes, fp16 scales,
+packed zero points, a group index) are recorded. The plan is the choice with the least summed error whose
+bytes fit the budget (a knapsack, `choose`), so a larger budget never ends with a larger summed error. The
+tied embedding/head is stored at 8 bits per row in every plan and counted in the budget.
 
 Bits per weight = 8 x (stored bytes of the block linears' grids and codes + the embedding's) / (their
 weights): biases, norms and position embeddings are not weights here (and stay float).
@@ -23,6 +25,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogptq.quant.config import QuantConfig
@@ -62,20 +65,26 @@ def candidate_configs(config: QuantConfig, in_features: int) -> list[QuantConfig
         if (bits, group) not in seen:
             seen.add((bits, group))
             out.append(dataclasses.replace(config, bits=bits, group_size=group, clip_search=False, rotate=False,
-                                           fallback=False, target_bpw=0.0, plan={}))
+                                           fallback=False, target_bpw=0.0, plan={},
+                                           static_groups=config.act_order))
     return out
 
 
 @torch.no_grad()
 def measure(model: nn.Module, config: QuantConfig, calib_tokens, progress: bool = True,
             batch_size: int = 16) -> dict[str, list[tuple[int, float, tuple[int, int]]]]:
-    """Layer name -> [(stored bytes, output error tr(dW H dW^T), (bits, group size))] for every candidate,
-    with H from the float model's inputs on the calibration windows."""
+    """Layer name -> [(stored bytes, estimated KL divergence, (bits, group size))] for every candidate.
+
+    A layer's output error tr(dW H dW^T) (H from the float model's inputs on the calibration windows) says
+    how its candidates compare; how much that error costs the model differs between layers (a summed output
+    error planned worse than uniform 3 bits at 4 bits per weight on the tiny model). So each layer's errors
+    are scaled by its sensitivity: the model's KL divergence from the float model with that layer alone at
+    its cheapest candidate, per unit of that candidate's output error."""
     device = next(model.parameters()).device
     layers = check_block_linears(model, config.layers, "quantization")
     windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
     xs = [model.embed(w.to(device)) for w in windows.split(batch_size)]
-    table = {}
+    table, cheapest = {}, {}
     for b, block in enumerate(model.transformer.h):
         names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
         accs = {name: HessianAccumulator(layers[name].in_features, device) for name in names}
@@ -89,12 +98,36 @@ def measure(model: nn.Module, config: QuantConfig, calib_tokens, progress: bool 
             rows = []
             for cfg in candidate_configs(config, layer.in_features):
                 dW = gptq_quantize_weight(W, H, cfg).dequantize().to(W.device) - W
-                err = ((dW @ H) * dW).sum().item()
-                rows.append((layer_bytes(layer.in_features, layer.out_features, cfg), err,
-                             (cfg.bits, cfg.group_size)))
+                nbytes = layer_bytes(layer.in_features, layer.out_features, cfg)
+                rows.append((nbytes, ((dW @ H) * dW).sum().item(), (cfg.bits, cfg.group_size)))
+                if name not in cheapest or nbytes < cheapest[name][0]:
+                    cheapest[name] = (nbytes, rows[-1][1], dW)
             table[name] = rows
         xs = next_xs
-    return table
+    kl = sensitivity(model, layers, {name: c[2] for name, c in cheapest.items()}, windows, batch_size)
+    return {name: [(nbytes, err * kl[name] / max(cheapest[name][1], 1e-30), choice) for nbytes, err, choice in rows]
+            for name, rows in table.items()}
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, layers: dict[str, nn.Linear], errors: dict[str, torch.Tensor],
+                windows: torch.Tensor, batch_size: int, max_logits: int = 2**22) -> dict[str, float]:
+    """Layer name -> mean KL divergence of the model's next-token distribution from the float model's with
+    that layer's weight moved by errors[name] alone, over (a share of) the windows: at most `max_logits`
+    float log-probabilities are held."""
+    n = max(1, min(len(windows), max_logits // (windows.shape[1] * model.config.vocab_size)))
+    batches = [w.to(next(model.parameters()).device) for w in windows[:n].split(batch_size)]
+    base = [F.log_softmax(model(x)[0].float(), -1) for x in batches]
+    tokens = n * windows.shape[1]
+    out = {}
+    for name, dW in errors.items():
+        weight = layers[name].weight
+        kept = weight.detach().clone()
+        weight.data.add_(dW.to(weight.dtype))
+        out[name] = sum(F.kl_div(F.log_softmax(model(x)[0].float(), -1), p, log_target=True, reduction="sum").item()
+                        for x, p in zip(batches, base, strict=True)) / tokens
+        weight.data.copy_(kept)
+    return out
 
 
 def choose(table: dict[str, list[tuple[int, float, tuple[int, int]]]], weights: int, fixed_bytes: int,
@@ -165,7 +198,7 @@ def plan_budget(model: nn.Module, config: QuantConfig, calib_tokens, progress: b
     table = measure(model, config, calib_tokens, progress)
     plan, bpw, error = choose(table, budget_weights(model, config), embedding_bytes(model), config.target_bpw)
     log.info("plan for %.3g bits/weight: %.4f bits/weight, summed output error %.4g", config.target_bpw, bpw, error)
-    return dataclasses.replace(config, plan=plan, quantize_embeddings=True)
+    return dataclasses.replace(config, plan=plan, quantize_embeddings=True, static_groups=config.act_order)
 
 
 def stored_bpw(model: nn.Module) -> float:

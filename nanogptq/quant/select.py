@@ -42,9 +42,9 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) 
 
 
 def plain_config(config: QuantConfig) -> QuantConfig:
-    """The fallback candidate: the same grid and calibration, GPTQ with act-order and nothing else."""
-    return dataclasses.replace(config, act_order=True, clip_search=False, rotate=False, static_groups=False,
-                               fallback=False)
+    """The fallback candidate: the same grids (static groups too: they change the bytes) and calibration, GPTQ
+    with act-order and nothing else."""
+    return dataclasses.replace(config, act_order=True, clip_search=False, rotate=False, fallback=False)
 
 
 @torch.no_grad()
