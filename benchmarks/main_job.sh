@@ -39,7 +39,8 @@ write_result(out, json.load(open(f"{run}/report/compare.json")), "cpu",
              command=f"TIME={os.environ['TIME']} STEPS={os.environ['STEPS']} RUN={run} bash benchmarks/main_job.sh",
              note="the 2-core machine was shared with other jobs: a time budget reaches fewer steps than alone",
              log=log, best_whole_split=json.load(open(f"{run}/eval.json")),
-             plans={v: json.load(open(f"{run}/{v}/config.json")).get("quant_selection") for v in
-                    ("gptq-int8", "gptq-int3", "gptq-bpw2.5")})
+             choices={v: {k: json.load(open(f"{run}/{v}/config.json")).get(k) for k in
+                          ("quant_selection", "bits_per_weight")} for v in ("gptq-int8", "gptq-int3", "gptq-bpw2.5")},
+             plan=json.load(open(f"{run}/gptq-bpw2.5/config.json"))["quantization"]["plan"])
 print("wrote", out)
 PYEOF
