@@ -1,9 +1,11 @@
-"""The `quality` preset against plain GPTQ with act-order, as a mean over calibration seeds: at each bit
+"""The default GPTQ setting (the `quality` preset: act-order, clipping search and rotation per layer where
+they lower its output error, and the fallback to act-order alone by held-out calibration loss) against plain
+GPTQ with act-order, as a mean over calibration seeds: at each bit
 width, both settings quantize the same fp32 checkpoint with each calibration seed, and every variant is
 evaluated (perplexity, KL divergence and top-1 agreement with the fp32 model, a bootstrap band) on the
 same whole validation split.
 
-    python benchmarks/ptq_defaults.py runs/tiny-shakespeare/best --device cpu
+    PYTHONPATH=. python benchmarks/ptq_defaults.py runs/tiny-shakespeare/best --device cpu
 
 writes results/ptq/defaults_<run>_<device>.json: the compare rows (with the command, commit and device) and,
 per bit width and setting, the mean perplexity change and KL over the seeds. Quantized checkpoints go to

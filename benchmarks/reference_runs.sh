@@ -6,6 +6,7 @@
 #   bash benchmarks/reference_runs.sh small         # `small` fp32 baselines, Tiny Shakespeare + TinyStories
 #   bash benchmarks/reference_runs.sh bpe           # `small` with the 512-token BPE on Tiny Shakespeare, the
 #                                                   # GGUF benchmark's (benchmarks/gguf.py) second checkpoint
+#   SEED=2 bash benchmarks/reference_runs.sh small  # a second training run of each (runs/small-*-seed2)
 # Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
 set -euo pipefail
 RUNS=${RUNS:-runs}
@@ -33,14 +34,16 @@ print("wrote", out)
 PYEOF
     ;;
   small)
-    # the `small` preset (6 x 192) for 5,000 steps on each corpus, both at once on the one GPU
+    # the `small` preset (6 x 192) for 5,000 steps on each corpus, both at once on the one GPU; SEED=N makes a
+    # second run of the same recipe (training seed N, folders small-<data>-seedN)
+    SUFFIX=${SEED:+-seed$SEED}
     for ds in shakespeare tinystories; do
-      $PY -m nanogptq.cli train --overwrite --preset small --dataset $ds --out-dir "$RUNS/small-$ds" --batch-size 64 \
-        --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps 5000 --eval-interval 250 --eval-batches 20 \
-        --compile --no-progress > "$RUNS/small-$ds.log" 2>&1 &
+      $PY -m nanogptq.cli train --overwrite --preset small --dataset $ds --out-dir "$RUNS/small-$ds$SUFFIX" \
+        --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps 5000 --eval-interval 250 \
+        --eval-batches 20 --compile --no-progress ${SEED:+--seed $SEED} > "$RUNS/small-$ds$SUFFIX.log" 2>&1 &
     done
     wait
-    for ds in shakespeare tinystories; do $PY -m nanogptq.cli eval "$RUNS/small-$ds/best"; done
+    for ds in shakespeare tinystories; do $PY -m nanogptq.cli eval "$RUNS/small-$ds$SUFFIX/best"; done
     ;;
   bpe)
     # the `small` case's recipe with the BPE tokenizer (512 tokens, trained on the training split)

@@ -15,6 +15,8 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   $PY benchmarks/ptq_sweep.py runs/small-shakespeare/best --device cuda   # ptq: the sweep
   $PY benchmarks/gptq_layer.py                              # ptq: GPTQ on a 4096 x 4096 layer
   $PY benchmarks/gptq_scale.py                              # ptq: GPTQ of a GPT-2-XL shape, end to end
+  SEED=2 bash benchmarks/reference_runs.sh small            # a second training run of each `small` baseline
+  bash benchmarks/ptq_small.sh                              # ptq: the `small` figures and the Pareto plot
   BATCH=64 MAX_TIME=290 bash benchmarks/qat_gpu_runs.sh     # qat: the ablation on both corpora (13 runs at once)
   # qat: TinyStories to the full 5,000 steps with the lr sweep (replaces the TinyStories file above), and the
   # best 2-bit GPTQ of its fp32 model
@@ -29,6 +31,8 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
     --variants bf16 int8 int4 --json "results/gpu/prefill_7b_$GPU.json"   # gpu: prefill
 fi
 bash benchmarks/cpu_budget.sh                                          # train: `tiny` vs nanoGPT on the CPU
+TIME=0 RUN=runs/recipe-1300 bash benchmarks/main_job.sh                # train: the main job's recipe, 1,300 steps
+bash benchmarks/main_job.sh                                            # train + ptq: the main job, 3.5 minutes
 $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train/throughput_cpu.json
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
   --out results/train/throughput_dropout_cpu.json                      # train: why the 5-minute recipe is eager

@@ -75,6 +75,10 @@ QUANT_HELP = {
     "layer's error",
     "rotate_seed": "seed of the rotations",
     "quantize_embeddings": "store the tied embedding/head table at 8 bits per row too",
+    "fallback": "gptq: also quantize with act-order alone and keep the model with the lower loss on held-out "
+    "calibration windows",
+    "target_bpw": "choose bits (2, 3, 4, 8) and group size per layer from measured output errors so that the "
+    "stored bits per weight, the 8-bit embedding's counted, are at most this (0: off)",
     "layers": "comma-separated linears inside each block to quantize",
 }
 DATASET_HELP = ("for a checkpoint without training data (an imported one): the text to evaluate on (validation "
@@ -92,6 +96,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls, help_text: dict, s
     """A flag per field. With `suppress`, flags not given are absent from the parsed namespace (the dataclass
     default applies), so that the caller knows which were given."""
     for f in fields(cls):
+        if str(f.type).startswith("dict"):  # set by the program (a --target-bpw plan), not by a flag
+            continue
         flag = "--" + f.name.replace("_", "-")
         value = f.default if f.default is not MISSING else None
         default = argparse.SUPPRESS if suppress else value
@@ -164,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named setting, flags given beside it override it; quality: "
+                   help="a named setting, flags given beside it override it (default: quality for gptq, plain "
+                   "for rtn); plain: the defaults shown below; quality: "
                    + ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                                for k, v in PRESETS["quality"].items()))
     _add_dataclass_args(p, QuantConfig, QUANT_HELP, suppress=True)  # --preset takes the flags not given
@@ -224,9 +231,29 @@ def package_version() -> str:
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
-    """`quantize`'s settings: the flags given, on top of --preset's or else QuantConfig's defaults."""
+    """`quantize`'s settings: the flags given, on top of --preset's (by default `quality` for GPTQ, `plain`
+    for RTN, whose round to nearest has none of quality's options)."""
     values = {f.name: getattr(args, f.name) for f in fields(QuantConfig) if hasattr(args, f.name)}
-    return QuantConfig.preset(args.preset, **values) if args.preset else QuantConfig(**values)
+    preset = args.preset or ("quality" if values.get("method", QuantConfig.method) == "gptq" else "plain")
+    return QuantConfig.preset(preset, **values)
+
+
+def quant_summary(meta: dict) -> list[str]:
+    """What `quantize` chose beyond the per-layer rows: the --target-bpw plan, the fallback's choice, the
+    stored bits per weight."""
+    q, lines = meta["quantization"], []
+    if q.get("plan"):
+        mix = Counter(f"{bits} bits, " + ("per channel" if group == -1 else f"groups of {group}")
+                      for bits, group in q["plan"].values())
+        lines.append(f"plan for --target-bpw {q['target_bpw']:g}: " + "; ".join(
+            f"{name}: {bits}/{group}" for name, (bits, group) in q["plan"].items()))
+        lines.append("plan mix: " + ", ".join(f"{n} x {what}" for what, n in mix.most_common()))
+    selection = meta.get("quant_selection")
+    if selection:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in selection["heldout_loss"].items())
+        lines.append(f"fallback: kept {selection['kept']} (held-out calibration loss: {losses})")
+    lines.append(f"bits per weight as stored (block linears and embedding): {meta['bits_per_weight']:.3f}")
+    return lines
 
 
 def _device(name: str) -> str:
@@ -267,6 +294,8 @@ def run(args: argparse.Namespace) -> None:
         for row in meta["quant_log"]:
             kept = "".join(f", {'' if row[k] else 'not '}{k}" for k in ("clipped", "rotated") if k in row)
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}{kept}) | {row['time_s']:.2f} s |")
+        for line in quant_summary(meta):
+            print(line)
         print(f"quantized checkpoint saved in {out} ({meta['quant_time_s']:.1f} s)")
     elif args.command == "pack":
         print(f"ternary checkpoint saved in {pack_checkpoint(args.ckpt, args.out)}")

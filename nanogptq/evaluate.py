@@ -160,6 +160,9 @@ def describe(ckpt: Checkpoint) -> dict:
     else:
         method, bits, group = "fp32", 32, None
     options = [flag for flag in OPTION_FLAGS if q.get(flag.replace("-", "_"))]
+    if q.get("plan"):  # a --target-bpw mix: bits and groups per layer, in the plan
+        bits, group = "mix", None
+        options.append(f"target-bpw {q['target_bpw']:g}")
     return {"variant": ckpt.name, "method": method, "bits": bits, "group": group, "options": options,
             "bits_per_weight": round(bits_per_weight(ckpt.model), 3),
             "quant_time_s": ckpt.meta.get("quant_time_s")}

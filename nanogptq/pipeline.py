@@ -15,9 +15,11 @@ from pathlib import Path
 
 from nanogptq.checkpoint import check_output, checkpoint_data, load_checkpoint, save_checkpoint
 from nanogptq.data import tokenizer_files
+from nanogptq.quant.budget import stored_bpw
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.qat import export_ternary, ternary_meta
-from nanogptq.quant.quantize import quant_meta, quantize
+from nanogptq.quant.quantize import quant_meta
+from nanogptq.quant.select import quantize_model
 
 
 def _derived_meta(meta: dict, src: str | Path) -> dict:
@@ -43,10 +45,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig, d
         raise ValueError(f"{src}: trained with ternary QAT; pack it with `nanogptq pack {src} --out DIR`")
     tokens = checkpoint_data(ckpt, data_dir, dataset).train if config.method == "gptq" else None
     t0 = time.perf_counter()
-    model = quantize(ckpt.model, config, tokens, progress=progress, device=device)
+    model = quantize_model(ckpt.model, config, tokens, progress=progress, device=device)
     meta = _derived_meta(ckpt.meta, src)
-    meta["quantization"] = quant_meta(model, config)
+    meta["quantization"] = quant_meta(model, model.quant_config)  # with the plan and the options kept
     meta["quant_log"] = model.quant_log
+    meta["bits_per_weight"] = round(stored_bpw(model), 4)  # block linears and embedding, as stored
+    if hasattr(model, "quant_selection"):
+        meta["quant_selection"] = model.quant_selection
     meta["quant_time_s"] = time.perf_counter() - t0
     if tokens is not None and not ckpt.meta.get("data"):
         meta["calibration"] = {"dataset": dataset}  # not training data: the model was trained elsewhere

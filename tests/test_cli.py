@@ -44,9 +44,14 @@ def test_the_console_entry_point_runs():
 
 def test_quantize_preset_takes_the_flags_not_given():
     parse = build_parser().parse_args
-    plain = quant_config(parse(["quantize", "ck", "--out", "q"]))
-    assert plain == QuantConfig()  # no preset: the dataclass defaults, --asym's default included
-    assert not quant_config(parse(["quantize", "ck", "--out", "q", "--symmetric"])).act_order
+    default = quant_config(parse(["quantize", "ck", "--out", "q"]))
+    assert default == QuantConfig.preset("quality")  # GPTQ's default setting, --asym's default included
+    assert default.fallback and quant_config(parse(["quantize", "ck", "--out", "q", "--symmetric"])).act_order
+    plain = quant_config(parse(["quantize", "ck", "--out", "q", "--preset", "plain"]))
+    assert plain == QuantConfig()  # the dataclass defaults
+    rtn = quant_config(parse(["quantize", "ck", "--out", "q", "--method", "rtn"]))
+    assert rtn == QuantConfig(method="rtn")  # round to nearest has none of quality's options
+    assert quant_config(parse(["quantize", "ck", "--out", "q", "--target-bpw", "2.5"])).target_bpw == 2.5
     quality = quant_config(parse(["quantize", "ck", "--out", "q", "--preset", "quality", "--bits", "3",
                                   "--no-rotate", "--asym"]))
     assert (quality.method, quality.act_order, quality.clip_search, quality.rotate) == ("gptq", True, True, False)

@@ -287,8 +287,9 @@ def test_ddp_ranks_stop_together_on_the_clock(tmp_path, text_file):
     (["train", "--lr", "inf"], "--lr must be a finite non-negative number"),
     (["train", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
-def test_cli_errors_are_one_line(args, message):
-    proc = cli(*args, check=False, timeout=60)
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    # in an empty folder: the default --out-dir (runs/tiny-shakespeare) may exist where `make run` ran
+    proc = cli(*args, check=False, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -187,7 +187,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
         for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
             layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
             H = None if xs is None else layer_hessian(block, layer, xs, calib_dtype)
-            qlayer, row = quantize_layer(layer, H, config, name)
+            qlayer, row = quantize_layer(layer, H, config.layer_config(name), name)
             del H
             model.set_submodule(name, qlayer)
             log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
@@ -230,9 +230,12 @@ def prepare_quantized_model(model: nn.Module, quant_meta: dict) -> nn.Module:
     names = quant_meta.get("quantized_layers", [])
     layers = named_linears(model, names, "quantized")
     rotated = set(quant_meta.get("rotated_layers", names if cfg.rotate else []))
-    replace_layers(model, layers, lambda name, layer: QuantLinear(
-        layer.in_features, layer.out_features, cfg.bits, cfg.group_size, cfg.symmetric, layer.bias is not None,
-        name in rotated, cfg.uses_g_idx))
+    def stored(name: str, layer: nn.Linear) -> QuantLinear:
+        c = cfg.layer_config(name)  # a --target-bpw plan gives each layer its own bits and group size
+        return QuantLinear(layer.in_features, layer.out_features, c.bits, c.group_size, c.symmetric,
+                           layer.bias is not None, name in rotated, c.uses_g_idx)
+
+    replace_layers(model, layers, stored)
     if cfg.quantize_embeddings:
         e, wte = EMBED_CONFIG, model.transformer.wte
         head = QuantLinear(wte.embedding_dim, wte.num_embeddings, e.bits, e.group_size, e.symmetric)
