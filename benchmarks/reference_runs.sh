@@ -5,7 +5,7 @@
 #                                                   # checkpoint's config: results/train/budget_shakespeare_<gpu>.json
 #   bash benchmarks/reference_runs.sh small         # `small` fp32 baselines, Tiny Shakespeare + TinyStories
 #   bash benchmarks/reference_runs.sh bpe           # `small` with the 512-token BPE on Tiny Shakespeare, the
-#                                                   # GGUF benchmark's (benchmarks/gguf.py) second checkpoint
+#                                                   # GGUF benchmark's (benchmarks/gguf_llamacpp.py) second checkpoint
 #   SEED=2 bash benchmarks/reference_runs.sh small  # a second training run of each (runs/small-*-seed2)
 # Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
 set -euo pipefail

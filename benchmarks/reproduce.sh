@@ -38,7 +38,7 @@ $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --c
   --out results/train/throughput_dropout_cpu.json                      # train: why the 5-minute recipe is eager
 $PY benchmarks/gptq_layer.py --device cpu                              # ptq: results/ptq/gptq_layer_cpu.json
 if [ -d runs/small-bpe/best ] && [ -d runs/shakespeare-gpu/best ]; then  # ptq: in llama.cpp (the GPU's checkpoints)
-  $PY benchmarks/gguf.py runs/small-bpe/best runs/shakespeare-gpu/best  # results/gguf/
+  $PY benchmarks/gguf_llamacpp.py runs/small-bpe/best runs/shakespeare-gpu/best  # results/gguf/
 fi
 $PY benchmarks/decode.py --device cpu                                  # cpu: results/cpu/decode_gpt2small_cpu.json
 $PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/cpu/decode_presets_cpu.json

@@ -1,8 +1,8 @@
 """Trained checkpoints in llama.cpp: perplexity of llama.cpp's own quantization against nanogptq's GPTQ in the
 same GGUF types, and llama.cpp's decode speed on both Q4_0 files.
 
-    python benchmarks/gguf.py runs/small-bpe/best runs/shakespeare-gpu/best      # the whole validation split
-    python benchmarks/gguf.py runs/small-bpe/best --max-windows 20               # a quick try
+    python benchmarks/gguf_llamacpp.py runs/small-bpe/best runs/shakespeare-gpu/best      # the whole validation split
+    python benchmarks/gguf_llamacpp.py runs/small-bpe/best --max-windows 20               # a quick try
 
 For each float checkpoint, every variant is a GGUF file that llama.cpp (through llama-cpp-python) evaluates:
 
@@ -35,26 +35,21 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-# This script is gguf.py, and its folder comes first on sys.path: llama.cpp's `gguf` package must be found first
-HERE = Path(__file__).resolve().parent
-sys.path.sort(key=lambda entry: Path(entry or ".").resolve() == HERE)
+import gguf
+import llama_cpp
+import numpy as np
+import torch
+from common import add_device, command_line, device_name, device_tag, parser, table, write_result
 
-import gguf  # noqa: E402
-import llama_cpp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import add_device, command_line, device_name, device_tag, parser, table, write_result  # noqa: E402
-
-from nanogptq.checkpoint import checkpoint_data, load_checkpoint  # noqa: E402
-from nanogptq.data import val_windows  # noqa: E402
-from nanogptq.evaluate import WindowStats, window_stats  # noqa: E402
-from nanogptq.interop.gguf import export_gguf  # noqa: E402
-from nanogptq.pipeline import quantize_checkpoint  # noqa: E402
-from nanogptq.quant.config import QuantConfig  # noqa: E402
+from nanogptq.checkpoint import checkpoint_data, load_checkpoint
+from nanogptq.data import val_windows
+from nanogptq.evaluate import WindowStats, window_stats
+from nanogptq.interop.gguf import export_gguf
+from nanogptq.pipeline import quantize_checkpoint
+from nanogptq.quant.config import QuantConfig
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1")
 # the GGUF tensor of each block linear, as export_gguf names them
