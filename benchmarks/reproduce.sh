@@ -31,7 +31,7 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
     --variants bf16 int8 int4 --json "results/gpu/prefill_7b_$GPU.json"   # gpu: prefill
 fi
 bash benchmarks/cpu_budget.sh                                          # train: `tiny` vs nanoGPT on the CPU
-TIME=0 RUN=runs/recipe-1300 bash benchmarks/main_job.sh                # train: the main job's recipe, 1,300 steps
+bash benchmarks/main_job.sh                                         # train: the main job (make run without the demo)
 bash benchmarks/main_job.sh                                            # train + ptq: the main job, 3.5 minutes
 $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train/throughput_cpu.json
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
