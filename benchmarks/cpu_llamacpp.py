@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import llama_cpp
+import numpy as np
 import torch
 from common import add_output, fmt, parser, print_table, write_result
 
@@ -154,15 +156,11 @@ class LlamaCpp:
     """llama-cpp-python itself."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, threads: int):
-        import llama_cpp
-
         self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
         self.logits_ith = llama_cpp.llama_get_logits_ith
 
     def run(self, prompt: list[int], steps: list[int]) -> tuple[float, float, torch.Tensor]:
-        import numpy as np
-
         self.llm.reset()
         t0 = time.perf_counter()
         self.llm.eval(prompt)
@@ -246,7 +244,6 @@ def main() -> None:
     columns.append(("dlogit", "dlogit", ".3g"))
     text = print_table(rows, columns)
     out = args.json or f"results/cpu/llamacpp_{(args.sizes or [Path(args.ckpt[0]).parent.name])[0]}_cpu.json"
-    import llama_cpp
 
     write_result(out, rows, "cpu", table=text, threads=args.threads, rounds=args.rounds, torch=torch.__version__,
                  llama_cpp=llama_cpp.__version__, note=args.note, compile=args.compile)

@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_training import train_briefly
 
 from nanogptq.checkpoint import load_checkpoint, save_checkpoint
 from nanogptq.cli import main
@@ -39,19 +40,6 @@ GRIDS = {  # GGUF type -> the quantize settings whose grid it holds
 LLAMA_ATOL = {"F16": 0.01, "Q8_0": 0.1, "Q4_0": 0.1, "Q4_1": 0.1, "TQ2_0": 0.03, "ternary": 0.03}
 
 
-def _train(model: GPT, tokens: torch.Tensor, steps: int) -> GPT:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    T = model.config.block_size
-    for _ in range(steps):
-        win = tokens[torch.randint(len(tokens) - T - 1, (8,), generator=g)[:, None] + torch.arange(T + 1)]
-        _, loss = model(win[:, :-1], win[:, 1:].contiguous())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints by name: float (with and without biases), one per grid, ternary 256 wide and 64 wide."""
@@ -65,7 +53,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
                         activation="gelu_tanh")
         meta = {"model": cfg.to_dict(), "tokenizer": tok.to_dict(), "quantization": None}
         name = "float-bias" if bias else "float"
-        paths[name] = save_checkpoint(root / name, _train(GPT(cfg), tokens, 40), meta)
+        paths[name] = save_checkpoint(root / name, train_briefly(GPT(cfg), tokens, 40), meta)
     for qtype, qcfg in GRIDS.items():
         ckpt = load_checkpoint(paths["float-bias" if qtype == "Q4_1" else "float"])
         q = quantize(ckpt.model, qcfg, progress=False)
@@ -75,7 +63,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=width,
                         activation="gelu_tanh")
-        model = _train(apply_qat(GPT(cfg), QATConfig(norm="none")), tokens, 10)
+        model = train_briefly(apply_qat(GPT(cfg), QATConfig(norm="none")), tokens, 10)
         meta = {"model": cfg.to_dict(), "tokenizer": tok.to_dict(), "qat": model.qat_config, "quantization": None}
         qat = save_checkpoint(root / f"qat{width}", model, meta)
         paths[f"ternary{width}"] = pack_checkpoint(qat, root / f"ternary{width}")

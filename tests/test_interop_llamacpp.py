@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_training import train_briefly
 
 from nanogptq.checkpoint import load_checkpoint, save_checkpoint
 from nanogptq.cli import main
@@ -37,19 +38,6 @@ GRIDS = {  # GGUF type -> the quantize settings whose grid it holds
 ATOL = {"F32": 0.005, "Q8_0": 0.1, "Q4_0": 0.1}
 
 
-def _train(model: GPT, tokens: torch.Tensor, steps: int) -> GPT:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    T = model.config.block_size
-    for _ in range(steps):
-        win = tokens[torch.randint(len(tokens) - T - 1, (8,), generator=g)[:, None] + torch.arange(T + 1)]
-        _, loss = model(win[:, :-1], win[:, 1:].contiguous())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints by name: float with the exact and the tanh GELU and with a padded vocabulary, one per GGUF
@@ -64,7 +52,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         cfg = GPTConfig(vocab_size=tok.vocab_size + pad, block_size=64, n_layer=2, n_head=2, n_embd=64, bias=True,
                         activation=activation)
         meta = {"model": cfg.to_dict(), "tokenizer": tok.to_dict(), "quantization": None}
-        paths[f"F32-{name}"] = save_checkpoint(root / name, _train(GPT(cfg), tokens, 20), meta)
+        paths[f"F32-{name}"] = save_checkpoint(root / name, train_briefly(GPT(cfg), tokens, 20), meta)
     grids = {**GRIDS, "int8-asym": QuantConfig(method="rtn", bits=8, group_size=32, symmetric=False)}
     for name, qcfg in grids.items():
         ckpt = load_checkpoint(paths["F32-gelu"])
