@@ -2,9 +2,10 @@
 # The quantization figures on `small` (issue 30, point 5): two training runs of the same recipe on each of Tiny
 # Shakespeare and TinyStories, each quantized and evaluated by benchmarks/ptq_small.py (the four at once: GPTQ
 # on these sizes is kernel launches, so one GPU serves four processes), then one Pareto plot.
-#   bash benchmarks/ptq_small.sh          # on the GPU machine; TRAIN=1 first trains the runs that are missing
-#                                         # (bash benchmarks/reference_runs.sh small, and SEED=2 the same)
-#   QAT="runs/qat/ternary ..."            # packed ternary checkpoints to put on the plot
+#   bash benchmarks/ptq_small.sh          # on the GPU machine; TRAIN=1 first trains the runs that are missing,
+#                                         # all at once (benchmarks/reference_runs.sh small, SEED=2 small, and qat)
+#   QAT="runs/qat/ternary ..."            # packed ternary checkpoints to put on the plot (default: the qat
+#                                         # case's runs/qat-small-*/ternary that exist)
 #   DEVICE=cpu ARGS=--quick RUNS_LIST="runs/tiny-shakespeare"   # a reduced run on the CPU
 # Writes results/ptq/small_<run>_<device>.{json,md} per run and results/ptq/pareto_<device>.{png,md}.
 set -euo pipefail
@@ -14,9 +15,12 @@ RUNS=${RUNS:-runs}
 DEVICE=${DEVICE:-cuda}
 RUNS_LIST=${RUNS_LIST:-"$RUNS/small-shakespeare $RUNS/small-tinystories $RUNS/small-shakespeare-seed2 $RUNS/small-tinystories-seed2"}
 if [ -n "${TRAIN:-}" ]; then
-  [ -f "$RUNS/small-shakespeare/best/config.json" ] || RUNS=$RUNS PY=$PY bash benchmarks/reference_runs.sh small
-  [ -f "$RUNS/small-shakespeare-seed2/best/config.json" ] || SEED=2 RUNS=$RUNS PY=$PY bash benchmarks/reference_runs.sh small
+  [ -f "$RUNS/small-shakespeare/best/config.json" ] || RUNS=$RUNS PY=$PY bash benchmarks/reference_runs.sh small &
+  [ -f "$RUNS/small-shakespeare-seed2/best/config.json" ] || SEED=2 RUNS=$RUNS PY=$PY bash benchmarks/reference_runs.sh small &
+  [ -f "$RUNS/qat-small-shakespeare/ternary/config.json" ] || RUNS=$RUNS PY=$PY bash benchmarks/reference_runs.sh qat &
+  wait
 fi
+QAT=${QAT:-$(ls -d "$RUNS"/qat-small-*/ternary 2>/dev/null | tr '\n' ' ')}
 pids=() files=()
 for r in $RUNS_LIST; do
   name=$(basename "$r" | tr - _)

@@ -7,6 +7,8 @@
 #   bash benchmarks/reference_runs.sh bpe           # `small` with the 512-token BPE on Tiny Shakespeare, the
 #                                                   # GGUF benchmark's (benchmarks/gguf_llamacpp.py) second checkpoint
 #   SEED=2 bash benchmarks/reference_runs.sh small  # a second training run of each (runs/small-*-seed2)
+#   bash benchmarks/reference_runs.sh qat           # `small` with BitNet b1.58 ternary weights on both corpora (the
+#                                                   # fp32 runs' split), packed: runs/qat-small-<data>/ternary
 # Runs go to $RUNS (default runs/); NANOGPTQ_DATA_DIR must point at the datasets.
 set -euo pipefail
 RUNS=${RUNS:-runs}
@@ -19,7 +21,7 @@ case "${1:-}" in
     R="$RUNS/shakespeare-gpu"
     $PY -m nanogptq.cli train --overwrite --preset shakespeare --dataset shakespeare --split tail --out-dir "$R" \
       --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-steps 100 --max-steps "${STEPS:-2500}" --eval-interval 250 \
-      --eval-batches 20 --compile --max-time 120 --no-progress
+      --eval-batches 20 --compile --max-time "${MAX_TIME:-120}" --no-progress
     $PY -m nanogptq.cli eval "$R/best"  # the whole split; stored in the checkpoint's config.json
     R="$R" $PY - <<'PYEOF'
 import json, os, sys
@@ -52,5 +54,19 @@ PYEOF
       --compile --no-progress > "$RUNS/small-bpe.log" 2>&1
     $PY -m nanogptq.cli eval "$RUNS/small-bpe/best"
     ;;
-  *) echo "usage: $0 shakespeare|small|bpe" >&2; exit 2 ;;
+  qat)
+    # the `small` case's schedule length and data, ternary weights-only at BitNet's learning rate (the recipe of
+    # results/qat/), then packed to 1.6 bits/weight; both corpora at once
+    for ds in shakespeare tinystories; do
+      $PY -m nanogptq.cli train --overwrite --preset small --dataset $ds --out-dir "$RUNS/qat-small-$ds" \
+        --qat-config configs/qat/weights_only.json --lr 3e-3 --min-lr 3e-4 --lr-schedule bitnet --batch-size 64 \
+        --warmup-steps 100 --max-steps 5000 --eval-interval 250 --eval-batches 20 --compile --no-progress \
+        > "$RUNS/qat-small-$ds.log" 2>&1 &
+    done
+    wait
+    for ds in shakespeare tinystories; do
+      $PY -m nanogptq.cli pack "$RUNS/qat-small-$ds/best" --out "$RUNS/qat-small-$ds/ternary"
+    done
+    ;;
+  *) echo "usage: $0 shakespeare|small|bpe|qat" >&2; exit 2 ;;
 esac
