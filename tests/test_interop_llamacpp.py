@@ -141,3 +141,18 @@ def test_engine_samples_with_nanogptqs_sampler_and_window(models):
     assert torch.equal(a, b)
     settings = SampleSettings(max_new_tokens=20, temperature=0.8, top_k=10, seed=3)
     assert generate_text(ref, "the dog", settings).text == generate_text(engine, "the dog", settings).text
+
+
+def test_engine_rewinds_to_an_earlier_position(models):
+    """A step at an earlier position drops the cache past it: the logits equal a fresh prefill of the same
+    tokens; a step past the filled cache is an error."""
+    engine = load_for_generation(models["Q4_0"], "cpu", kernel="llamacpp").model
+    ids = CharTokenizer.from_text(CORPUS).encode(CORPUS[100:130])
+    with torch.inference_mode():
+        engine.setup_kv_cache(1)
+        engine(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
+        rewound, _ = engine(torch.tensor([[ids[0]]]), input_pos=torch.tensor([10]))
+        fresh, _ = engine(torch.tensor([ids[:10] + [ids[0]]]), input_pos=torch.arange(11))
+        assert torch.allclose(rewound, fresh, atol=1e-5)
+        with pytest.raises(ValueError, match="step at position 20, but the context holds 11 tokens"):
+            engine(torch.tensor([[ids[0]]]), input_pos=torch.tensor([20]))

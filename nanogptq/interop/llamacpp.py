@@ -98,11 +98,27 @@ class LlamaCppModel(nn.Module):
         # the stored model stays, unprepared, for what reads a checkpoint's layers (bits per weight)
         self.stored, self.config, self.path, self.threads = stored, stored.config, gguf_path, threads
         self.gguf_types = sorted(gguf_types)
-        self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=self.config.block_size, n_batch=self.config.block_size,
-                                   n_ubatch=self.config.block_size, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
-        self._logits_ith = llama_cpp.llama_get_logits_ith
+        n_ctx = self.config.block_size
+        self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+        # Steps go to llama.cpp's C API, not Llama.eval: a one-token step is then two field writes and one
+        # llama_decode call, where eval also trims the cache, refills its batch slot by slot and records the
+        # tokens. At the tiny and small presets a step's compute is ~100-300 us, so those microseconds are
+        # what decides the speed against llama.cpp's own loop (benchmarks/cpu_llamacpp.py).
+        self._api = llama_cpp
+        self._ctx = self.llm.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        for i in range(n_ctx):  # every slot belongs to the one sequence, id 0
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self._n_past = 0  # tokens in llama.cpp's KV cache
         self.device = torch.device("cpu")
+
+    def __del__(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._api.llama_batch_free(self._batch)
+            self._batch = None
 
     def describe(self) -> str:
         return f"llama.cpp ({'/'.join(self.gguf_types)} GGUF, {self.threads} threads)"
@@ -110,24 +126,37 @@ class LlamaCppModel(nn.Module):
     def setup_kv_cache(self, batch: int, max_len: int | None = None) -> None:
         if batch != 1:
             raise ValueError(f"the llama.cpp engine decodes one sequence at a time, not {batch}")
-        self.llm.reset()
+        self.clear_kv_cache()
 
     def clear_kv_cache(self) -> None:
-        self.llm.reset()
+        self._api.llama_memory_clear(self._memory, True)
+        self._n_past = 0
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         if input_pos is None or targets is not None or idx.size(0) != 1:
             raise ValueError("the llama.cpp engine runs decoding steps only: idx (1, T) with input_pos")
-        start = int(input_pos[0])
+        tokens = idx[0].tolist()
+        start = input_pos.item() if len(tokens) == 1 else int(input_pos[0])
         if start == 0:
-            self.llm.reset()
-        elif start != self.llm.n_tokens:
-            raise ValueError(f"step at position {start}, but the context holds {self.llm.n_tokens} tokens")
-        self.llm.eval(idx[0].tolist())
-        # one copy of the last row out of llama.cpp's buffer (valid until the next eval), straight into a tensor
+            self.clear_kv_cache()
+        elif start < self._n_past:  # a rewind: drop what lies past the new position
+            self._api.llama_memory_seq_rm(self._memory, 0, start, -1)
+        elif start > self._n_past:
+            raise ValueError(f"step at position {start}, but the context holds {self._n_past} tokens")
+        n = len(tokens)
+        if start + n > self.config.block_size:
+            raise ValueError(f"{start + n} positions, past the context of {self.config.block_size}")
+        b = self._batch
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):  # logits of the last position only
+            b.token[i], b.pos[i], b.logits[i] = tok, start + i, i == n - 1
+        if self._api.llama_decode(self._ctx, b) != 0:
+            raise RuntimeError(f"llama_decode failed on {n} tokens at position {start}")
+        self._n_past = start + n
+        # one copy of the last row out of llama.cpp's buffer (valid until the next decode), into a new tensor
         logits = torch.empty(1, 1, self.config.vocab_size)
-        ctypes.memmove(logits.data_ptr(), self._logits_ith(self.llm.ctx, -1), logits.numel() * 4)
+        ctypes.memmove(logits.data_ptr(), self._api.llama_get_logits_ith(self._ctx, -1), logits.numel() * 4)
         return logits, None
 
 
