@@ -16,6 +16,8 @@ Runners, in one process, interleaved round by round (median of --rounds after a 
   own-comp   the same with the blocks' one-token step compiled (compile_blocks; `sample --compile`)
   engine     nanogptq's llama.cpp engine (interop/llamacpp.py, what `sample --kernel auto` runs now where a
              GGUF type holds the grid): llama.cpp behind nanogptq's model interface, logits as a tensor
+  bare       llama_decode called on the engine's own context with nothing around it but the batch's fields
+             (--bare): the floor of any Python caller of llama.cpp, so engine - bare is the engine's overhead
   llama.cpp  llama-cpp-python itself on the same GGUF file: Llama.eval, no logits copied out
 Each run is a prefill of --prompt-len tokens, then --new-tokens one-token steps on fixed tokens (no sampling:
 the forward steps only). torch.set_num_threads(--threads); Llama(n_threads=n_threads_batch=--threads).
@@ -152,6 +154,27 @@ class Engine:
         return t1 - t0, time.perf_counter() - t1, logits[0, -1]
 
 
+class BareDecode:
+    """llama_decode on the engine's context, one token per call, nothing else per step (the engine's private
+    batch and context are used on purpose: the same llama.cpp state, minus the engine's Python)."""
+
+    def __init__(self, engine: Engine):
+        self.model = engine.model
+
+    def run(self, prompt: list[int], steps: list[int]) -> tuple[float, float, torch.Tensor]:
+        m = self.model
+        t0 = time.perf_counter()
+        logits, _ = m(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+        t1 = time.perf_counter()
+        b, ctx, n = m._batch, m._ctx, len(prompt)
+        for i, tok in enumerate(steps):
+            b.n_tokens, b.token[0], b.pos[0], b.logits[0] = 1, tok, n + i, True
+            llama_cpp.llama_decode(ctx, b)
+        t2 = time.perf_counter()
+        m._n_past = n + len(steps)
+        return t1 - t0, t2 - t1, logits[0, -1]
+
+
 class LlamaCpp:
     """llama-cpp-python itself."""
 
@@ -197,6 +220,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="also the own kernels with the step compiled")
     p.add_argument("--profile", action="store_true", help="profile the own kernels' decode step")
+    p.add_argument("--bare", action="store_true", help="also llama_decode alone on the engine's context")
     p.add_argument("--note", default="", help="recorded in the result file (the machine's state, say)")
     add_output(p, where="results/cpu/llamacpp_<first model>_cpu.json")
     args = p.parse_args()
@@ -217,6 +241,8 @@ def main() -> None:
                 if args.compile:
                     runners["own-comp"] = Own(path, compile=True)
                 runners["engine"] = Engine(path, gguf_path, args.threads)
+                if args.bare:
+                    runners["bare"] = BareDecode(runners["engine"])
                 runners["llama.cpp"] = LlamaCpp(gguf_path, cfg.block_size, args.threads)
                 result = measure(runners, prompt, steps, args.rounds)
                 dlogit = float((own.run(prompt, steps)[2] - runners["llama.cpp"].run(prompt, steps)[2]).abs().max())
@@ -235,7 +261,8 @@ def main() -> None:
                 del runners, own
     columns: list[tuple[str, str | Callable[[dict], object], str]] = [
         ("model", "model", ""), ("variant", "variant", ""), ("GGUF", "gguf", ""), ("own kernels", "own_kernels", "")]
-    for runner in ["own", *(["own-comp"] if args.compile else []), "engine", "llama.cpp"]:
+    for runner in ["own", *(["own-comp"] if args.compile else []), "engine", *(["bare"] if args.bare else []),
+                   "llama.cpp"]:
         columns.append((f"{runner} decode tok/s", lambda r, k=runner: r[k]["decode_tok_s"], ".0f"))
         if runner != "llama.cpp":
             columns.append((f"{runner} ratio", f"{runner}_decode_ratio", ".2f"))
@@ -246,7 +273,7 @@ def main() -> None:
     out = args.json or f"results/cpu/llamacpp_{(args.sizes or [Path(args.ckpt[0]).parent.name])[0]}_cpu.json"
 
     write_result(out, rows, "cpu", table=text, threads=args.threads, rounds=args.rounds, torch=torch.__version__,
-                 llama_cpp=llama_cpp.__version__, note=args.note, compile=args.compile)
+                 llama_cpp=llama_cpp.__version__, note=args.note, compile=args.compile, bare=args.bare)
     print(f"wrote {out}; {fmt(len(rows))} rows")
 
 
