@@ -26,12 +26,17 @@ tokens one at a time (teacher-forced on the validation text, so both files do th
 file and from its own Q4_0 file, interleaved over --rounds rounds in one process, --threads threads (2 by
 default; the perplexity runs take --eval-threads, every core by default); tokens/s is each file's median.
 
+`--decode-only` measures the decode speeds again from the GGUF files a full run left in --work and rewrites
+only that part of each result file (its "decode_command" says so): the perplexities need no quiet machine, the
+speeds do.
+
 Writes results/gguf/<checkpoint>_<device>.json per checkpoint and results/gguf/gguf_<device>.md with the
 tables (--out-dir to change the folder); the GGUF files and GPTQ checkpoints go to --work.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -119,10 +124,14 @@ def model_from_gguf(float_ckpt: Path, path: Path, device: str) -> torch.nn.Modul
     return model.to(device).eval()
 
 
+def gguf_path(work: Path, variant: str) -> Path:
+    return work / (variant.replace(" ", "-").replace("+", "-").replace(".", "") + ".gguf")
+
+
 def make_gguf(src: Path, work: Path, name: str, cfg: QuantConfig | None, requantize: str | None,
               device: str) -> tuple[Path, dict]:
     """The variant's GGUF file (GPTQ checkpoint first where it is one) and what making it took."""
-    out = work / (name.replace(" ", "-").replace("+", "-").replace(".", "") + ".gguf")
+    out = gguf_path(work, name)
     info: dict = {}
     source = src
     if cfg is not None:
@@ -165,13 +174,28 @@ def decode_speed(files: dict[str, Path], tokens: np.ndarray, block: int, threads
             for name, r in rates.items()}
 
 
+def work_dir(src: Path, args) -> Path:
+    return Path(args.work) / src.parent.name / src.name
+
+
+def decode_pair(files: dict[str, Path], val: np.ndarray, block: int, args) -> dict:
+    """llama.cpp decoding our GPTQ Q4_0 file (the clipped one where only it was made) against its own Q4_0."""
+    pair = {"GPTQ Q4_0": files.get("GPTQ Q4_0") or files.get("GPTQ+clip Q4_0"), "llama.cpp Q4_0":
+            files["llama.cpp Q4_0"]}
+    decode = decode_speed(pair, val, block, args.threads, args.decode_tokens, args.rounds)
+    decode["ratio"] = decode["GPTQ Q4_0"]["tokens_per_s"] / decode["llama.cpp Q4_0"]["tokens_per_s"]
+    print(f"  decode, {args.threads} threads: ours {decode['GPTQ Q4_0']['tokens_per_s']:.0f} tok/s, llama.cpp's "
+          f"{decode['llama.cpp Q4_0']['tokens_per_s']:.0f} tok/s (x{decode['ratio']:.3f})", flush=True)
+    return decode
+
+
 def bench_checkpoint(src: Path, args) -> dict:
     ckpt = load_checkpoint(src)
     block = ckpt.model.config.block_size
     data = checkpoint_data(ckpt, args.data_dir)
     val = data.val if args.max_windows is None else data.val[: args.max_windows * block + 1]
     n_windows = len(range(0, len(val) - 1, block))
-    work = Path(args.work) / src.parent.name / src.name
+    work = work_dir(src, args)
     work.mkdir(parents=True, exist_ok=True)
     print(f"{src}: {n_windows} validation windows of {block} tokens ({len(val) - 1} targets)", flush=True)
 
@@ -199,14 +223,7 @@ def bench_checkpoint(src: Path, args) -> dict:
         if r["variant"].startswith("GPTQ") and gap is not None and gap > 0:  # no gap, nothing to close
             r["gap_closed"] = (rtn - r["ppl_llama_cpp"]) / gap
 
-    decode = None
-    if args.rounds > 0:
-        pair = {"GPTQ Q4_0": files.get("GPTQ Q4_0") or files.get("GPTQ+clip Q4_0"), "llama.cpp Q4_0":
-                files["llama.cpp Q4_0"]}
-        decode = decode_speed(pair, data.val, block, args.threads, args.decode_tokens, args.rounds)
-        decode["ratio"] = decode["GPTQ Q4_0"]["tokens_per_s"] / decode["llama.cpp Q4_0"]["tokens_per_s"]
-        print(f"  decode, {args.threads} threads: ours {decode['GPTQ Q4_0']['tokens_per_s']:.0f} tok/s, llama.cpp's "
-              f"{decode['llama.cpp Q4_0']['tokens_per_s']:.0f} tok/s (x{decode['ratio']:.3f})", flush=True)
+    decode = decode_pair(files, data.val, block, args) if args.rounds > 0 else None
     return {"checkpoint": str(src), "model": ckpt.meta.get("model"), "data": ckpt.meta.get("data"),
             "activation": ckpt.model.config.activation, "windows": n_windows, "block_size": block,
             "whole_split": args.max_windows is None, "rows": rows, "decode": decode}
@@ -254,6 +271,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10, help="interleaved decode rounds (0: no decode timing)")
     p.add_argument("--work", default="runs/gguf-bench", help="folder for the GGUF files and GPTQ checkpoints")
     p.add_argument("--out-dir", default="results/gguf", help="folder for the result files")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only the decode speeds again, from the files of an earlier full run (see above)")
     add_device(p, default="cpu")
     args = p.parse_args()
     if args.max_windows is not None and args.max_windows < 1:
@@ -263,13 +282,24 @@ def main() -> None:
     results, out_dir = [], Path(args.out_dir)
     shared = "a shared 2-core machine: the decode speeds are a ratio measured interleaved"
     for src in map(Path, args.ckpts):
-        res = bench_checkpoint(src, args)
-        results.append(res)
         name = f"{src.parent.name}-{src.name}" if src.name in ("best", "last") else src.name
-        info = {k: v for k, v in res.items() if k != "rows"}
-        path = write_result(out_dir / f"{name}_{device_tag(args.device)}.json", res["rows"], args.device,
-                            threads=args.threads, eval_threads=args.eval_threads, llama_cpp=llama_cpp.__version__,
-                            **({"machine": shared} if device_tag(args.device) == "cpu" else {}), **info)
+        out = out_dir / f"{name}_{device_tag(args.device)}.json"
+        if args.decode_only:
+            res = json.loads(out.read_text())
+            ckpt = load_checkpoint(src)
+            files = {r["variant"]: gguf_path(work_dir(src, args), r["variant"]) for r in res["rows"]}
+            print(f"{src}: decode only", flush=True)
+            res["decode"] = decode_pair(files, checkpoint_data(ckpt, args.data_dir).val, res["block_size"], args)
+            res["decode_command"] = command_line()
+            info = {k: v for k, v in res.items() if k not in ("rows", "command", "commit", "device")}
+            path = write_result(out, res["rows"], res["device"], command=res["command"], **info)
+        else:
+            res = bench_checkpoint(src, args)
+            info = {k: v for k, v in res.items() if k != "rows"}
+            path = write_result(out, res["rows"], args.device, threads=args.threads, eval_threads=args.eval_threads,
+                                llama_cpp=llama_cpp.__version__,
+                                **({"machine": shared} if device_tag(args.device) == "cpu" else {}), **info)
+        results.append(res)
         print("wrote", path)
     md = out_dir / f"gguf_{device_tag(args.device)}.md"
     md.write_text(markdown(results, command_line(), device_name(args.device)))
