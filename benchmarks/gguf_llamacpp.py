@@ -30,8 +30,8 @@ default; the perplexity runs take --eval-threads, every core by default); tokens
 only that part of each result file (its "decode_command" says so): the perplexities need no quiet machine, the
 speeds do.
 
-Writes results/gguf/<checkpoint>_<device>.json per checkpoint and results/gguf/gguf_<device>.md with the
-tables (--out-dir to change the folder); the GGUF files and GPTQ checkpoints go to --work.
+Writes results/gguf/gguf_llamacpp_<device>.json (every checkpoint's rows and decode speeds; --out-dir to change
+the folder) and prints the tables as Markdown; the GGUF files and GPTQ checkpoints go to --work.
 """
 
 from __future__ import annotations
@@ -279,32 +279,28 @@ def main() -> None:
         p.error("--max-windows must be at least 1")
     torch.set_num_threads(args.eval_threads)
 
-    results, out_dir = [], Path(args.out_dir)
-    shared = "a shared 2-core machine: the decode speeds are a ratio measured interleaved"
-    for src in map(Path, args.ckpts):
-        name = f"{src.parent.name}-{src.name}" if src.name in ("best", "last") else src.name
-        out = out_dir / f"{name}_{device_tag(args.device)}.json"
-        if args.decode_only:
-            res = json.loads(out.read_text())
-            ckpt = load_checkpoint(src)
+    out = Path(args.out_dir) / f"gguf_llamacpp_{device_tag(args.device)}.json"
+    if args.decode_only:
+        record = json.loads(out.read_text())
+        by_path = {res["checkpoint"]: res for res in record["checkpoints"]}
+        for src in map(Path, args.ckpts):
+            res = by_path[str(src)]
             files = {r["variant"]: gguf_path(work_dir(src, args), r["variant"]) for r in res["rows"]}
             print(f"{src}: decode only", flush=True)
-            res["decode"] = decode_pair(files, checkpoint_data(ckpt, args.data_dir).val, res["block_size"], args)
-            res["decode_command"] = command_line()
-            info = {k: v for k, v in res.items() if k not in ("rows", "command", "commit", "device")}
-            path = write_result(out, res["rows"], res["device"], command=res["command"], **info)
-        else:
-            res = bench_checkpoint(src, args)
-            info = {k: v for k, v in res.items() if k != "rows"}
-            path = write_result(out, res["rows"], args.device, threads=args.threads, eval_threads=args.eval_threads,
-                                llama_cpp=llama_cpp.__version__,
-                                **({"machine": shared} if device_tag(args.device) == "cpu" else {}), **info)
-        results.append(res)
-        print("wrote", path)
-    md = out_dir / f"gguf_{device_tag(args.device)}.md"
-    md.write_text(markdown(results, command_line(), device_name(args.device)))
-    print(md.read_text())
-    print("wrote", md)
+            val = checkpoint_data(load_checkpoint(src), args.data_dir).val
+            res["decode"] = decode_pair(files, val, res["block_size"], args)
+        info = {k: v for k, v in record.items() if k not in ("command", "commit", "device")}
+        write_result(out, None, record["device"], command=record["command"],
+                     **{**info, "decode_command": command_line(), "decode_threads": args.threads})
+        results = record["checkpoints"]
+    else:
+        results = [bench_checkpoint(src, args) for src in map(Path, args.ckpts)]
+        shared = "a shared 2-core machine: the decode speeds are a ratio measured interleaved"
+        write_result(out, None, args.device, threads=args.threads, eval_threads=args.eval_threads,
+                     llama_cpp=llama_cpp.__version__, checkpoints=results,
+                     **({"machine": shared} if device_tag(args.device) == "cpu" else {}))
+    print(markdown(results, command_line(), device_name(args.device)))
+    print("wrote", out)
     bad = [r["variant"] for res in results for r in res["rows"] if not math.isfinite(r["ppl_llama_cpp"])]
     if bad:
         raise SystemExit(f"non-finite perplexity from llama.cpp: {', '.join(bad)}")

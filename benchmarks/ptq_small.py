@@ -9,11 +9,12 @@ default setting at the same widths, each with every calibration seed (--seeds; 8
 --target-bpw at each budget (--budgets; one calibration seed, --budget-seed: the per-layer measurement is
 made once and each budget planned from it). Writes results/ptq/small_<run>_<device>.json (compare's rows with
 the stored bits per weight, embedding included, and the summary: mean change per setting and width, whether
-the default is never worse than act-order, the best variant under each target's bits per weight) and .md.
+the default is never worse than act-order, the best variant under each target's bits per weight) and prints
+the table; compare's own files stay in the checkpoints' folder (--ckpt-dir).
 
 `--plot FILES` draws one Pareto plot (perplexity change against stored bits per weight, one panel per file)
 with RTN, GPTQ act-order, the default, the budgets and each --qat checkpoint's (evaluated against its own
-file's fp32 baseline when the data match) into results/ptq/pareto_<device>.png and a markdown summary.
+file's fp32 baseline when the data match) into results/ptq/pareto_<device>.png, and prints a markdown summary.
 `--quick` (a smoke test on the CPU): bits 3 and 8, one seed, budgets 2.5 and 4 unless --budgets says.
 """
 
@@ -77,12 +78,12 @@ def evaluate_checkpoint(args) -> None:
     for b in args.budgets:
         paths.append(str(ckpt_dir / f"budget-{b:g}"))
         labels.append(("budget", b))
-    rows = compare(paths, out.parent, data_dir=args.data_dir, device=args.device, name=out.stem, progress=False)
+    # compare's own table, JSON and plot stay beside the checkpoints; results/ gets the one file behind the figures
+    rows = compare(paths, ckpt_dir, data_dir=args.data_dir, device=args.device, name="compare", progress=False)
     for row, (setting, bits) in zip(rows, labels, strict=True):
         meta = read_meta(row["path"])
         row.update(setting=setting, width=bits, stored_bpw=meta.get("bits_per_weight", row["bits_per_weight"]))
     write_result(out, rows, args.device, summary=summarize(rows))
-    (out.with_suffix(".md")).write_text(markdown_table(rows) + "\n" + summary_markdown(summarize(rows)))
     print(markdown_table(rows))
     print(summary_markdown(summarize(rows)))
 
@@ -124,7 +125,7 @@ def pareto(args) -> None:
         for q in args.qat:
             for f in files:
                 try:
-                    qat_rows.append((f, compare([f["rows"][0]["path"], q], Path(args.plot[0]).parent,
+                    qat_rows.append((f, compare([f["rows"][0]["path"], q], Path(q).parent,
                                                 data_dir=args.data_dir, device=args.device, name="qat_tmp",
                                                 progress=False)[1]))
                     break
@@ -159,7 +160,6 @@ def pareto(args) -> None:
     fig.savefig(out, dpi=120)
     md = "\n".join(f"## {Path(n).stem}\n\n{summary_markdown(f['summary'])}" for f, n in zip(files, args.plot,
                                                                                           strict=True))
-    out.with_suffix(".md").write_text(md)
     print(md)
     print("wrote", out)
 
