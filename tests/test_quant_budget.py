@@ -124,3 +124,27 @@ def test_a_budget_out_of_reach_is_a_one_line_error_naming_the_range(trained, tar
     with pytest.raises(ValueError, match=r"out of reach: this model's plans span \d\.\d+ to 8 bits") as err:
         quantize_model(copy.deepcopy(model), cfg, data.train, progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_sensitivity_from_cached_block_inputs_equals_whole_model_forwards(trained):
+    """sensitivity runs the model from the changed layer's block on: the KL divergences are those of whole
+    forwards, bit for bit."""
+    import torch.nn.functional as F
+
+    model, data, _ = trained
+    model = copy.deepcopy(model)
+    layers = {f"transformer.h.{b}.{n}": model.get_submodule(f"transformer.h.{b}.{n}")
+              for b in range(2) for n in ("attn.c_attn", "mlp.c_proj")}
+    g = torch.Generator().manual_seed(0)
+    errors = {name: 0.05 * torch.randn(m.weight.shape, generator=g) for name, m in layers.items()}
+    windows = calibration_windows(data.train, 8, 64, 0)
+    got = budget.sensitivity(model, layers, errors, windows, batch_size=3)
+    base = [F.log_softmax(model(x)[0].float(), -1) for x in windows.split(3)]
+    for name, dW in errors.items():
+        weight = layers[name].weight
+        kept = weight.detach().clone()
+        weight.data.add_(dW)
+        want = sum(F.kl_div(F.log_softmax(model(x)[0].float(), -1), p, log_target=True, reduction="sum").item()
+                   for x, p in zip(windows.split(3), base, strict=True)) / windows.numel()
+        weight.data.copy_(kept)
+        assert got[name] == want and want > 0, name

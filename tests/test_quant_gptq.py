@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from nanogptq.quant import QuantConfig, QuantLinear
-from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight, prepare_hessian
+from nanogptq.quant.linear import dequantized_once
 from nanogptq.quant.quantize import quantize_layer
 from nanogptq.quant.rtn import rtn_quantize_weight
 from nanogptq.runtime.linear import RuntimeLinear
@@ -149,3 +150,29 @@ def test_failed_cholesky_retries_with_more_damping(caplog):
         qw = gptq_quantize_weight(W, H, QuantConfig(method="gptq", bits=4, group_size=-1))
     assert qw.stats["damp"] >= 1.0
     assert "retrying with damp" in caplog.text
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_prepared_hessian_serves_every_grid_setting_unchanged(act_order):
+    W, _, H = correlated_layer()
+    H[7, :] = H[:, 7] = 0  # a dead input too
+    prepared = prepare_hessian(H, act_order, 0.01)
+    for bits, group_size, clip in ((3, 32, True), (2, -1, False), (4, 16, False)):
+        cfg = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, clip_search=clip)
+        a, b = gptq_quantize_weight(W, H, cfg), gptq_quantize_weight(W, H, cfg, prepared=prepared)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+    with pytest.raises(ValueError, match="another act_order or damp"):
+        gptq_quantize_weight(W, H, QuantConfig(act_order=not act_order), prepared=prepared)
+
+
+def test_a_held_dequantized_weight_runs_the_same_forward_and_is_never_saved():
+    W, X, H = correlated_layer()
+    lin = nn.Linear(W.shape[1], W.shape[0])
+    lin.weight.data.copy_(W)
+    q, _ = quantize_layer(lin, H, QuantConfig(bits=3, group_size=32, rotate=True), "layer")
+    assert q.rot_seed is not None  # the rotation was kept: the held weight is the rotated basis's
+    want = q(X[:64])
+    with dequantized_once(q):
+        assert "held_weight" in q._buffers and "held_weight" not in q.state_dict()
+        assert torch.equal(q(X[:64]), want)
+    assert "held_weight" not in q._buffers and "held_weight" not in q._non_persistent_buffers_set

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanogptq.quant import QuantConfig
+from nanogptq.quant import QuantConfig, grid
 from nanogptq.quant.grid import expand_groups, n_groups
 from nanogptq.quant.rtn import rtn_quantize_weight
 
@@ -128,3 +128,51 @@ def test_clip_search_with_a_hessian_minimises_each_groups_output_error():
     assert torch.all(by_output <= plain * (1 + 1e-5))  # ratio 1.0 is one of the candidates
     assert torch.all(by_output <= by_weight * (1 + 1e-5))  # the output-error search is the best of the three
     assert by_output.sum() < 0.98 * by_weight.sum()
+
+
+def clip_search_one_ratio_at_a_time(w, bits, symmetric, per_tensor, hessian):
+    """The clipping search written as the plain loop over ratios: find_grid's batched search must pick the
+    same grids, bit for bit."""
+    x = w.float().reshape(1, -1) if per_tensor else w.float()
+    xmin = x.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = x.max(dim=1, keepdim=True).values.clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+
+    def error(s, z):
+        d = (grid.dequantize_codes(grid.quantize_codes(x, s, z, 2**bits - 1), s, z) - x).reshape(w.shape[0], -1)
+        e = ((d @ hessian) * d if hessian is not None and hessian.dim() == 2
+             else d.square() * (1 if hessian is None else hessian)).sum(dim=1, keepdim=True)
+        return e.sum(dim=0, keepdim=True) if per_tensor else e
+
+    best = None
+    for ratio in grid.CLIP_RATIOS:
+        s, z = grid._grid_at(xmin, xmax, ratio, bits, symmetric)
+        err = error(s, z)
+        if best is None:
+            scale, zero, best = s, z, err
+            continue
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+    return scale, zero
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("hessian", [None, "diagonal", "block"])
+def test_batched_clip_search_picks_the_grids_of_the_loop_over_ratios(symmetric, per_tensor, hessian, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 32, generator=g)
+    w[:, 3] *= 6
+    X = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    H = {"diagonal": (X.square().mean(0)), "block": X.T @ X / 256, None: None}[hessian]
+    want = clip_search_one_ratio_at_a_time(w, 3, symmetric, per_tensor, H)
+    got = grid.find_grid(w, 3, symmetric, per_tensor, True, H)
+    monkeypatch.setattr(grid, "CLIP_CHUNK", 5 * w.numel())  # ratios in chunks of 5: the same picks
+    chunked = grid.find_grid(w, 3, symmetric, per_tensor, True, H)
+    for s, z in (got, chunked):
+        assert s.shape == want[0].shape and torch.equal(s, want[0]) and torch.equal(z, want[1])
+    if not per_tensor:  # some rows are clipped, some are not: the picks are not all the same ratio
+        unclipped = grid.find_grid(w, 3, symmetric, per_tensor)[0]
+        assert (got[0] != unclipped).any() and (got[0] == unclipped).any()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogptq.quant.config import QuantConfig
-from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight, prepare_hessian
 from nanogptq.quant.grid import n_groups
 from nanogptq.quant.linear import QuantEmbedding, QuantLinear
 from nanogptq.quant.pack import packed_len
@@ -96,8 +96,9 @@ def measure(model: nn.Module, config: QuantConfig, calib_tokens, progress: bool 
             layer, H = layers[name], accs[name].H
             W = layer.weight.detach().float()
             rows = []
+            prepared = prepare_hessian(H, config.act_order, config.damp, W.device)  # one Cholesky for them all
             for cfg in candidate_configs(config, layer.in_features):
-                dW = gptq_quantize_weight(W, H, cfg).dequantize().to(W.device) - W
+                dW = gptq_quantize_weight(W, H, cfg, prepared=prepared).dequantize().to(W.device) - W
                 nbytes = layer_bytes(layer.in_features, layer.out_features, cfg)
                 rows.append((nbytes, ((dW @ H) * dW).sum().item(), (cfg.bits, cfg.group_size)))
                 if name not in cheapest or nbytes < cheapest[name][0]:
@@ -117,17 +118,38 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Linear], errors: dict[str
     float log-probabilities are held."""
     n = max(1, min(len(windows), max_logits // (windows.shape[1] * model.config.vocab_size)))
     batches = [w.to(next(model.parameters()).device) for w in windows[:n].split(batch_size)]
-    base = [F.log_softmax(model(x)[0].float(), -1) for x in batches]
+    # each block's float inputs, per batch: a layer in block b changes nothing before it, so the model runs
+    # from there (the same forward as model(x), split at a block)
+    block_inputs = []
+    for x in batches:
+        h = [model.embed(x)]
+        for block in model.transformer.h:
+            h.append(block(h[-1]))
+        block_inputs.append(h)
+    base = [F.log_softmax(_head(model, h[-1]).float(), -1) for h in block_inputs]
     tokens = n * windows.shape[1]
     out = {}
     for name, dW in errors.items():
+        b = int(name.split(".")[2])  # transformer.h.<b>.
         weight = layers[name].weight
         kept = weight.detach().clone()
         weight.data.add_(dW.to(weight.dtype))
-        out[name] = sum(F.kl_div(F.log_softmax(model(x)[0].float(), -1), p, log_target=True, reduction="sum").item()
-                        for x, p in zip(batches, base, strict=True)) / tokens
+        out[name] = sum(F.kl_div(F.log_softmax(_head(model, _blocks_from(model, b, h[b])).float(), -1), p,
+                                 log_target=True, reduction="sum").item()
+                        for h, p in zip(block_inputs, base, strict=True)) / tokens
         weight.data.copy_(kept)
     return out
+
+
+def _blocks_from(model: nn.Module, first: int, x: torch.Tensor) -> torch.Tensor:
+    for block in model.transformer.h[first:]:
+        x = block(x)
+    return x
+
+
+def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits of the last block's output, as GPT.forward makes them."""
+    return model.lm_head(model.transformer.ln_f(x))
 
 
 def choose(table: dict[str, list[tuple[int, float, tuple[int, int]]]], weights: int, fixed_bytes: int,

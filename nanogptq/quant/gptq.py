@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -109,21 +110,55 @@ class GraphedColumns:
         return self.Q, self.E
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ derives from a layer's Hessian before its column loop. It depends on the Hessian, act-order
+    and the damping only, not on the grid, so the candidates quantized against one Hessian (quantize_layer's
+    options, the bits budget's (bits, group size) choices) share one, and one Cholesky inverse."""
+
+    H: torch.Tensor  # float32, dead inputs' diagonal set to 1, original column order
+    dead: torch.Tensor  # (in,) bool: inputs that are always zero
+    perm: torch.Tensor | None  # act-order's column order
+    Hp: torch.Tensor  # H in that order (H itself without act-order)
+    Hinv: torch.Tensor  # upper Cholesky factor of Hp's damped inverse
+    damp: float  # the damping that worked
+    act_order: bool
+    requested_damp: float
+
+
 @torch.no_grad()
-def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, graphs: bool = True) -> QuantizedWeight:
+def prepare_hessian(H: torch.Tensor, act_order: bool, damp: float,
+                    device: torch.device | str | None = None) -> PreparedHessian:
+    """H's PreparedHessian for GPTQ with (or without) act-order, on `device` (default: H's)."""
+    H = H.detach().to(H.device if device is None else device, torch.float32, copy=True)
+    dead = H.diagonal() == 0  # inputs that are always zero: their weights cannot matter
+    H[dead, dead] = 1
+    perm, Hp = None, H
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        Hp = H[perm][:, perm]
+    Hinv, used = inverse_cholesky(Hp, damp)
+    return PreparedHessian(H, dead, perm, Hp, Hinv, used, act_order, damp)
+
+
+@torch.no_grad()
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, graphs: bool = True,
+                         prepared: PreparedHessian | None = None) -> QuantizedWeight:
     """Quantize W (out, in) against the Hessian H (in, in) of its inputs; device-agnostic, float32. On CUDA,
     with grids known before the loop, full lazy batches replay a CUDA graph (GraphedColumns; graphs=False:
-    launched one by one)."""
+    launched one by one). `prepared`: prepare_hessian(H, cfg.act_order, cfg.damp), made once for several
+    calls (H is then not read)."""
     t0 = time.perf_counter()
     W = W.detach().clone().float()
-    H = H.detach().to(W.device, torch.float32, copy=True)
+    if prepared is None:
+        prepared = prepare_hessian(H, cfg.act_order, cfg.damp, W.device)
+    elif (prepared.act_order, prepared.requested_damp) != (cfg.act_order, cfg.damp):
+        raise ValueError("the prepared Hessian was made for another act_order or damp")
+    H, dead, perm = prepared.H, prepared.dead, prepared.perm
     n = W.shape[1]
     bits, sym, maxq = cfg.bits, cfg.symmetric, max_code(cfg.bits)
     grouped = cfg.group_size > 0
     G = group_cols(cfg.group_size, n)
-
-    dead = H.diagonal() == 0  # inputs that are always zero: their weights cannot matter
-    H[dead, dead] = 1
     W[:, dead] = 0
 
     def grid(cols: torch.Tensor, first: int, H: torch.Tensor):
@@ -138,13 +173,10 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, gra
     elif cfg.static_groups:  # group grids from the original column order, before any permutation
         static = [grid(W[:, g : g + G], g, H) for g in range(0, n, G)]
 
-    perm = None
-    if cfg.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    if perm is not None:
+        W, H = W[:, perm], prepared.Hp
     col_group = ((perm.cpu() if perm is not None else torch.arange(n)) // G).tolist()  # original group
-
-    Hinv, damp = inverse_cholesky(H, cfg.damp)
+    Hinv, damp = prepared.Hinv, prepared.damp
     # The loop works on Wt = W^T, so the paper's column i is the contiguous row Wt[i] and each step is a few
     # in-place kernels on it: at these sizes GPTQ's time is kernel launches, not arithmetic.
     Wt = W.T.contiguous()

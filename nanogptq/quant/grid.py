@@ -19,6 +19,7 @@ import torch
 
 MIN_SCALE = 2.0**-20  # keeps all-zero groups away from a zero fp16 scale
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+CLIP_CHUNK = 2**24  # weights x ratios the clipping search holds at once
 
 
 @dataclass
@@ -71,7 +72,7 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return scale * (q - zero)
 
 
-def _grid_at(xmin, xmax, ratio: float, bits: int, symmetric: bool):
+def _grid_at(xmin, xmax, ratio: float | torch.Tensor, bits: int, symmetric: bool):
     maxq = max_code(bits)
     lo, hi = xmin * ratio, xmax * ratio
     flat = hi == lo  # all-zero rows: any grid works, take the reference's [-1, 1]
@@ -116,27 +117,29 @@ def find_grid(
         return scale, zero
     h = None if hessian is None else hessian.to(x.device, torch.float32)
 
-    def error(s, z):
-        d = (dequantize_codes(quantize_codes(x, s, z, max_code(bits)), s, z) - x).reshape(rows, -1)
+    def error(s, z):  # (ratios, rows, 1) grids -> (ratios, rows or 1, 1) errors
+        d = (dequantize_codes(quantize_codes(x, s, z, max_code(bits)), s, z) - x).reshape(len(s), rows, -1)
         if h is None:
-            e = d.square().sum(dim=1, keepdim=True)
+            e = d.square().sum(dim=-1, keepdim=True)
         elif h.dim() == 1:
-            e = (d.square() * h).sum(dim=1, keepdim=True)
+            e = (d.square() * h).sum(dim=-1, keepdim=True)
         else:
-            e = ((d @ h) * d).sum(dim=1, keepdim=True)  # each row's d H d^T
-        return e.sum(dim=0, keepdim=True) if per_tensor else e
+            e = ((d @ h) * d).sum(dim=-1, keepdim=True)  # each row's d H d^T
+        return e.sum(dim=1, keepdim=True) if per_tensor else e
 
-    best = error(scale, zero)
-    for ratio in CLIP_RATIOS[1:]:
-        s, z = _grid_at(xmin, xmax, ratio, bits, symmetric)
-        err = error(s, z)
-        better = err < best
-        scale, zero, best = (
-            torch.where(better, s, scale),
-            torch.where(better, z, zero),
-            torch.minimum(err, best),
-        )
-    return scale, zero
+    # every ratio at once (in chunks of at most CLIP_CHUNK elements): the same arithmetic per ratio as one at
+    # a time, in a handful of tensor ops instead of a Python loop of small ones, which launch-bound devices
+    # (and a CPU shared by OpenMP threads) spend their time on
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    scales, zeros, errors = [], [], []
+    for chunk in ratios.split(max(1, CLIP_CHUNK // x.numel())):
+        s, z = _grid_at(xmin, xmax, chunk, bits, symmetric)
+        scales.append(s)
+        zeros.append(z)
+        errors.append(error(s, z))
+    # the first ratio with the least error, 1.0 (no clipping) on a tie
+    pick = torch.cat(errors).argmin(dim=0, keepdim=True)
+    return torch.cat(scales).take_along_dim(pick, 0)[0], torch.cat(zeros).take_along_dim(pick, 0)[0]
 
 
 def dequantize_weight(

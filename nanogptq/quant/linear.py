@@ -15,6 +15,9 @@ against. Running on kernels is the runtime's business (runtime/linear.py swaps i
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -101,13 +104,40 @@ class QuantLinear(nn.Module):
             self.rot = self.rotation().float().to(x.device)
         return x @ self.rot.to(x.dtype)
 
+    def hold_dequantized(self, weight: torch.Tensor | None = None) -> None:
+        """Keep the stored weight dequantized (`weight`: that, already made) for the forward until
+        `release_dequantized`, so passes over many batches with fixed codes (calibration, held-out loss) unpack
+        them once. A non-persistent buffer while held: it moves with the module and is never saved."""
+        self.register_buffer("held_weight", self.dequantize_stored() if weight is None else weight, persistent=False)
+
+    def release_dequantized(self) -> None:
+        self._buffers.pop("held_weight", None)
+        self._non_persistent_buffers_set.discard("held_weight")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.rotate_input(x), self.dequantize_stored().to(x.dtype))
+        W = self._buffers.get("held_weight")
+        W = self.dequantize_stored() if W is None else W
+        y = F.linear(self.rotate_input(x), W.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"symmetric={self.symmetric}, rotate={self.rot_seed is not None}")
+
+
+@contextlib.contextmanager
+def dequantized_once(model: nn.Module) -> Iterator[None]:
+    """Inside, every QuantLinear of `model` runs on its weight dequantized once (`hold_dequantized`); on the way
+    out every QuantLinear then in the model, one swapped in meanwhile and held included, is released."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.hold_dequantized()
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.release_dequantized()
 
 
 class QuantEmbedding(nn.Module):

@@ -32,8 +32,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanogptq.quant.config import QuantConfig
-from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight
-from nanogptq.quant.linear import QuantEmbedding, QuantLinear
+from nanogptq.quant.gptq import HessianAccumulator, gptq_quantize_weight, prepare_hessian
+from nanogptq.quant.linear import QuantEmbedding, QuantLinear, dequantized_once
 from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
 from nanogptq.quant.rotation import layer_seed, random_orthogonal
 from nanogptq.quant.rtn import rtn_quantize_weight
@@ -64,13 +64,25 @@ def quantize_layer(
     configs = [cfg, dataclasses.replace(cfg, clip_search=False)] if cfg.clip_search else [cfg]
     best = None
     for seed in seeds:
+        # the rotation, the rotated weight and Hessian, and GPTQ's Cholesky inverse serve every option
+        U = None if seed is None else random_orthogonal(W.shape[1], seed).to(W.device)
+        Wq, Hq = _rotated(W, H, U)
+        prepared = prepare_hessian(Hq, cfg.act_order, cfg.damp, W.device) \
+            if cfg.method == "gptq" and Hq is not None else None
         for option in configs:
-            qw = _quantize_weight(W, H, option, seed)
-            qlayer = QuantLinear.from_quantized(qw, layer.bias, seed)
-            err = layer_error(W, qlayer.dequantize().to(W.device), H)
+            if cfg.method == "gptq":
+                qw = gptq_quantize_weight(Wq, Hq, option, prepared=prepared)
+            else:
+                qw = rtn_quantize_weight(Wq, option, Hq)
+            stored = qw.dequantize().to(W.device)  # what the QuantLinear dequantizes: its codes, unpacked
+            effective = stored if U is None else (stored.double() @ U.T).float()  # as QuantLinear.dequantize
+            err = layer_error(W, effective, H)
             if best is None or err < best[2]:
-                best = (qlayer, qw, err, option.clip_search)
-    qlayer, qw, err, clipped = best
+                best = (qw, seed, err, option.clip_search, U)
+    qw, seed, err, clipped, U = best
+    qlayer = QuantLinear.from_quantized(qw, layer.bias, seed)
+    if U is not None:
+        qlayer.rot = U.float()  # as rotate_input would make it
     row = {
         "layer": name,
         "rel_error": err,
@@ -83,16 +95,11 @@ def quantize_layer(
     return qlayer, row
 
 
-def _quantize_weight(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, seed: int | None):
-    """W quantized by cfg's method, in the basis rotated by the seed's U when a seed is given."""
-    Wq, Hq = W, H
-    if seed is not None:  # incoherence: W' = W U, and inputs x' = U^T x, so H' = U^T H U
-        U = random_orthogonal(W.shape[1], seed).to(W.device)
-        Wq = (W.double() @ U).float()
-        Hq = None if H is None else (U.T @ H.double() @ U).float()
-    if cfg.method == "gptq":
-        return gptq_quantize_weight(Wq, Hq, cfg)
-    return rtn_quantize_weight(Wq, cfg, Hq)
+def _rotated(W: torch.Tensor, H: torch.Tensor | None, U: torch.Tensor | None):
+    """W and H in the basis rotated by U (float64): W' = W U, and inputs x' = U^T x, so H' = U^T H U."""
+    if U is None:
+        return W, H
+    return (W.double() @ U).float(), None if H is None else (U.T @ H.double() @ U).float()
 
 
 def layer_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -181,21 +188,23 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
         windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
         xs = [model.embed(w.to(home)).to(device) for w in windows.split(batch_size)]
     quant_log = []
-    for b, block in enumerate(model.transformer.h):
-        block.to(device)
-        names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
-        for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
-            layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
-            H = None if xs is None else layer_hessian(block, layer, xs, calib_dtype)
-            qlayer, row = quantize_layer(layer, H, config.layer_config(name), name)
-            del H
-            model.set_submodule(name, qlayer)
-            log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
-                     row["time_s"])
-            quant_log.append(row)
-        if xs is not None:
-            _run(block, xs, calib_dtype)  # inputs of the next block, through this block's quantized layers
-        block.to(home)
+    with dequantized_once(model):  # each stored layer is run on many batches: unpack its codes once
+        for b, block in enumerate(model.transformer.h):
+            block.to(device)
+            names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
+            for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
+                layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
+                H = None if xs is None else layer_hessian(block, layer, xs, calib_dtype)
+                qlayer, row = quantize_layer(layer, H, config.layer_config(name), name)
+                del H
+                qlayer.hold_dequantized()
+                model.set_submodule(name, qlayer)
+                log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
+                         row["time_s"])
+                quant_log.append(row)
+            if xs is not None:
+                _run(block, xs, calib_dtype)  # inputs of the next block, through this block's quantized layers
+            block.to(home)
     if config.quantize_embeddings:
         head, row = quantize_layer(model.lm_head, None, EMBED_CONFIG, "lm_head")
         model.lm_head = head

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from nanogptq.quant.budget import plan_budget
 from nanogptq.quant.config import QuantConfig
+from nanogptq.quant.linear import dequantized_once
 from nanogptq.quant.quantize import calibration_windows, quantize
 
 HELD_OUT_SEED = 1_000_003  # added to calib_seed: the held-out windows are never GPTQ's own
@@ -33,11 +34,12 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) 
     """Mean next-token cross-entropy over (n, length + 1) token windows."""
     device = next(model.parameters()).device
     total = count = 0.0
-    for chunk in windows.split(batch_size):
-        chunk = chunk.to(device)
-        _, loss = model(chunk[:, :-1], chunk[:, 1:].contiguous())
-        total += loss.item() * chunk[:, 1:].numel()
-        count += chunk[:, 1:].numel()
+    with dequantized_once(model):
+        for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
+            _, loss = model(chunk[:, :-1], chunk[:, 1:].contiguous())
+            total += loss.item() * chunk[:, 1:].numel()
+            count += chunk[:, 1:].numel()
     return total / count
 
 
