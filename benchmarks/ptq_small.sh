@@ -21,6 +21,8 @@ if [ -n "${TRAIN:-}" ]; then
   wait
 fi
 QAT=${QAT:-$(ls -d "$RUNS"/qat-small-*/ternary 2>/dev/null | tr '\n' ' ')}
+# four processes share the machine's cores: each gets a quarter instead of every core
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / 4 > 0 ? $(nproc) / 4 : 1 ))}
 pids=() files=()
 for r in $RUNS_LIST; do
   name=$(basename "$r" | tr - _)
