@@ -70,14 +70,19 @@ def evaluate_checkpoint(args) -> None:
         table = budget.measure(ckpt.model, base, checkpoint_data(ckpt, args.data_dir).train, progress=False)
         weights, fixed = budget.budget_weights(ckpt.model, base), budget.embedding_bytes(ckpt.model)
         for b in pending:
-            plan, _, _ = budget.choose(table, weights, fixed, b)
+            try:
+                plan, _, _ = budget.choose(table, weights, fixed, b)
+            except ValueError as e:  # below what this model's smallest plan stores (a large embedding, say)
+                print(f"budget {b:g} skipped: {e}", flush=True)
+                continue
             cfg = dataclasses.replace(base, target_bpw=b, plan=plan, quantize_embeddings=True, static_groups=True)
             quantize_checkpoint(args.ckpt, ckpt_dir / f"budget-{b:g}", cfg, data_dir=args.data_dir,
                                 device=args.device, progress=False)
             print(f"quantized budget-{b:g}", flush=True)
     for b in args.budgets:
-        paths.append(str(ckpt_dir / f"budget-{b:g}"))
-        labels.append(("budget", b))
+        if (ckpt_dir / f"budget-{b:g}" / "config.json").exists():
+            paths.append(str(ckpt_dir / f"budget-{b:g}"))
+            labels.append(("budget", b))
     # compare's own table, JSON and plot stay beside the checkpoints; results/ gets the one file behind the figures
     rows = compare(paths, ckpt_dir, data_dir=args.data_dir, device=args.device, name="compare", progress=False)
     for row, (setting, bits) in zip(rows, labels, strict=True):
