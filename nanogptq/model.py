@@ -183,6 +183,10 @@ class GPT(nn.Module):
         # a quantized embedding table dequantizes to fp32: follow the model's own dtype
         return self.transformer.drop(self.transformer.wte(idx).to(pos_emb.dtype) + pos_emb)
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the last block's output."""
+        return self.lm_head(self.transformer.ln_f(x))
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,7 +205,7 @@ class GPT(nn.Module):
             x = block(x, input_pos, mask)
         if mask is not None:
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)

@@ -126,7 +126,7 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Linear], errors: dict[str
         for block in model.transformer.h:
             h.append(block(h[-1]))
         block_inputs.append(h)
-    base = [F.log_softmax(_head(model, h[-1]).float(), -1) for h in block_inputs]
+    base = [F.log_softmax(model.head(h[-1]).float(), -1) for h in block_inputs]
     tokens = n * windows.shape[1]
     out = {}
     for name, dW in errors.items():
@@ -134,7 +134,7 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Linear], errors: dict[str
         weight = layers[name].weight
         kept = weight.detach().clone()
         weight.data.add_(dW.to(weight.dtype))
-        out[name] = sum(F.kl_div(F.log_softmax(_head(model, _blocks_from(model, b, h[b])).float(), -1), p,
+        out[name] = sum(F.kl_div(F.log_softmax(model.head(_blocks_from(model, b, h[b])).float(), -1), p,
                                  log_target=True, reduction="sum").item()
                         for h, p in zip(block_inputs, base, strict=True)) / tokens
         weight.data.copy_(kept)
@@ -145,11 +145,6 @@ def _blocks_from(model: nn.Module, first: int, x: torch.Tensor) -> torch.Tensor:
     for block in model.transformer.h[first:]:
         x = block(x)
     return x
-
-
-def _head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The logits of the last block's output, as GPT.forward makes them."""
-    return model.lm_head(model.transformer.ln_f(x))
 
 
 def choose(table: dict[str, list[tuple[int, float, tuple[int, int]]]], weights: int, fixed_bytes: int,

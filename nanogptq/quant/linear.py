@@ -111,8 +111,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("held_weight", self.dequantize_stored() if weight is None else weight, persistent=False)
 
     def release_dequantized(self) -> None:
-        self._buffers.pop("held_weight", None)
-        self._non_persistent_buffers_set.discard("held_weight")
+        if "held_weight" in self._buffers:
+            delattr(self, "held_weight")  # nn.Module's: drops the buffer and its non-persistent mark
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self._buffers.get("held_weight")
