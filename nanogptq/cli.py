@@ -79,6 +79,8 @@ QUANT_HELP = {
     "calibration windows",
     "target_bpw": "choose bits (2, 3, 4, 8) and group size per layer from measured output errors so that the "
     "stored bits per weight, the 8-bit embedding's counted, are at most this (0: off)",
+    "tune_steps": "after each block is quantized, tune its rounding and scales against the float block's output "
+    "for this many signed-gradient steps (AutoRound's method), kept where held-out windows say it helps (0: off)",
     "layers": "comma-separated linears inside each block to quantize",
 }
 DATASET_HELP = ("for a checkpoint without training data (an imported one): the text to evaluate on (validation "
@@ -292,6 +294,11 @@ def run(args: argparse.Namespace) -> None:
         meta = read_meta(out)
         print("| layer | relative error | time |\n|---|---|---|")
         for row in meta["quant_log"]:
+            if "rel_error" not in row:  # a block's tuning (quant/tune.py)
+                print(f"| {row['layer']} tuned | block output error {row['heldout_loss_gptq']:.3g} -> "
+                      f"{row['heldout_loss_tuned']:.3g} ({'' if row['kept'] else 'not '}kept) | "
+                      f"{row['time_s']:.2f} s |")
+                continue
             kept = "".join(f", {'' if row[k] else 'not '}{k}" for k in ("clipped", "rotated") if k in row)
             print(f"| {row['layer']} | {row['rel_error']:.3g} ({row['error_kind']}{kept}) | {row['time_s']:.2f} s |")
         for line in quant_summary(meta):

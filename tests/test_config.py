@@ -16,7 +16,7 @@ from nanogptq.sample import SampleSettings
 CONFIGS = [
     GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=True),
     QuantConfig(method="gptq", bits=3, group_size=24, act_order=True, damp=0.05, lazy_batch=32, calib_samples=8,
-                rotate=True, rotate_seed=5, layers=("attn.c_attn", "mlp.c_fc")),
+                rotate=True, rotate_seed=5, tune_steps=50, layers=("attn.c_attn", "mlp.c_fc")),
     QATConfig(layers=("mlp.c_fc",), act_bits=4, norm="layer", attn_act="int8", head_act_bits=8,
               act_scale="absmean", weight_scale="channel", eps=1e-4),
     SampleSettings(max_new_tokens=17, temperature=0.0, top_k=None, top_p=0.9, seed=None),
@@ -66,6 +66,8 @@ def test_not_an_object_is_refused(cls):
 def test_a_rejected_value_names_the_source_and_the_field():
     with pytest.raises(ValueError, match=r"^checkpoint quantization entry: quantization bits must be one of"):
         QuantConfig.from_dict({"bits": 5}, source="checkpoint quantization entry")
+    with pytest.raises(ValueError, match=r"^src: tune_steps must be 0 \(off\) or a number of steps, got -1$"):
+        QuantConfig.from_dict({"tune_steps": -1}, source="src")
     with pytest.raises(ValueError, match=r"^SampleSettings entry: temperature must be between 0 and 5, got 9"):
         SampleSettings.from_dict({"temperature": 9})
     with pytest.raises(ValueError, match="temperature must be between 0 and 5"):  # validated on construction too

@@ -44,6 +44,9 @@ class QuantConfig(StrictConfig):
     # held-out calibration windows is lower
     fallback: bool = False
     quantize_embeddings: bool = False  # tied embedding/head table to 8 bits per row
+    # > 0: after a block's linears are quantized, tune their rounding and scales against the block's float
+    # output for this many signed-gradient steps (quant/tune.py, AutoRound's method), kept where it helps
+    tune_steps: int = 0
     # > 0: bits and group size per layer (quant/budget.py) so the stored bits per weight, the embedding's
     # counted, stay <= target_bpw; the chosen plan (layer name -> [bits, group_size]) is kept in `plan`
     target_bpw: float = 0.0
@@ -65,7 +68,7 @@ class QuantConfig(StrictConfig):
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantization {name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("bits", "group_size", "lazy_batch", "calib_samples", "calib_seed", "rotate_seed"):
+        for name in ("bits", "group_size", "lazy_batch", "calib_samples", "calib_seed", "rotate_seed", "tune_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"quantization {name} must be an integer, got {v!r}")
@@ -81,6 +84,8 @@ class QuantConfig(StrictConfig):
             raise ValueError(f"damp must be a positive number, got {self.damp!r}")
         if self.lazy_batch < 1 or self.calib_samples < 1:
             raise ValueError("lazy_batch and calib_samples must be at least 1")
+        if self.tune_steps < 0:
+            raise ValueError(f"tune_steps must be 0 (off) or a number of steps, got {self.tune_steps}")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order only applies to method 'gptq'")
         if self.fallback and self.method != "gptq":
