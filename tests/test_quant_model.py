@@ -228,10 +228,10 @@ def test_quality_preset_is_never_worse_than_plain_act_order(trained, bits, tmp_p
 
 
 def test_block_tuning_moves_each_code_one_step_at_most_and_lowers_the_loss(trained, tmp_path):
-    """quant/tune.py: the tuned model keeps GPTQ's grid layout (bits, groups, zero points), each code of the first
-    block within one step of GPTQ's and each scale within exp(SCALE_RANGE) of it; a block's tuning is kept only where its held-out
-    loss fell; at 2 bits the tuned model's validation loss is below GPTQ's; the checkpoint loads to the same
-    logits."""
+    """quant/tune.py: the tuned model keeps GPTQ's grid layout (bits, groups, zero points), each code of the
+    first block within one step of GPTQ's and each scale within exp(SCALE_RANGE) of it; a block's tuning is
+    kept only where its held-out loss fell; at 2 bits the tuned model's validation loss is below GPTQ's; the
+    checkpoint loads to the same logits."""
     model, data, _ = trained
     common = dict(method="gptq", bits=2, group_size=32, act_order=True, calib_samples=32)
     gptq = quantize(copy.deepcopy(model), QuantConfig(**common), data.train, progress=False)
