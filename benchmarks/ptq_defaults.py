@@ -1,5 +1,6 @@
 """The default GPTQ setting (the `quality` preset: act-order, clipping search and rotation per layer where
-they lower its output error, and the fallback to act-order alone by held-out calibration loss) against plain
+they lower its output error, the fallback to act-order alone by held-out calibration loss, then the block
+tuning) against plain
 GPTQ with act-order, as a mean over calibration seeds: at each bit
 width, both settings quantize the same fp32 checkpoint with each calibration seed, and every variant is
 evaluated (perplexity, KL divergence and top-1 agreement with the fp32 model, a bootstrap band) on the

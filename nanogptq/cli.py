@@ -79,8 +79,8 @@ QUANT_HELP = {
     "calibration windows",
     "target_bpw": "choose bits (2, 3, 4, 8) and group size per layer from measured output errors so that the "
     "stored bits per weight, the 8-bit embedding's counted, are at most this (0: off)",
-    "tune_steps": "after each block is quantized, tune its rounding and scales against the float block's output "
-    "for this many signed-gradient steps (AutoRound's method), kept where held-out windows say it helps (0: off)",
+    "tune_steps": "gptq: then tune each block's rounding and scales against the float model's block output for this "
+    "many signed-gradient steps (AutoRound's method), kept where held-out calibration windows say it helps (0: off)",
     "layers": "comma-separated linears inside each block to quantize",
 }
 DATASET_HELP = ("for a checkpoint without training data (an imported one): the text to evaluate on (validation "

@@ -160,6 +160,8 @@ def describe(ckpt: Checkpoint) -> dict:
     else:
         method, bits, group = "fp32", 32, None
     options = [flag for flag in OPTION_FLAGS if q.get(flag.replace("-", "_"))]
+    if q.get("tune_steps"):
+        options.append(f"tune {q['tune_steps']}")
     if q.get("plan"):  # a --target-bpw mix: bits and groups per layer, in the plan
         bits, group = "mix", None
         options.append(f"target-bpw {q['target_bpw']:g}")

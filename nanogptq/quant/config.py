@@ -11,13 +11,16 @@ METHODS = ("rtn", "gptq")
 BITS = (8, 4, 3, 2)
 # named settings for `quantize --preset NAME` (flags given beside it override them). "quality" is `quantize`'s
 # default for GPTQ: act-order, a clipping search by the layer's output error and rotation where it lowers that
-# error, and then the fallback: the model is also quantized with act-order alone, and the one with the lower
-# loss on held-out calibration windows is kept (quant/select.py). Lower layer errors alone did not make a
-# lower perplexity (3 bits on the tiny model); the fallback compares whole models, so the preset can only
-# lose to plain act-order where held-out calibration text disagrees with the validation text. "plain" is
-# QuantConfig's own defaults.
+# error, then the fallback: the model is also quantized with act-order alone, and the one with the lower
+# loss on held-out calibration windows is kept (quant/select.py); then 200 steps of block tuning (quant/tune.py),
+# each block's kept only where held-out windows say it helps. Lower layer errors alone did not make a lower
+# perplexity (3 bits on the tiny model); the fallback compares whole models, so the preset can only lose to
+# plain act-order where held-out calibration text disagrees with the validation text. 200 tuning steps keep
+# `quantize` of the `small` preset under 2 minutes on 2 CPU cores (docs/results.md). "plain" is QuantConfig's
+# own defaults.
 PRESETS = {
-    "quality": {"method": "gptq", "act_order": True, "clip_search": True, "rotate": True, "fallback": True},
+    "quality": {"method": "gptq", "act_order": True, "clip_search": True, "rotate": True, "fallback": True,
+                "tune_steps": 200},
     "plain": {},
 }
 
@@ -44,8 +47,8 @@ class QuantConfig(StrictConfig):
     # held-out calibration windows is lower
     fallback: bool = False
     quantize_embeddings: bool = False  # tied embedding/head table to 8 bits per row
-    # > 0: after a block's linears are quantized, tune their rounding and scales against the block's float
-    # output for this many signed-gradient steps (quant/tune.py, AutoRound's method), kept where it helps
+    # GPTQ, > 0: then tune each block's rounding and scales against the float block's output for this many
+    # signed-gradient steps (quant/tune.py, AutoRound's method), kept where held-out windows say it helps
     tune_steps: int = 0
     # > 0: bits and group size per layer (quant/budget.py) so the stored bits per weight, the embedding's
     # counted, stay <= target_bpw; the chosen plan (layer name -> [bits, group_size]) is kept in `plan`
@@ -90,6 +93,8 @@ class QuantConfig(StrictConfig):
             raise ValueError("act_order only applies to method 'gptq'")
         if self.fallback and self.method != "gptq":
             raise ValueError("fallback only applies to method 'gptq'")
+        if self.tune_steps and self.method != "gptq":
+            raise ValueError("tune_steps only applies to method 'gptq' (it tunes on GPTQ's calibration windows)")
         if self.static_groups and self.method != "gptq":
             raise ValueError("static_groups only applies to method 'gptq'")
         if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) \

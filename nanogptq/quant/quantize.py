@@ -22,7 +22,6 @@ Per-layer reconstruction error ||WX - QX||^2 / ||WX||^2 is computed from the Hes
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import time
@@ -38,7 +37,6 @@ from nanogptq.quant.linear import QuantEmbedding, QuantLinear, dequantized_once
 from nanogptq.quant.qat import TernaryLinear, prepare_ternary_model
 from nanogptq.quant.rotation import layer_seed, random_orthogonal
 from nanogptq.quant.rtn import rtn_quantize_weight
-from nanogptq.quant.tune import tune_block
 from nanogptq.quant.walk import check_block_linears, find_layers, named_linears, replace_layers
 
 log = logging.getLogger(__name__)
@@ -185,18 +183,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
     if config.method == "gptq" and calib_tokens is None:
         raise ValueError("GPTQ needs calibration tokens")
     layers = check_block_linears(model, config.layers, "quantization")  # name -> nn.Linear, forward order
-    xs = xf = None
+    xs = None
     if calib_tokens is not None:
         windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
         xs = [model.embed(w.to(home)).to(device) for w in windows.split(batch_size)]
-    tune = config.tune_steps > 0 and xs is not None
-    if tune:
-        xf = [x.clone() for x in xs]  # the float model's activations: the tuning's targets
     quant_log = []
     with dequantized_once(model):  # each stored layer is run on many batches: unpack its codes once
         for b, block in enumerate(model.transformer.h):
             block.to(device)
-            float_block = copy.deepcopy(block) if tune else None
             names = [name for name in layers if name.startswith(f"transformer.h.{b}.")]
             for name in tqdm(names, desc=f"block {b}", disable=not progress, leave=False):
                 layer = layers.pop(name)  # once replaced, nothing may keep it (on the device) but this loop
@@ -208,16 +202,6 @@ def quantize(model: nn.Module, config: QuantConfig, calib_tokens=None, progress:
                 log.info("%s: rel_error %.3g (%s) in %.2fs", row["layer"], row["rel_error"], row["error_kind"],
                          row["time_s"])
                 quant_log.append(row)
-            if tune:
-                _run(float_block, xf, calib_dtype)
-                row = tune_block(block, torch.cat(xs), torch.cat(xf), config.tune_steps, seed=config.calib_seed + b)
-                log.info("block %d tuned: held-out loss %.4g -> %.4g (%s)", b, row["heldout_loss_gptq"],
-                         row["heldout_loss_tuned"], "kept" if row["kept"] else "not kept")
-                quant_log.append({"layer": f"transformer.h.{b}", **row})
-                for m in block.modules():
-                    if isinstance(m, QuantLinear):
-                        m.hold_dequantized()  # the tuned codes, for the next block's inputs
-                del float_block
             if xs is not None:
                 _run(block, xs, calib_dtype)  # inputs of the next block, through this block's quantized layers
             block.to(home)

@@ -1,4 +1,5 @@
-"""Whole-model choices on top of `quantize`: the fallback to plain act-order, and the bits budget's plan.
+"""Whole-model choices on top of `quantize`: the bits budget's plan, the fallback to plain act-order, and the
+block tuning.
 
     model = quantize_model(model, QuantConfig.preset("quality", bits=3), train_tokens)
 
@@ -11,6 +12,9 @@ layer's output error they were kept for, and still raised the validation perplex
 on text GPTQ did not see costs one more quantization and two evaluations. The choice is judged by loss, not
 by KL divergence to the float model: the variant with the lower KL was the one with the higher perplexity in
 two of three seeds there. `model.quant_selection` records both candidates' losses and which one was kept.
+
+With `config.tune_steps`, the model kept is then tuned block by block against a float copy of the model
+(quant/tune.py): after the fallback's choice, so one model is tuned, not both candidates.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from nanogptq.quant.budget import plan_budget
 from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.linear import dequantized_once
 from nanogptq.quant.quantize import calibration_windows, quantize
+from nanogptq.quant.tune import tune_model
 
 HELD_OUT_SEED = 1_000_003  # added to calib_seed: the held-out windows are never GPTQ's own
 
@@ -57,6 +62,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, calib_tokens=None, pro
     candidate that lost, or as it was). `device`: where each block is quantized (quantize's)."""
     if config.target_bpw and not config.plan:
         config = plan_budget(model, config, calib_tokens, progress=progress)
+    reference = copy.deepcopy(model) if config.tune_steps else None  # the tuning's float targets
+    model = _quantize_with_fallback(model, config, calib_tokens, progress, device)
+    if reference is not None:
+        model.quant_log += tune_model(model, reference, calib_tokens, config, device=device, progress=progress)
+    return model
+
+
+def _quantize_with_fallback(model: nn.Module, config: QuantConfig, calib_tokens, progress: bool,
+                            device: torch.device | str | None) -> nn.Module:
     if not (config.fallback and config.method == "gptq"):
         model = quantize(model, config, calib_tokens, progress=progress, device=device)
         model.quant_config = config

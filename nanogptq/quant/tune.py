@@ -5,16 +5,19 @@ GPTQ settles one layer at a time against that layer's own output error. AutoRoun
 group's range against the *block's* output, a few hundred signed-gradient steps per block. Here the tuning
 starts from GPTQ's solution: for each stored linear of a block, with codes q0, scales s0 and zero points z,
 
-    W(V, g) = s0 * exp(g) * (clamp(round(q0 + V), 0, 2^bits - 1) - z)      V in [-1, 1] per weight,
-                                                                           g in [-G, G] per group
+    W(V, g) = s0 * exp(g) * (clamp(round(q0 + V), 0, 2^bits - 1) - z)    V per weight, |V| <= CODE_RANGE
+                                                                         g per group,  |g| <= SCALE_RANGE
     loss(V, g) = mean over the calibration windows of || block_W(x_q) - block_float(x_f) ||^2
 
-where x_q are the block's inputs in the model quantized so far and x_f the float model's (so a block also
-makes up for the error of the blocks before it, as GPTQ's sequential calibration does). round passes the
-gradient straight through. Each step moves every V and g by lr_t * sign(dloss/d.), lr_t falling linearly to
-zero over the steps (AutoRound's Eq. 5 with its schedule); V starts at 0 (GPTQ's codes) and, with a total
-travel of lr * steps / 2 = 1, can move a code one step either way, never further. The stored grid is the
-same (same bits, groups, zero points), so every runtime runs the result unchanged.
+where x_q are the block's inputs in the quantized model, through the blocks before it already tuned, and x_f
+the float model's (so a block also makes up for the error of the blocks before it, as GPTQ's sequential
+calibration does). round passes the gradient straight through. Each step moves every V by lr_t *
+sign(dloss/dV) and every g by SCALE_LR * lr_t * sign(dloss/dg), lr_t falling linearly to zero over the steps
+(AutoRound's Eq. 5 with its schedule). V starts at 0 (GPTQ's codes); its total travel, lr * steps / 2, is
+`travel` codes, so a code moves at most one step either way. The stored grid keeps its layout (bits,
+groups, zero points), so every runtime runs the result unchanged. It runs after the whole model is quantized
+(`tune_model`, called by quant/select.py), so the fallback's choice between two GPTQ candidates is made first
+and only the kept one is tuned.
 
 Some calibration windows are held out of the steps and score the stored form of the grids along the way;
 the best scored one is kept, GPTQ's own included, so the tuning can only help on text it did not fit.
@@ -22,15 +25,21 @@ the best scored one is kept, GPTQ's own included, so the tuning can only help on
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from nanogptq.quant.config import QuantConfig
 from nanogptq.quant.grid import dequantize_weight, max_code
-from nanogptq.quant.linear import QuantLinear
+from nanogptq.quant.linear import QuantLinear, dequantized_once
 from nanogptq.quant.pack import pack
+from nanogptq.quant.quantize import calibration_windows
+
+log = logging.getLogger(__name__)
 
 SCALE_RANGE = 0.25  # |g| bound: each group's scale may move by up to exp(0.25) ~ 1.28x either way
 CODE_RANGE = 1.0  # |V| bound: a code moves one step either way at most
@@ -86,7 +95,7 @@ def block_loss(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch
 
 
 def tune_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, batch_size: int = 8,
-               heldout: int = 16, checks: int = 8, seed: int = 0, travel: float = 1.0) -> dict:
+               heldout: int = 16, checks: int = 8, seed: int = 0, travel: float = 2.0) -> dict:
     """Tune the rounding and scales of every QuantLinear in `block` (in place) so block(inputs) ~ targets.
 
     inputs, targets: (n, T, C) windows (the quantized model's inputs, the float block's outputs). The last
@@ -129,3 +138,33 @@ def tune_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, st
         m.qweight, m.scales = qweight, scales
     return {"heldout_loss_gptq": gptq_loss, "heldout_loss_tuned": best[0], "kept": best[1] > 0,
             "best_step": best[1], "time_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def tune_model(model: nn.Module, reference: nn.Module, calib_tokens, config: QuantConfig, batch_size: int = 16,
+               device: torch.device | str | None = None, progress: bool = True) -> list[dict]:
+    """Tune every block of the quantized `model` in turn (tune_block) against the float `reference` model's
+    blocks, on the calibration windows of `config` (GPTQ's own): block b sees the outputs of the quantized, already
+    tuned blocks 0..b-1 and is fitted to the float block b's outputs on the float model's activations. Returns a
+    log row per block. `device`: where each block pair runs (quantize's)."""
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
+    xq = torch.cat([model.embed(w.to(home)).to(device) for w in windows.split(batch_size)])
+    xf = torch.cat([reference.embed(w.to(home)).to(device) for w in windows.split(batch_size)])
+    rows = []
+    blocks = zip(model.transformer.h, reference.transformer.h, strict=True)
+    for b, (block, float_block) in enumerate(tqdm(blocks, total=len(model.transformer.h), desc="tune",
+                                                  disable=not progress, leave=False)):
+        block.to(device)
+        float_block.to(device)
+        xf = torch.cat([float_block(x) for x in xf.split(batch_size)])
+        row = tune_block(block, xq, xf, config.tune_steps, seed=config.calib_seed + b)
+        rows.append({"layer": f"transformer.h.{b}", **row})
+        log.info("block %d tuned: held-out loss %.4g -> %.4g (%s)", b, row["heldout_loss_gptq"],
+                 row["heldout_loss_tuned"], "kept" if row["kept"] else "not kept")
+        with dequantized_once(block):
+            xq = torch.cat([block(x) for x in xq.split(batch_size)])
+        block.to(home)
+        float_block.to(home)
+    return rows
