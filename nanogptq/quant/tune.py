@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 SCALE_RANGE = 0.25  # |g| bound: each group's scale may move by up to exp(0.25) ~ 1.28x either way
 CODE_RANGE = 1.0  # |V| bound: a code moves one step either way at most
 SCALE_LR = 0.3  # g's step relative to V's: a scale moves every weight of its group at once
+# windows per step: 8, or fewer where the context is long, so a step sees at most about 2,048 tokens (8 windows of
+# the `small` preset's 256); GPT-2's 1,024-token windows go 2 at a time
+STEP_WINDOWS, STEP_TOKENS = 8, 2048
 
 
 class _TunedGrid:
@@ -94,8 +97,9 @@ def block_loss(block: nn.Module, inputs: list[torch.Tensor], targets: list[torch
     return total / count
 
 
-def tune_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, batch_size: int = 8,
-               heldout: int = 16, checks: int = 8, seed: int = 0, travel: float = 2.0) -> dict:
+def tune_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int,
+               batch_size: int = STEP_WINDOWS, heldout: int = 16, checks: int = 8, seed: int = 0,
+               travel: float = 2.0) -> dict:
     """Tune the rounding and scales of every QuantLinear in `block` (in place) so block(inputs) ~ targets.
 
     inputs, targets: (n, T, C) windows (the quantized model's inputs, the float block's outputs). The last
@@ -152,6 +156,7 @@ def tune_model(model: nn.Module, reference: nn.Module, calib_tokens, config: Qua
     windows = calibration_windows(calib_tokens, config.calib_samples, model.config.block_size, config.calib_seed)
     xq = torch.cat([model.embed(w.to(home)).to(device) for w in windows.split(batch_size)])
     xf = torch.cat([reference.embed(w.to(home)).to(device) for w in windows.split(batch_size)])
+    step_windows = max(1, min(STEP_WINDOWS, STEP_TOKENS // model.config.block_size))
     rows = []
     blocks = zip(model.transformer.h, reference.transformer.h, strict=True)
     for b, (block, float_block) in enumerate(tqdm(blocks, total=len(model.transformer.h), desc="tune",
@@ -159,7 +164,7 @@ def tune_model(model: nn.Module, reference: nn.Module, calib_tokens, config: Qua
         block.to(device)
         float_block.to(device)
         xf = torch.cat([float_block(x) for x in xf.split(batch_size)])
-        row = tune_block(block, xq, xf, config.tune_steps, seed=config.calib_seed + b)
+        row = tune_block(block, xq, xf, config.tune_steps, batch_size=step_windows, seed=config.calib_seed + b)
         rows.append({"layer": f"transformer.h.{b}", **row})
         log.info("block %d tuned: held-out loss %.4g -> %.4g (%s)", b, row["heldout_loss_gptq"],
                  row["heldout_loss_tuned"], "kept" if row["kept"] else "not kept")
