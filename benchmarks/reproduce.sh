@@ -31,7 +31,6 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
     --variants bf16 int8 int4 --json "results/gpu/prefill_7b_$GPU.json"   # gpu: prefill
 fi
 bash benchmarks/cpu_budget.sh                                          # train: `tiny` vs nanoGPT on the CPU
-bash benchmarks/main_job.sh                                         # train: the main job (make run without the demo)
 bash benchmarks/main_job.sh                                            # train + ptq: the main job, 3.5 minutes
 $PY benchmarks/train_throughput.py --presets tiny small shakespeare --steps 12 --out results/train/throughput_cpu.json
 $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --cpu-compile --dropout 0 0.1 \
@@ -39,6 +38,9 @@ $PY benchmarks/train_throughput.py --presets tiny --cpu-batch 24 --steps 120 --c
 $PY benchmarks/gptq_layer.py --device cpu                              # ptq: results/ptq/gptq_layer_cpu.json
 if [ -d runs/small-bpe/best ] && [ -d runs/shakespeare-gpu/best ]; then  # ptq: in llama.cpp (the GPU's checkpoints)
   $PY benchmarks/gguf_llamacpp.py runs/small-bpe/best runs/shakespeare-gpu/best  # results/gguf/
+  # ptq: the default, act-order and budgets on the BPE `small`, and their Pareto plot (results/ptq/*_cpu.*)
+  $PY benchmarks/ptq_small.py runs/small-bpe/best --device cpu --bits 2 3 4 --budgets 2.5 3.0 4.3
+  $PY benchmarks/ptq_small.py --plot results/ptq/small_small_bpe_cpu.json --device cpu
 fi
 $PY benchmarks/decode.py --device cpu                                  # cpu: results/cpu/decode_gpt2small_cpu.json
 $PY benchmarks/decode.py --device cpu --sizes tiny small shakespeare --json results/cpu/decode_presets_cpu.json
