@@ -34,7 +34,7 @@ from nanogptq.quant.grid import n_groups
 from nanogptq.quant.linear import QuantEmbedding, QuantLinear
 from nanogptq.quant.pack import packed_len
 from nanogptq.quant.quantize import EMBED_CONFIG, calibration_windows
-from nanogptq.quant.walk import check_block_linears, find_layers
+from nanogptq.quant.walk import BLOCK_NAME, check_block_linears, find_layers
 
 log = logging.getLogger(__name__)
 # (bits, group size); a group as wide as the layer's input is its per-channel grid
@@ -130,7 +130,7 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Linear], errors: dict[str
     tokens = n * windows.shape[1]
     out = {}
     for name, dW in errors.items():
-        b = int(name.split(".")[2])  # transformer.h.<b>.
+        b = int(BLOCK_NAME.fullmatch(name).group(1))
         weight = layers[name].weight
         kept = weight.detach().clone()
         weight.data.add_(dW.to(weight.dtype))
